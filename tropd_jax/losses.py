@@ -1,0 +1,409 @@
+"""The paper's losses as pure JAX functions (docs/methods.md states every formula).
+
+Conventions: `logits[:, t]` is the distribution of `tokens[:, t]` (the caller has already shifted). Every quantity
+is computed in float32 whatever the input dtype. Teacher inputs never carry gradient.
+
+The computation has two halves so that the fused loss (`tropd_jax.fused_loss`) can share the second:
+  1. `token_statistics`: full logits -> `TokenStats` (per-token log-probs, top-k log-probs, entropies).
+  2. `loss_from_stats`: `TokenStats` + masks -> every method's per-token loss, aggregation and metrics.
+`distillation_loss` chains the two and is the readable definition the rest of the project is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+METHODS = (
+    "opd",
+    "topk_fkl",
+    "jsd",
+    "entropy_opd",
+    "clip_outlier",
+    "mask_outlier",
+    "fkl_outlier",
+    "tropd",
+    "tropd_mask",
+    "tropd_clip",
+    "eopd",
+    "reopold",
+    "aopd",
+    "tropd_aopd",
+)
+
+# Methods whose on-policy term routes tokens through the stochastic trust region M_t ~ Bernoulli(P_t).
+TRUST_REGION_METHODS = ("fkl_outlier", "tropd", "tropd_mask", "tropd_clip", "tropd_aopd")
+
+DEFAULT_HYPERPARAMETERS = dict(
+    k=64,  # teacher top-k for the forward KL (paper: 64)
+    beta=0.001,  # weight of the off-policy prefix term (paper: 0.001)
+    renormalize=False,  # renormalise p_T and p_S over the top-k set (ours)
+    jsd_beta=0.5,  # GKD generalised-JSD interpolation
+    entropy_top_q=0.2,  # entropy_opd: fraction of on-policy tokens kept, by student entropy
+    reward_floor=-2.0,  # tau_c for clip / mask / reopold variants (ours)
+    eopd_k=16,  # EOPD's top-k FKL size
+    eopd_entropy_threshold=0.8,  # EOPD: FKL where teacher entropy exceeds this
+    reopold_entropy_top_q=None,  # REOPOLD: optional entropy-based token selection
+    aggregation="token_mean",  # or "seq_mean_token_mean"
+)
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics all methods are computed from. Shapes `[B, T]` unless stated.
+
+    student_logprobs: s_t = log pi_S(y_t) (carries gradient).
+    teacher_logprobs: tau_t = log pi_T(y_t).
+    student_topk_logprobs: [B, T, k] log p_S at the teacher's top-k ids (carries gradient).
+    teacher_topk_logprobs: [B, T, k] log p_T at its top-k ids, sorted descending.
+    student_entropy, teacher_entropy: full shared-vocabulary entropies (no gradient).
+    """
+
+    student_logprobs: jax.Array
+    teacher_logprobs: jax.Array
+    student_topk_logprobs: jax.Array
+    teacher_topk_logprobs: jax.Array
+    student_entropy: jax.Array
+    teacher_entropy: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-token quantities on full logits.
+
+
+def _check_logits_tokens(logits: jax.Array, tokens: jax.Array, name: str = "logits") -> None:
+    if logits.ndim != 3:
+        raise ValueError(f"{name} must be [B, T, V], got shape {logits.shape}")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(f"tokens must be [B, T] = {logits.shape[:2]} to match {name}, got shape {tokens.shape}")
+
+
+def log_softmax(logits: jax.Array) -> jax.Array:
+    """float32 log-softmax over the last axis; rows of all -inf give -inf, not NaN."""
+    logits = logits.astype(jnp.float32)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    shifted = logits - jax.lax.stop_gradient(m)
+    sum_exp = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
+    return shifted - jnp.log(jnp.maximum(sum_exp, jnp.finfo(jnp.float32).tiny))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[tokens] in float32. logits [B, T, V], tokens [B, T] -> [B, T]."""
+    _check_logits_tokens(logits, tokens)
+    logp = log_softmax(logits)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits) in float32, [B, T, V] -> [B, T]; -inf entries contribute 0."""
+    logp = log_softmax(logits)
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+def trust_probability(student_logprobs: jax.Array, teacher_logprobs: jax.Array) -> jax.Array:
+    """P_t = min(exp(tau_t - sg(s_t)), 1), [B, T]. No gradient (it only routes tokens)."""
+    if student_logprobs.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"student_logprobs {student_logprobs.shape} and teacher_logprobs {teacher_logprobs.shape} differ in shape"
+        )
+    delta = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32) - student_logprobs.astype(jnp.float32))
+    return jnp.exp(jnp.minimum(delta, 0.0))
+
+
+def _finite_logprobs(logp: jax.Array) -> jax.Array:
+    # -inf log-probs (masked vocabulary entries) would give 0 * -inf = NaN in p log p; clamp to a finite floor.
+    return jnp.maximum(logp, jnp.finfo(jnp.float32).min / 4)
+
+
+def topk_kl_from_logprobs(
+    student_topk_logprobs: jax.Array, teacher_topk_logprobs: jax.Array, renormalize: bool = False
+) -> jax.Array:
+    """F_t = sum_{v in K_t} p_T(v) (log p_T(v) - log p_S(v)), from [B, T, k] log-probs -> [B, T]."""
+    s = student_topk_logprobs.astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher_topk_logprobs.astype(jnp.float32))
+    if renormalize:
+        s = s - jax.nn.logsumexp(s, axis=-1, keepdims=True)
+        t = t - jax.nn.logsumexp(t, axis=-1, keepdims=True)
+    p_t = jnp.exp(t)
+    return jnp.sum(jnp.where(p_t > 0, p_t * (_finite_logprobs(t) - _finite_logprobs(s)), 0.0), axis=-1)
+
+
+def teacher_topk(teacher_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The teacher's top-k ids and full-vocabulary log-probs, sorted descending: ([B, T, k] int32, [B, T, k])."""
+    logp = jax.lax.stop_gradient(log_softmax(teacher_logits))
+    values, ids = jax.lax.top_k(logp, k)
+    return ids.astype(jnp.int32), values
+
+
+def topk_forward_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, k: int, renormalize: bool = False
+) -> jax.Array:
+    """Top-k forward KL F_t of SPEC.md. [B, T, V] x 2 -> [B, T]; gradient flows through log p_S on K_t only."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {student_logits.shape} and teacher_logits {teacher_logits.shape} differ")
+    _check_k(k, student_logits.shape[-1])
+    ids, teacher_lp = teacher_topk(teacher_logits, k)
+    student_lp = jnp.take_along_axis(log_softmax(student_logits), ids, axis=-1)
+    return topk_kl_from_logprobs(student_lp, teacher_lp, renormalize)
+
+
+def _check_k(k: int, vocab: int) -> None:
+    if not isinstance(k, int) or k < 1 or k > vocab:
+        raise ValueError(f"k={k!r} must be an integer in [1, vocab size {vocab}]")
+
+
+def token_statistics(
+    student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, k: int
+) -> TokenStats:
+    """Full logits [B, T, V] (same V) + tokens [B, T] -> TokenStats with top-k size k."""
+    _check_k(k, student_logits.shape[-1])
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    student_logp = log_softmax(student_logits)
+    teacher_logp = log_softmax(teacher_logits)
+    idx = tokens[..., None].astype(jnp.int32)
+    ids, teacher_topk_lp = teacher_topk(teacher_logits, k)
+    return TokenStats(
+        student_logprobs=jnp.take_along_axis(student_logp, idx, axis=-1)[..., 0],
+        teacher_logprobs=jnp.take_along_axis(teacher_logp, idx, axis=-1)[..., 0],
+        student_topk_logprobs=jnp.take_along_axis(student_logp, ids, axis=-1),
+        teacher_topk_logprobs=teacher_topk_lp,
+        student_entropy=jax.lax.stop_gradient(entropy(student_logits)),
+        teacher_entropy=entropy(teacher_logits),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Methods on TokenStats.
+
+
+def _entropy_selection(student_entropy: jax.Array, on_policy: jax.Array, top_q: float) -> jax.Array:
+    """1 on the on-policy tokens whose entropy is at least the ceil(q n)-th largest of the batch's n; [B, T]."""
+    flat = jnp.where(on_policy > 0, student_entropy, -jnp.inf).reshape(-1)
+    n = jnp.sum(on_policy > 0)
+    keep = jnp.maximum(jnp.ceil(top_q * n).astype(jnp.int32), 1)
+    threshold = jnp.sort(flat)[::-1][jnp.minimum(keep, flat.shape[0]) - 1]
+    return ((student_entropy >= threshold) & (on_policy > 0)).astype(jnp.float32)
+
+
+def _jsd(stats: TokenStats, beta_j: float) -> jax.Array:
+    """GKD generalised JSD on top-k plus its sampled student term at y_t; [B, T]."""
+    log_pt_k = jax.lax.stop_gradient(_finite_logprobs(stats.teacher_topk_logprobs))
+    log_ps_k = _finite_logprobs(stats.student_topk_logprobs)
+    log_pm_k = jnp.logaddexp(jnp.log(beta_j) + log_pt_k, jnp.log1p(-beta_j) + log_ps_k)
+    teacher_term = jnp.sum(jnp.exp(log_pt_k) * (log_pt_k - log_pm_k), axis=-1)
+    s = _finite_logprobs(stats.student_logprobs)
+    tau = jax.lax.stop_gradient(_finite_logprobs(stats.teacher_logprobs))
+    log_pm_y = jnp.logaddexp(jnp.log(beta_j) + tau, jnp.log1p(-beta_j) + s)
+    return beta_j * teacher_term + (1.0 - beta_j) * (s - log_pm_y)
+
+
+def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def loss_from_stats(
+    method: str,
+    stats: TokenStats,
+    response_mask: jax.Array,
+    prefix_mask: jax.Array,
+    key: jax.Array | None,
+    *,
+    rollout_logprobs: jax.Array | None = None,
+    **hyperparameters,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Every method's loss from per-token statistics (docs/methods.md). Masks [B, T] -> (scalar loss, metrics)."""
+    hp = resolve_hyperparameters(method, hyperparameters)
+    shape = stats.student_logprobs.shape
+    for name, x in (("response_mask", response_mask), ("prefix_mask", prefix_mask)):
+        if x.shape != shape:
+            raise ValueError(f"{name} must be [B, T] = {shape}, got shape {x.shape}")
+    if rollout_logprobs is not None and rollout_logprobs.shape != shape:
+        raise ValueError(f"rollout_logprobs must be [B, T] = {shape}, got shape {rollout_logprobs.shape}")
+    needed = topk_size(method, hyperparameters)
+    if stats.teacher_topk_logprobs.shape[-1] < needed:
+        raise ValueError(
+            f"method {method!r} needs {needed} teacher top-k entries, got {stats.teacher_topk_logprobs.shape[-1]}"
+        )
+
+    response = response_mask.astype(jnp.float32)
+    prefix = prefix_mask.astype(jnp.float32) * response
+    on_policy = response - prefix
+
+    s = stats.student_logprobs.astype(jnp.float32)
+    tau = jax.lax.stop_gradient(stats.teacher_logprobs.astype(jnp.float32))
+    s_finite = _finite_logprobs(s)
+    tau_finite = _finite_logprobs(tau)
+    reward = jax.lax.stop_gradient(tau_finite - s_finite)  # r_t
+    behaviour = s if rollout_logprobs is None else rollout_logprobs.astype(jnp.float32)
+    ratio = jnp.exp(s_finite - jax.lax.stop_gradient(_finite_logprobs(behaviour)))  # rho_t, value 1 on-policy
+    trust_p = trust_probability(s_finite, tau_finite)  # P_t
+    k = hp["k"]
+    fkl = topk_kl_from_logprobs(
+        stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp["renormalize"]
+    )
+    if method in TRUST_REGION_METHODS:
+        if key is None:
+            raise ValueError(f"method {method!r} draws the trust mask M_t ~ Bernoulli(P_t) and needs a PRNG key")
+        trust = jax.random.bernoulli(key, trust_p).astype(jnp.float32)  # M_t
+    else:
+        trust = jnp.ones(shape, jnp.float32)
+
+    pg = -reward * ratio  # the K1 policy-gradient term -r_t rho_t
+    floor = hp["reward_floor"]
+    zero = jnp.zeros(shape, jnp.float32)
+    pg_term, fkl_term, routed = zero, zero, zero  # routed: tokens clipped / masked / sent to FKL
+    if method == "opd":
+        pg_term = pg
+    elif method == "topk_fkl":
+        fkl_term = fkl
+    elif method == "jsd":
+        fkl_term = _jsd(stats, hp["jsd_beta"])
+    elif method == "entropy_opd":
+        selected = _entropy_selection(stats.student_entropy, on_policy, hp["entropy_top_q"])
+        pg_term = selected * pg
+        routed = 1.0 - selected
+    elif method in ("clip_outlier", "reopold"):
+        clipped = reward < floor
+        pg_term = -jnp.maximum(reward, floor) * ratio
+        routed = clipped.astype(jnp.float32)
+        if method == "reopold" and hp["reopold_entropy_top_q"] is not None:
+            selected = _entropy_selection(stats.student_entropy, on_policy, hp["reopold_entropy_top_q"])
+            pg_term = selected * pg_term
+    elif method == "mask_outlier":
+        kept = (reward >= floor).astype(jnp.float32)
+        pg_term = kept * pg
+        routed = 1.0 - kept
+    elif method in ("fkl_outlier", "tropd"):
+        pg_term = trust * pg
+        fkl_term = (1.0 - trust) * fkl
+        routed = 1.0 - trust
+    elif method == "tropd_mask":
+        pg_term = trust * pg
+        routed = 1.0 - trust
+    elif method == "tropd_clip":
+        pg_term = trust * pg + (1.0 - trust) * (-jnp.maximum(reward, floor) * ratio)
+        routed = 1.0 - trust
+    elif method == "eopd":
+        kk = hp["eopd_k"]
+        uncertain = (stats.teacher_entropy > hp["eopd_entropy_threshold"]).astype(jnp.float32)
+        pg_term = pg
+        fkl_term = uncertain * topk_kl_from_logprobs(
+            stats.student_topk_logprobs[..., :kk], stats.teacher_topk_logprobs[..., :kk], hp["renormalize"]
+        )
+        routed = uncertain
+    elif method in ("aopd", "tropd_aopd"):
+        positive = (reward > 0).astype(jnp.float32)
+        pg_term = trust * positive * pg
+        fkl_term = (1.0 - trust * positive) * fkl
+        routed = 1.0 - trust * positive
+
+    prefix_term = hp["beta"] * (tau_finite - s_finite)  # K1 estimate of KL(pi_T || pi_S) on teacher samples
+    per_token = on_policy * (pg_term + fkl_term) + prefix * prefix_term
+
+    if hp["aggregation"] == "token_mean":
+        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(response), 1.0)
+    else:
+        per_seq = jnp.sum(per_token, axis=-1) / jnp.maximum(jnp.sum(response, axis=-1), 1.0)
+        has_tokens = (jnp.sum(response, axis=-1) > 0).astype(jnp.float32)
+        loss = jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+    sg = jax.lax.stop_gradient
+    metrics = dict(
+        loss=sg(loss),
+        pg_loss=sg(_masked_mean(pg_term, on_policy)),
+        fkl_loss=sg(_masked_mean(fkl_term, on_policy)),
+        prefix_loss=sg(_masked_mean(prefix_term, prefix)),
+        trust_fraction=_masked_mean(trust, on_policy),
+        trust_probability=_masked_mean(trust_p, on_policy),
+        reward=_masked_mean(reward, on_policy),
+        outlier_fraction=_masked_mean(routed, on_policy),
+        student_entropy=sg(_masked_mean(stats.student_entropy, response)),
+        teacher_entropy=sg(_masked_mean(stats.teacher_entropy, response)),
+        prefix_fraction=jnp.sum(prefix) / jnp.maximum(jnp.sum(response), 1.0),
+        num_tokens=jnp.sum(response),
+    )
+    return loss, metrics
+
+
+def resolve_hyperparameters(method: str, hyperparameters: dict) -> dict:
+    """Defaults of docs/methods.md updated with `hyperparameters`; unknown names or bad values raise ValueError."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    unknown = sorted(set(hyperparameters) - set(DEFAULT_HYPERPARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown loss hyperparameter(s) {unknown}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
+    hp = {**DEFAULT_HYPERPARAMETERS, **hyperparameters}
+    if hp["aggregation"] not in AGGREGATIONS:
+        raise ValueError(f"aggregation={hp['aggregation']!r} must be one of {AGGREGATIONS}")
+    if not 0.0 < hp["jsd_beta"] < 1.0:
+        raise ValueError(f"jsd_beta={hp['jsd_beta']!r} must be in (0, 1)")
+    for name in ("entropy_top_q", "reopold_entropy_top_q"):
+        q = hp[name]
+        if q is not None and not 0.0 < q <= 1.0:
+            raise ValueError(f"{name}={q!r} must be in (0, 1]")
+    for name in ("k", "eopd_k"):
+        if not isinstance(hp[name], int) or hp[name] < 1:
+            raise ValueError(f"{name}={hp[name]!r} must be a positive integer")
+    if not math.isfinite(hp["reward_floor"]) or hp["reward_floor"] > 0:
+        raise ValueError(f"reward_floor={hp['reward_floor']!r} must be a finite value <= 0")
+    return hp
+
+
+def topk_size(method: str, hyperparameters: dict) -> int:
+    """How many teacher top-k entries a method needs (the size the teacher pass must keep)."""
+    hp = resolve_hyperparameters(method, hyperparameters)
+    return max(hp["k"], hp["eopd_k"]) if method == "eopd" else hp["k"]
+
+
+def distillation_loss(
+    method: str,
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    tokens: jax.Array,
+    response_mask: jax.Array,
+    prefix_mask: jax.Array,
+    key: jax.Array | None,
+    *,
+    rollout_logprobs: jax.Array | None = None,
+    vocab_size: int | None = None,
+    **hyperparameters,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch loss of `method` (docs/methods.md) on full logits.
+
+    Args:
+      student_logits: [B, T, V_S], any float dtype; carries gradient.
+      teacher_logits: [B, T, V_T]; stop-gradient is applied.
+      tokens: [B, T] int, the realised tokens (logits[:, t] is the distribution of tokens[:, t]).
+      response_mask: [B, T], 1 on every response token (teacher prefix and on-policy).
+      prefix_mask: [B, T], 1 on teacher-written prefix tokens.
+      key: PRNG key of the Bernoulli trust mask (may be None for methods without a trust region).
+      rollout_logprobs: [B, T] log-probs of the policy that sampled the tokens (importance ratio); None = on-policy.
+      vocab_size: the shared real vocabulary; both logits are sliced to it. None needs V_S == V_T.
+      **hyperparameters: see `DEFAULT_HYPERPARAMETERS`.
+    Returns:
+      (scalar float32 loss, dict of float32 scalar metrics).
+    """
+    hp = resolve_hyperparameters(method, hyperparameters)
+    _check_logits_tokens(student_logits, tokens, "student_logits")
+    _check_logits_tokens(teacher_logits, tokens, "teacher_logits")
+    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"student vocabulary {v_s} != teacher vocabulary {v_t}: pass vocab_size= the shared real vocabulary"
+            )
+    else:
+        if not 0 < vocab_size <= min(v_s, v_t):
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, min(student {v_s}, teacher {v_t})]")
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size]
+    stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp))
+    return loss_from_stats(
+        method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs, **hyperparameters
+    )
