@@ -1,0 +1,341 @@
+"""Decoder-only transformer (Qwen2 / Qwen3 / Llama) in Flax NNX, with a preallocated KV cache.
+
+Weights carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) in their
+`out_sharding` metadata; `tropd_jax.sharding` maps them to mesh axes. Parameters are created unsharded (eager
+sharding off) so a model can be built without a mesh; `sharding.shard_model` / `from_pretrained(mesh=...)` place
+them.
+
+Calling convention (see docs/architecture.md):
+
+  out, cache = model(tokens[B, T], positions[B, T], mask[B, T], cache=None, return_hidden=False)
+
+Under `jax.jit`, either wrap the call in `nnx.jit`, or split once and use the pure `forward`:
+
+  graphdef, state = nnx.split(model)
+  logits, cache = jax.jit(forward, static_argnums=(0, 6))(graphdef, state, tokens, positions, mask, cache, False)
+
+`forward` is what a `lax.while_loop` body should call (the state is a loop-invariant pytree, the cache a carry).
+"""
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tropd_jax import sharding
+from tropd_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys / values of every layer.
+
+  k, v: [L, B, KV, S, D] (KV heads before slots, so attention needs no transposes on XLA CPU), or tuples of L
+    per-layer buffers [B, KV, S, D] (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU).
+  valid: [B, S] bool, the slots that hold a real (non-padding) token.
+  index: [] int32, the next slot to write (shared by every row).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None, *,
+               per_layer: bool = False) -> KVCache:
+  """An empty cache of `max_length` slots per row, in the compute dtype unless `dtype` is given.
+
+  `per_layer=True` holds k and v as tuples of L buffers [B, KV, S, D] instead of one [L, B, KV, S, D] array; the
+  decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
+  over a slice `k[layer]` of the stacked buffer first copies that slice.
+  """
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+  if per_layer:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  else:
+    k = jnp.zeros((config.num_layers,) + shape, dtype)
+    v = jnp.zeros((config.num_layers,) + shape, dtype)
+  return KVCache(
+      k=k,
+      v=v,
+      valid=jnp.zeros((batch_size, max_length), bool),
+      index=jnp.zeros((), jnp.int32),
+  )
+
+
+class _Init:
+  """Creates the parameters of one `Decoder`, annotated with logical axis names.
+
+  Random weights get a placeholder and are filled by `finish` from a single uniform draw (std 0.02): XLA compiles
+  every distinct random shape separately (about a second each for threefry on CPU), which would dominate building
+  a tiny model; one draw is one compile. The distribution of a random init is immaterial here (real weights come
+  from checkpoints). Ones and zeros come from NumPy, which compiles nothing.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, dtype):
+    self.key, self.dtype, self.pending = rngs.params(), jnp.dtype(dtype), []
+
+  def __call__(self, shape, axes, fill='random'):
+    if fill == 'random':
+      value = jax.ShapeDtypeStruct(shape, self.dtype)
+    else:
+      value = jnp.asarray(np.full(shape, 1.0 if fill == 'ones' else 0.0, self.dtype))
+    with nnx.use_eager_sharding(False):  # placement is `sharding.shard_model`'s job; no mesh needed here
+      param = nnx.Param(value, out_sharding=axes)
+    if fill == 'random':
+      self.pending.append(param)
+    return param
+
+  def finish(self):
+    sizes = [math.prod(p.get_value().shape) for p in self.pending]
+    bound = 0.02 * math.sqrt(3.0)
+    flat = jax.random.uniform(self.key, (sum(sizes),), self.dtype, -bound, bound)
+    if not isinstance(flat, jax.core.Tracer):
+      flat = np.asarray(flat)  # split on the host: slicing on device would compile once per shape
+    offsets = np.cumsum([0] + sizes)
+    for param, start, size in zip(self.pending, offsets, sizes):
+      param.set_value(jnp.asarray(flat[start:start + size].reshape(param.get_value().shape)))
+
+
+def rms_norm(x, scale, eps):
+  """HF RMSNorm: normalise in float32, cast back, then scale. x: [..., H], scale: [H]."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+  """Inverse frequencies [D / 2] (float32), with linear or Llama 3 scaling applied."""
+  d = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling['rope_type'] == 'linear':
+    return inv_freq / scaling['factor']
+  # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+  factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+  old_len = scaling['original_max_position_embeddings']
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+  """Rotate-half RoPE as in HF. x: [B, N, T, D]; cos, sin: [B, 1, T, D / 2] float32."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; query head n uses KV head n // (num_heads // num_kv_heads), as HF's repeat_kv."""
+
+  def __init__(self, config: ModelConfig, init: _Init):
+    h, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = init((h, n, d), ('embed', 'heads', 'head_dim'))
+    self.k_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
+    self.v_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
+    self.o_proj = init((n, d, h), ('heads', 'head_dim', 'embed'))
+    self.use_bias = config.attention_bias
+    self.use_o_bias = config.attention_bias and config.architecture != 'qwen2'
+    if self.use_bias:
+      self.q_bias = init((n, d), ('heads', 'head_dim'), 'zeros')
+      self.k_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
+      self.v_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
+    if self.use_o_bias:
+      self.o_bias = init((h,), ('embed',), 'zeros')
+    self.qk_norm = config.qk_norm
+    if self.qk_norm:
+      self.q_norm = init((d,), ('head_dim',), 'ones')
+      self.k_norm = init((d,), ('head_dim',), 'ones')
+    self.eps = config.rms_norm_eps
+    self.num_kv_heads = kv
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, x, cos, sin, allowed, cache=None, layer=0):
+    """x: [B, T, H]; allowed: [B, T, S] bool; cache: None or (k, v, index).
+
+    The cache's k, v are either the stacked buffers [L, B, KV, S, D] (this layer's T new entries are written at
+    [layer, :, :, index]) or this layer's own buffers [B, KV, S, D]. Returns the output [B, T, H] and the
+    updated (k, v) (None without a cache); buffers are updated in place, never re-stacked.
+    """
+    dt = self.dtype
+    q = jnp.einsum('bth,hnd->bntd', x, self.q_proj[...].astype(dt))
+    k = jnp.einsum('bth,hkd->bktd', x, self.k_proj[...].astype(dt))
+    v = jnp.einsum('bth,hkd->bktd', x, self.v_proj[...].astype(dt))
+    if self.use_bias:
+      q = q + self.q_bias[...].astype(dt)[None, :, None, :]
+      k = k + self.k_bias[...].astype(dt)[None, :, None, :]
+      v = v + self.v_bias[...].astype(dt)[None, :, None, :]
+    if self.qk_norm:
+      q = rms_norm(q, self.q_norm[...], self.eps)
+      k = rms_norm(k, self.k_norm[...], self.eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      cache_k, cache_v, index = cache
+      stacked = cache_k.ndim == 5
+      start = (layer, 0, 0, index, 0) if stacked else (0, 0, index, 0)
+      new_k, new_v = (k[None], v[None]) if stacked else (k, v)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
+      k, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
+      new_cache = (cache_k, cache_v)
+
+    b, n, t, d = q.shape
+    q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
+    scores = jnp.einsum('bkgtd,bksd->bkgts', q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    # A finite fill keeps rows with no allowed key (left padding) finite: they become uniform, never NaN.
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
+    out = jnp.einsum('bntd,ndh->bth', out, self.o_proj[...].astype(dt))
+    if self.use_o_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, init: _Init):
+    h, m = config.hidden_size, config.intermediate_size
+    self.gate_proj = init((h, m), ('embed', 'mlp'))
+    self.up_proj = init((h, m), ('embed', 'mlp'))
+    self.down_proj = init((m, h), ('mlp', 'embed'))
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, x):
+    dt = self.dtype
+    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, init: _Init):
+    self.input_norm = init((config.hidden_size,), ('embed',), 'ones')
+    self.attn = Attention(config, init)
+    self.post_attention_norm = init((config.hidden_size,), ('embed',), 'ones')
+    self.mlp = MLP(config, init)
+    self.eps = config.rms_norm_eps
+
+  def __call__(self, x, cos, sin, allowed, cache=None, layer=0):
+    out, cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), cos, sin, allowed, cache, layer)
+    x = x + out
+    x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
+    return x, cache
+
+
+class Decoder(nnx.Module):
+  """Qwen2 / Qwen3 / Llama decoder; `model.config` is its `ModelConfig`."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    init = _Init(rngs, config.param_dtype)
+    self.embed = init((config.vocab_size, config.hidden_size), ('vocab', 'embed'))
+    self.layers = nnx.List([Block(config, init) for _ in range(config.num_layers)])
+    self.final_norm = init((config.hidden_size,), ('embed',), 'ones')
+    if not config.tie_word_embeddings:
+      self.lm_head = init((config.hidden_size, config.vocab_size), ('embed', 'vocab'))
+    init.finish()
+
+  def lm_head_weight(self) -> jax.Array:
+    """The output projection [H, V] in the parameter dtype (the transposed embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def __call__(self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False):
+    """Runs the decoder over T new tokens.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] int RoPE positions (per row; `max(cumsum(input_mask) - 1, 0)` for left padding).
+      mask: [B, T] 1 on real tokens, 0 on padding. Padding keys are never attended to.
+      cache: None for a plain causal forward. Otherwise the T new keys / values go to slots
+        [cache.index, cache.index + T) of every row, are marked valid where `mask` is 1, and each query attends to
+        valid slots at or before its own slot.
+      return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
+
+    Returns:
+      (logits [B, T, V] or hidden [B, T, H], both in the compute dtype; the updated cache or None).
+    """
+    config, dt = self.config, jnp.dtype(self.config.dtype)
+    t = tokens.shape[1]
+    mask = mask.astype(bool)
+    # Gather from a table whole along `embed` (FSDP gathers weights anyway): a lookup in the fsdp-split table
+    # would come out split along the hidden dimension and need an all-to-all to reach the batch split.
+    embed = sharding.constrain(self.embed[...], ('vocab', None))
+    x = jnp.take(embed, tokens, axis=0).astype(dt)
+    x = sharding.constrain(x, ('batch', 'length', None))
+
+    freqs = positions.astype(jnp.float32)[:, None, :, None] * rope_frequencies(config)  # [B, 1, T, D/2]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+
+    if cache is None:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      allowed = causal[None] & mask[:, None, :]  # [B, T, T]
+      index = None
+    else:
+      index = cache.index
+      valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+      slots = jnp.arange(valid.shape[1])
+      query_slots = index + jnp.arange(t)
+      allowed = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+
+    # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
+    # buffers are handed to their layer and collected.
+    per_layer = cache is not None and isinstance(cache.k, (tuple, list))
+    kv = None if cache is None else (cache.k, cache.v)
+    new_k, new_v = [], []
+    for layer, block in enumerate(self.layers):
+      if per_layer:
+        layer_cache = (cache.k[layer], cache.v[layer], index)
+      else:
+        layer_cache = None if cache is None else (*kv, index)
+      x, kv = block(x, cos, sin, allowed, layer_cache, layer)
+      if per_layer:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+      x = sharding.constrain(x, ('batch', 'length', None))
+
+    if per_layer:
+      kv = (tuple(new_k), tuple(new_v))
+    if cache is not None:
+      cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
+    x = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
+    if return_hidden:
+      return x, cache
+    return x @ self.lm_head_weight().astype(dt), cache
+
+
+def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
+  """A randomly initialised `Decoder` built in one jitted call, its parameters placed on `mesh` if given.
+
+  Same parameters as `Decoder(config, rngs=nnx.Rngs(seed))`; on a mesh each device only ever holds its own
+  shards (the full model is never materialised on one device).
+  """
+  create = lambda: Decoder(config, rngs=nnx.Rngs(seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(create))
+  out_shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
+  state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out_shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def forward(graphdef, state, tokens, positions, mask, cache=None, return_hidden=False):
+  """Pure form of `Decoder.__call__` on `nnx.split(model)`; jit it with `graphdef` (and `return_hidden`) static."""
+  model = nnx.merge(graphdef, state)
+  return model(tokens, positions, mask, cache, return_hidden=return_hidden)

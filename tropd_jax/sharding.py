@@ -1,0 +1,127 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Weights carry logical names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) and activations
+`batch`, `length`. `LOGICAL_RULES` says which mesh axes each is split over: vocabulary, attention heads and MLP
+along `tensor`, the model dimension along `fsdp`, the batch along `data` and `fsdp`. A mesh axis that does not
+divide the dimension (or is already used by another dimension of the same array) is dropped for that array, so
+tiny test models and odd head counts still place, just less split.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+LOGICAL_RULES = {
+    # weights
+    'vocab': ('tensor',),
+    'embed': ('fsdp',),
+    'heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'head_dim': (),
+    'mlp': ('tensor',),
+    'layers': (),
+    # activations
+    'batch': ('data', 'fsdp'),
+    'length': (),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one mesh size may be -1, got (data, fsdp, tensor)={tuple(sizes)}.')
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or len(devices) % known:
+      raise ValueError(f'Mesh (data, fsdp, tensor)={tuple(sizes)} does not divide {len(devices)} devices.')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if any(s < 1 for s in sizes) or math.prod(sizes) != len(devices):
+    raise ValueError(f'Mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices; '
+                     f'{len(devices)} are available.')
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+  """The PartitionSpec for an array with these logical axes (None = replicated dimension).
+
+  With `shape` and `mesh`, mesh axes that do not divide a dimension, or are used by an earlier dimension, drop.
+  """
+  if shape is not None and len(shape) != len(logical_axes):
+    raise ValueError(f'Logical axes {tuple(logical_axes)} do not match an array of shape {tuple(shape)}.')
+  used, spec = set(), []
+  for i, name in enumerate(logical_axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in LOGICAL_RULES:
+      raise ValueError(f'Unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}.')
+    axes, size = [], 1
+    for axis in LOGICAL_RULES[name]:
+      if axis in used or (mesh is not None and axis not in mesh.shape):
+        continue
+      axis_size = 1 if mesh is None else mesh.shape[axis]
+      if shape is not None and mesh is not None and shape[i] % (size * axis_size):
+        continue
+      axes.append(axis)
+      size *= axis_size
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*spec)
+
+
+def logical_sharding(logical_axes, shape, mesh: Mesh) -> NamedSharding:
+  """NamedSharding on `mesh` for an array of `shape` with these logical axes."""
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+  axes = variable.get_metadata().get('out_sharding')
+  shape = variable.get_value().shape
+  if axes is None:
+    return NamedSharding(mesh, PartitionSpec())
+  return logical_sharding(axes, shape, mesh)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """A state of NamedShardings mirroring `state` (an `nnx.State` of Variables, concrete or abstract)."""
+  return jax.tree.map(lambda v: v.replace(_variable_sharding(v, mesh)), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+  """Moves every parameter of `model` onto `mesh` following the logical rules (in place); returns the model."""
+  graphdef, state = nnx.split(model)
+  shardings = state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  nnx.update(model, state)
+  return model
+
+
+def activation_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=None) -> NamedSharding:
+  """NamedSharding for an activation, e.g. `('batch', 'length')` for tokens [B, T]."""
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh if shape is not None else None))
+
+
+def cache_sharding(mesh: Mesh, cache):
+  """NamedShardings for a `KVCache` (k, v [L, B, KV, S, D] or tuples of [B, KV, S, D]; valid [B, S]; index [])."""
+  axes = ('batch', 'kv_heads', 'length', 'head_dim')
+  kv = jax.tree.map(lambda x: logical_sharding((None,) * (x.ndim - 4) + axes, x.shape, mesh), cache.k)
+  return type(cache)(k=kv, v=kv, valid=logical_sharding(('batch', 'length'), cache.valid.shape, mesh),
+                     index=NamedSharding(mesh, PartitionSpec()))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` on the current mesh (`jax.set_mesh`); a no-op when no mesh is set."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
