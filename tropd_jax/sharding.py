@@ -124,4 +124,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+  spec = logical_to_spec(logical_axes, x.shape, mesh)
+  manual = set(mesh.manual_axes)
+  if manual:
+    # Inside a shard_map the manual axes are already split by hand; constrain along the automatic ones only.
+    def automatic(entry):
+      axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in manual)
+      return axes or None
+    spec = PartitionSpec(*map(automatic, spec))
+  return jax.lax.with_sharding_constraint(x, spec)

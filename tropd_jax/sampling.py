@@ -1,0 +1,434 @@
+"""Rollouts: jitted sampling with a KV cache, and responses whose first tokens are written by the teacher.
+
+`generate(model, prompt_tokens, prompt_mask, key, ...)` samples responses from one model in one compiled program:
+a prefill of the left-padded prompts, then a `lax.while_loop` decode that stops as soon as every row has finished.
+Per row, the first `forced_lengths[b]` response tokens can be forced (prefix injection) instead of sampled.
+`rollout(teacher, student, ...)` uses it twice: the teacher writes the prefixes, the student continues them.
+
+Layout (docs/architecture.md, "Sequences"): prompts are left-padded to a bucket length P, the response starts at
+column P and is right-padded to N = max_new_tokens. Every array of a `Rollout` is `[B, P + N]` unless stated.
+
+Speed (docs/benchmarks.md): attention over the whole preallocated cache dominates a naive decode step, so the
+decode runs in segments: segment j attends only to the first P + end_j slots (the filled part), and the cache grows
+between segments. The cache holds one buffer per layer, so no layer is copied out of a stacked buffer per step.
+Sampling is inverse-CDF with one uniform per row and step, all drawn before the loop (no PRNG inside it), and
+reductions avoid `argmax` / `cumsum`, which XLA CPU runs an order of magnitude slower than plain sums / matmuls.
+
+Log-probabilities: `logprobs` are under the distribution actually sampled from (temperature, top-k and top-p
+applied), so a forced token outside the top-k / top-p cut gets -inf; `model_logprobs` are under the plain model
+softmax at temperature 1. With temperature 1 and no cut (the training setting) the two are equal. Greedy decoding
+(temperature 0) samples from a point mass, so its `logprobs` are reported as the temperature-1 ones.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from tropd_jax import sharding
+from tropd_jax.models.decoder import KVCache, forward, init_cache
+
+# Prompt lengths are padded up to one of these, so a stream of prompts compiles a handful of programs.
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+FINISH_EOS = 0     # the row emitted one of the EOS ids (counted in its length)
+FINISH_LENGTH = 1  # the row reached its token budget
+
+
+@flax.struct.dataclass
+class Rollout:
+  """A batch of sampled sequences; every array is `[B, P + N]` unless stated.
+
+  tokens: int32 prompt (left-padded) then response (right-padded with `pad_id`).
+  input_mask: int32, 1 on real prompt and response tokens.
+  response_mask: int32, 1 on response tokens (teacher prefix and continuation, EOS included).
+  prefix_mask: int32, 1 on forced (teacher-written) response tokens; a subset of `response_mask`.
+  logprobs: float32 log-prob of each response token under the distribution sampled from (0 elsewhere).
+  model_logprobs: float32 log-prob of each response token under the temperature-1 model softmax (0 elsewhere).
+  lengths: [B] int32 response lengths (prefix included).
+  finish_reason: [B] int32, FINISH_EOS or FINISH_LENGTH.
+  prompt_length: P (static).
+  """
+  tokens: jax.Array
+  input_mask: jax.Array
+  response_mask: jax.Array
+  prefix_mask: jax.Array
+  logprobs: jax.Array
+  model_logprobs: jax.Array
+  lengths: jax.Array
+  finish_reason: jax.Array
+  prompt_length: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def responses(self) -> jax.Array:
+    """[B, N] the response columns of `tokens`."""
+    return self.tokens[:, self.prompt_length:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt bucketing.
+
+
+def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+  """The smallest bucket >= n."""
+  for bucket in sorted(buckets):
+    if bucket >= n:
+      return bucket
+  raise ValueError(f'Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket.')
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int] = PROMPT_BUCKETS,
+                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists into the smallest bucket that fits the longest: (tokens [B, P] int32, mask [B, P] int32)."""
+  if not prompts:
+    raise ValueError('pad_prompts got no prompts.')
+  length = bucket_length(max(len(p) for p in prompts), buckets)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[row, length - len(prompt):] = prompt
+      mask[row, length - len(prompt):] = 1
+  return tokens, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sampling distribution.
+
+
+def sampling_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """The logits of the distribution sampled from: [B, V] -> [B, V] float32, -inf outside the cut.
+
+  As `transformers`: divide by the temperature, keep the top_k largest (0 = all), then keep the smallest set of
+  most likely tokens whose probability reaches top_p (tokens tied with the last kept one are kept too).
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  vocab = logits.shape[-1]
+  if 0 < top_k < vocab:
+    top = jax.lax.top_k(logits, top_k)[0]  # [B, k], sorted descending
+    logits = jnp.where(logits >= top[:, -1:], logits, -jnp.inf)
+  if top_p < 1.0:
+    top = jax.lax.top_k(logits, top_k if 0 < top_k < vocab else vocab)[0]
+    probs = jax.nn.softmax(top, axis=-1)
+    mass_before = cumulative_sum(probs) - probs
+    num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1 since top_p > 0
+    cutoff = jnp.take_along_axis(top, num_kept - 1, axis=-1)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return logits
+
+
+def cumulative_sum(x: jax.Array) -> jax.Array:
+  """Cumulative sum along the last axis of [B, V] float32, as two small triangular matmuls over a [B, V / b, b]
+  blocking (b ~ sqrt(V)): O(V^1.5) work in two matmuls, where XLA CPU lowers `jnp.cumsum` to a reduce-window that
+  costs O(V^2) and is an order of magnitude slower here."""
+  rows, vocab = x.shape
+  block = 32 * math.ceil(math.ceil(math.sqrt(vocab)) / 32)
+  blocks = math.ceil(vocab / block)
+  x = jnp.pad(x, ((0, 0), (0, blocks * block - vocab))).reshape(rows, blocks, block)
+  upper = lambda n, k: jnp.triu(jnp.ones((n, n), x.dtype), k)
+  within = jnp.einsum('rnk,kj->rnj', x, upper(block, 0), precision=jax.lax.Precision.HIGHEST)
+  before = jnp.einsum('rn,nm->rm', within[:, :, -1], upper(blocks, 1), precision=jax.lax.Precision.HIGHEST)
+  return (within + before[:, :, None]).reshape(rows, blocks * block)[:, :vocab]
+
+
+def sample_categorical(logprobs: jax.Array, uniform: jax.Array) -> jax.Array:
+  """Inverse-CDF sampling: one token per row from normalised log-probs [B, V] given uniforms [B] in [0, 1).
+
+  Exact up to float32 rounding of the cumulative sum (about 1e-7 of probability mass), like Gumbel-max with float32
+  noise; it needs B random numbers instead of B * V.
+  """
+  cdf = cumulative_sum(jnp.exp(logprobs.astype(jnp.float32)))
+  total = cdf[:, -1:]
+  index = jnp.sum(cdf <= uniform[:, None] * total, axis=-1)
+  # Rounding can put the target on the total mass; the first index where the cdf reaches the total is then the
+  # right answer (a token of non-zero probability). Counting, unlike argmax, is a plain vectorised reduction.
+  last = jnp.sum(cdf < total, axis=-1)
+  return jnp.minimum(index, last).astype(jnp.int32)
+
+
+def greedy_token(logits: jax.Array) -> jax.Array:
+  """argmax over [B, V] (the first of tied maxima) as two plain reductions, which XLA CPU runs much faster than
+  the index-carrying reduction of `jnp.argmax`."""
+  is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max, jnp.arange(logits.shape[-1]), logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate.
+
+
+def _segment_ends(max_new_tokens: int, segment_length: int) -> list[int]:
+  """The decode steps where segments end: [s, 2s, ..., N]."""
+  return list(range(segment_length, max_new_tokens, segment_length)) + [max_new_tokens]
+
+
+def _grow_cache(cache: KVCache, length: int) -> KVCache:
+  """The same cache with `length` slots (new slots empty and invalid)."""
+  extra = length - cache.valid.shape[1]
+  grow = lambda buffers: tuple(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in buffers)
+  return _constrain_cache(KVCache(k=grow(cache.k), v=grow(cache.v),
+                                  valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index))
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+  axes = ('batch', 'kv_heads', 'length', 'head_dim')
+  constrain = lambda buffers: tuple(sharding.constrain(x, axes) for x in buffers)
+  return KVCache(k=constrain(cache.k), v=constrain(cache.v),
+                 valid=sharding.constrain(cache.valid, ('batch', 'length')), index=cache.index)
+
+
+def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
+            temperature, eos_ids, *, max_new_tokens, greedy, top_k, top_p, pad_id, segment_length, vocab_size):
+  """Prefill and decode loop for the rows it is given (all rows, or one data shard's under `shard_map`)."""
+  batch, prompt_length = prompt_tokens.shape
+  config = nnx.merge(graphdef, state).config
+  row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
+
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  prompt_count = jnp.sum(prompt_mask, axis=1)  # position of the first response token
+  max_lengths = jnp.minimum(max_lengths, max_new_tokens)
+
+  def emit(t, logits, state):
+    """Chooses response token t of every row from `logits` [B, V] (its distribution) and records it."""
+    out_tokens, out_logprobs, out_model_logprobs, done, lengths, finish = state
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+      # Padding rows of the LM head beyond the real vocabulary are never sampled and carry no probability.
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    model_logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if greedy:
+      sampled, logprobs = greedy_token(logits), model_logprobs
+    else:
+      logprobs = jax.nn.log_softmax(sampling_logits(logits, temperature, top_k, top_p), axis=-1)
+      sampled = sample_categorical(logprobs, uniforms[:, t])
+    token = jnp.where(t < forced_lengths, forced_tokens[:, t], sampled)
+    active = ~done
+    token_logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    token_model_logprob = jnp.take_along_axis(model_logprobs, token[:, None], axis=-1)[:, 0]
+    out_tokens = out_tokens.at[:, t].set(jnp.where(active, token, pad_id))
+    out_logprobs = out_logprobs.at[:, t].set(jnp.where(active, token_logprob, 0.0))
+    out_model_logprobs = out_model_logprobs.at[:, t].set(jnp.where(active, token_model_logprob, 0.0))
+    lengths = lengths + active
+    hit_eos = active & jnp.isin(token, eos_ids)
+    hit_length = active & ~hit_eos & (t + 1 >= max_lengths)
+    finish = jnp.where(hit_eos, FINISH_EOS, jnp.where(hit_length, FINISH_LENGTH, finish))
+    done = done | hit_eos | hit_length
+    return token, active, (out_tokens, out_logprobs, out_model_logprobs, done, lengths, finish)
+
+  # Per-layer cache buffers: attention reads a layer's buffer directly, where a stacked [L, ...] buffer would copy
+  # the layer out at every step. The first segment's window holds the prompt and its own tokens.
+  ends = _segment_ends(max_new_tokens, segment_length)
+  cache = _constrain_cache(init_cache(config, batch, prompt_length + ends[0], per_layer=True))
+  # Prefill: the prompt fills slots [0, P). Only the last column's logits are needed (left padding puts every
+  # row's last prompt token there), so the LM head runs on one position instead of P. The LM head is formed once,
+  # outside the loop: a tied head is the transposed embedding, which the loop would otherwise re-layout per step.
+  hidden, cache = forward(graphdef, state, prompt_tokens, prompt_positions, prompt_mask, cache, True)
+  lm_head = nnx.merge(graphdef, state).lm_head_weight().astype(hidden.dtype)
+  logits = hidden[:, -1] @ lm_head
+
+  records = (
+      row_batch(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
+      row_batch(jnp.zeros((batch, max_new_tokens), jnp.float32)),
+      row_batch(jnp.zeros((batch, max_new_tokens), jnp.float32)),
+      row_batch(max_lengths <= 0),  # a row with no budget is done before it starts
+      row_batch(jnp.zeros((batch,), jnp.int32)),
+      row_batch(jnp.full((batch,), FINISH_LENGTH, jnp.int32)),
+  )
+  token, active, records = emit(0, logits, records)
+
+  def step(carry):
+    """Feeds response token t - 1 (at slot P + t - 1) and emits token t."""
+    t, token, active, cache, records = carry
+    hidden, cache = forward(graphdef, state, token[:, None], (prompt_count + t - 1)[:, None], active[:, None],
+                            cache, True)
+    token, active, records = emit(t, hidden[:, 0] @ lm_head, records)
+    return t + 1, token, active, cache, records
+
+  t = jnp.int32(1)
+  for j, end in enumerate(ends):
+    if j > 0:
+      cache = _grow_cache(cache, prompt_length + end)
+    # Segment j runs steps t < end; its last feed writes slot P + end - 2, inside its P + end slots.
+    t, token, active, cache, records = jax.lax.while_loop(
+        lambda c, end=end: (c[0] < end) & ~jnp.all(c[4][3]), step, (t, token, active, cache, records))
+
+  out_tokens, out_logprobs, out_model_logprobs, _, lengths, finish = records
+  columns = jnp.arange(max_new_tokens)
+  response_mask = (columns[None] < lengths[:, None]).astype(jnp.int32)
+  prefix_mask = (columns[None] < jnp.minimum(forced_lengths, lengths)[:, None]).astype(jnp.int32)
+  prompt_zeros = jnp.zeros((batch, prompt_length), jnp.int32)
+  join = lambda prompt_part, response_part: jnp.concatenate([prompt_part, response_part], axis=1)
+  rollout = Rollout(
+      tokens=join(prompt_tokens.astype(jnp.int32), out_tokens),
+      input_mask=join(prompt_mask, response_mask),
+      response_mask=join(prompt_zeros, response_mask),
+      prefix_mask=join(prompt_zeros, prefix_mask),
+      logprobs=join(prompt_zeros.astype(jnp.float32), out_logprobs),
+      model_logprobs=join(prompt_zeros.astype(jnp.float32), out_model_logprobs),
+      lengths=lengths,
+      finish_reason=finish,
+      prompt_length=prompt_length,
+  )
+  return jax.tree.map(row_batch, rollout)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'greedy', 'top_k', 'top_p', 'pad_id',
+                                             'segment_length', 'vocab_size'))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, forced_lengths, max_lengths,
+              temperature, eos_ids, **settings):
+  """The compiled program behind `generate`: one per shapes, model and static settings (the temperature and the
+  EOS ids are inputs, so changing them does not recompile).
+
+  Under a mesh with a `data` axis the decode runs in `shard_map` over it: each data shard prefills, decodes and
+  stops on its own, with no collective per step (the weights are never split along `data`). Other mesh axes stay
+  automatic. The sampling randomness is drawn for the whole batch first, so the tokens do not depend on the mesh.
+  """
+  batch = prompt_tokens.shape[0]
+  uniforms = sharding.constrain(jax.random.uniform(key, (batch, settings['max_new_tokens'])), ('batch', None))
+  decode = functools.partial(_decode, graphdef, **settings)
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else dict(mesh.shape).get('data', 1)
+  if shards > 1 and batch % shards == 0:
+    rows, same = PartitionSpec('data'), PartitionSpec()
+    decode = jax.shard_map(decode, in_specs=(same, rows, rows, rows, rows, rows, rows, same, same), out_specs=rows,
+                           axis_names={'data'}, check_vma=False)
+  return decode(state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
+                temperature, eos_ids)
+
+
+def default_segment_length(max_new_tokens: int) -> int:
+  """About eight decode segments, each a multiple of 16 steps (generations of up to 16 tokens use one).
+
+  More segments attend to less empty cache (segment j's window is P + its end), but each traces the decoder step
+  once more, so compile time grows with their number; eight keep the mean window within N / 16 of the filled
+  length.
+  """
+  return 16 * max(1, math.ceil(max_new_tokens / 8 / 16))
+
+
+def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+             forced_tokens=None, forced_lengths=None, max_lengths=None, pad_id: int = 0,
+             segment_length: int | None = None, vocab_size: int | None = None) -> Rollout:
+  """Samples up to `max_new_tokens` response tokens per row in one compiled program.
+
+  Args:
+    model: a `Decoder`, its parameters placed by `tropd_jax.sharding`. Under `jax.set_mesh(mesh)` the batch is
+      split along the mesh's `batch` axes and each `data` shard decodes on its own (see `_generate`).
+    prompt_tokens: [B, P] int, left-padded (see `pad_prompts`).
+    prompt_mask: [B, P], 1 on real prompt tokens.
+    key: PRNG key; the same key gives the same tokens, on any mesh.
+    max_new_tokens: N, the response columns.
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass in (0, 1].
+    eos_ids: tokens that end a row (the EOS is part of the response).
+    forced_tokens: [B, N_f] int, tokens written instead of samples at response positions t < forced_lengths[b];
+      their log-probs are this model's log-probs of the forced token. An EOS among them ends the row.
+    forced_lengths: [B] int, how many forced tokens each row takes (capped at N_f); default 0.
+    max_lengths: [B] int, per-row budget of response tokens (capped at N); default N. Rows that reach it stop
+      with FINISH_LENGTH, and the loop ends once every row has stopped.
+    pad_id: the token written after a row has finished.
+    segment_length: decode steps per attention window (see the module docstring); default
+      `default_segment_length(N)`.
+    vocab_size: the real vocabulary; logits of the LM head's padding rows beyond it are masked out (None = all).
+
+  Returns:
+    A `Rollout` with P + N columns.
+  """
+  prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+  if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+    raise ValueError(f'prompt_tokens must be [B, P] and prompt_mask the same shape; got {prompt_tokens.shape} and '
+                     f'{prompt_mask.shape}.')
+  batch = prompt_tokens.shape[0]
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+  if not (temperature >= 0 and math.isfinite(temperature)):
+    raise ValueError(f'temperature must be finite and >= 0, got {temperature}.')
+  if top_k < 0:
+    raise ValueError(f'top_k must be >= 0 (0 = no top-k cut), got {top_k}.')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}.')
+  segment_length = segment_length or default_segment_length(max_new_tokens)
+  if segment_length < 1:
+    raise ValueError(f'segment_length must be >= 1, got {segment_length}.')
+  segment_length = min(segment_length, max_new_tokens)
+  if forced_tokens is None:
+    if forced_lengths is not None:
+      raise ValueError('forced_lengths was given without forced_tokens.')
+    forced_tokens = jnp.zeros((batch, 0), jnp.int32)
+  forced_tokens = jnp.asarray(forced_tokens, jnp.int32)
+  if forced_tokens.ndim != 2 or forced_tokens.shape[0] != batch:
+    raise ValueError(f'forced_tokens must be [B={batch}, N_f], got shape {forced_tokens.shape}.')
+  num_forced = forced_tokens.shape[1]
+  forced_lengths = (jnp.zeros((batch,), jnp.int32) if forced_lengths is None else
+                    jnp.minimum(jnp.asarray(forced_lengths, jnp.int32), num_forced))
+  # Always [B, N], so that generating with and without a prefix is the same program.
+  forced_tokens = jnp.pad(forced_tokens[:, :max_new_tokens], ((0, 0), (0, max(0, max_new_tokens - num_forced))))
+  if max_lengths is None:
+    max_lengths = jnp.full((batch,), max_new_tokens, jnp.int32)
+  max_lengths = jnp.asarray(max_lengths, jnp.int32)
+  for name, value in (('forced_lengths', forced_lengths), ('max_lengths', max_lengths)):
+    if value.shape != (batch,):
+      raise ValueError(f'{name} must be [B={batch}], got shape {value.shape}.')
+  # -1 never matches a token, so "no EOS" is the same program as one EOS id.
+  eos_ids = jnp.asarray(tuple(eos_ids) or (-1,), jnp.int32)
+
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, forced_lengths, max_lengths,
+                   jnp.float32(temperature if temperature > 0 else 1.0), eos_ids, max_new_tokens=max_new_tokens,
+                   greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p), pad_id=int(pad_id),
+                   segment_length=int(segment_length), vocab_size=None if vocab_size is None else int(vocab_size))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rollout: teacher prefix, student continuation.
+
+
+def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask, prefix_lengths, key: jax.Array, *,
+            max_new_tokens: int, num_rollouts: int = 1, temperature: float = 1.0, top_k: int = 0,
+            top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+            segment_length: int | None = None, vocab_size: int | None = None) -> Rollout:
+  """Responses whose first `prefix_lengths[b]` tokens are sampled from the teacher and the rest from the student.
+
+  The teacher runs only until every row has its prefix (and not at all when every prefix length is 0: plain
+  on-policy sampling); a teacher EOS inside the prefix ends the response there. The student then re-reads the
+  prefix as forced tokens and continues. `prefix_mask` marks the teacher-written tokens; `logprobs` and
+  `model_logprobs` are the student's for every response token, prefix included (the student is the sampling
+  policy that scoring compares against).
+
+  Args:
+    teacher, student: `Decoder`s sharing the tokenizer.
+    prompt_tokens, prompt_mask: [B, P] left-padded prompts.
+    prefix_lengths: [B] or [B * num_rollouts] int, teacher tokens per response (0 = fully on-policy).
+    key: PRNG key.
+    max_new_tokens: N, response columns.
+    num_rollouts: responses per prompt; the rows of prompt i are rows i * num_rollouts ... (i + 1) * num_rollouts - 1.
+    temperature, top_k, top_p, eos_ids, pad_id, segment_length, vocab_size: as `generate`, for both models.
+
+  Returns:
+    A `Rollout` of B * num_rollouts rows.
+  """
+  if num_rollouts < 1:
+    raise ValueError(f'num_rollouts must be >= 1, got {num_rollouts}.')
+  prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), num_rollouts, axis=0)
+  prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), num_rollouts, axis=0)
+  prefix_lengths = jnp.asarray(prefix_lengths, jnp.int32)
+  rows = prompt_tokens.shape[0]
+  if prefix_lengths.shape == (rows // num_rollouts,) and num_rollouts > 1:
+    prefix_lengths = jnp.repeat(prefix_lengths, num_rollouts)
+  if prefix_lengths.shape != (rows,):
+    raise ValueError(f'prefix_lengths must be [B] or [B * num_rollouts] = [{rows}], got {prefix_lengths.shape}.')
+  settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  eos_ids=eos_ids, pad_id=pad_id, segment_length=segment_length, vocab_size=vocab_size)
+  teacher_key, student_key = jax.random.split(key)
+  if int(jnp.max(prefix_lengths)) <= 0:
+    return generate(student, prompt_tokens, prompt_mask, student_key, **settings)
+  prefix = generate(teacher, prompt_tokens, prompt_mask, teacher_key, max_lengths=prefix_lengths, **settings)
+  return generate(student, prompt_tokens, prompt_mask, student_key, forced_tokens=prefix.responses,
+                  forced_lengths=prefix.lengths, **settings)
