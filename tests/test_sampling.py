@@ -302,18 +302,25 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     path = sys.argv[1]
     tokens, mask = sampling.pad_prompts([[5, 6, 7], [8], [9, 10], [11, 12, 13]] * 2, buckets=(4,))
     model, _ = from_pretrained(path)
-    plain = sampling.generate(model, tokens, mask, jax.random.key(0), max_new_tokens=6)
-    mesh = sharding.make_mesh(data=4, fsdp=2)
-    sharded_model, _ = from_pretrained(path, mesh=mesh)
-    with jax.set_mesh(mesh):
-      tokens_on_mesh = jax.device_put(tokens, sharding.activation_sharding(mesh, ('batch', 'length'), tokens.shape))
-      out = sampling.generate(sharded_model, tokens_on_mesh, mask, jax.random.key(0), max_new_tokens=6)
-    print(json.dumps({
-        'same_tokens': bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all()),
-        'max_logprob_diff': float(np.abs(np.asarray(out.logprobs) - np.asarray(plain.logprobs)).max()),
-        'devices': len(out.tokens.sharding.device_set),
-        'shard_rows': out.tokens.addressable_shards[0].data.shape[0],
-    }))
+    # Rows stop at different steps, so shards that finish early must not leave the others waiting.
+    max_lengths = np.array([1, 6, 2, 6, 3, 6, 6, 4])
+    plain = sampling.generate(model, tokens, mask, jax.random.key(0), max_new_tokens=6, max_lengths=max_lengths)
+    reports = []
+    for shape in ((4, 2, 1), (2, 2, 2)):
+      mesh = sharding.make_mesh(*shape)
+      sharded_model, _ = from_pretrained(path, mesh=mesh)
+      with jax.set_mesh(mesh):
+        spec = sharding.activation_sharding(mesh, ('batch', 'length'), tokens.shape)
+        out = sampling.generate(sharded_model, jax.device_put(tokens, spec), mask, jax.random.key(0),
+                                max_new_tokens=6, max_lengths=max_lengths)
+      reports.append({
+          'same_tokens': bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all()),
+          'same_lengths': bool((np.asarray(out.lengths) == np.minimum(max_lengths, 6)).all()),
+          'max_logprob_diff': float(np.abs(np.asarray(out.logprobs) - np.asarray(plain.logprobs)).max()),
+          'devices': len(out.tokens.sharding.device_set),
+          'shard_rows': out.tokens.addressable_shards[0].data.shape[0],
+      })
+    print(json.dumps(reports))
 ''')
 
 
@@ -322,9 +329,10 @@ def test_generate_under_a_mesh_splits_the_batch(checkpoints):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   result = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, path], capture_output=True, text=True, env=env,
                           check=True)
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert report['same_tokens'] and report['max_logprob_diff'] < 1e-4
-  assert report['devices'] == 8 and report['shard_rows'] == 1  # 8 rows over data x fsdp = 8 devices
+  for report in json.loads(result.stdout.strip().splitlines()[-1]):  # data x fsdp x tensor = 4x2x1, 2x2x2
+    assert report['same_tokens'] and report['same_lengths'] and report['max_logprob_diff'] < 1e-4
+    assert report['devices'] == 8
+  assert [r['shard_rows'] for r in json.loads(result.stdout.strip().splitlines()[-1])] == [1, 2]
 
 
 @pytest.mark.parametrize('vocab', [5, 151, 1000])

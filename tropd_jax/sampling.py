@@ -184,8 +184,13 @@ def _constrain_cache(cache: KVCache) -> KVCache:
 
 
 def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
-            temperature, eos_ids, *, max_new_tokens, greedy, top_k, top_p, pad_id, segment_length, vocab_size):
-  """Prefill and decode loop for the rows it is given (all rows, or one data shard's under `shard_map`)."""
+            temperature, eos_ids, *, max_new_tokens, greedy, top_k, top_p, pad_id, segment_length, vocab_size,
+            sync_axes=()):
+  """Prefill and decode loop for the rows it is given (all rows, or one shard's under `shard_map`).
+
+  `sync_axes`: manual mesh axes whose shards must run the same number of steps (their loop condition is reduced
+  over them), needed when the automatic axes put collectives inside the loop.
+  """
   batch, prompt_length = prompt_tokens.shape
   config = nnx.merge(graphdef, state).config
   row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
@@ -250,13 +255,17 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
     token, active, records = emit(t, hidden[:, 0] @ lm_head, records)
     return t + 1, token, active, cache, records
 
+  def all_done(done):
+    done = jnp.all(done)
+    return jax.lax.pmin(done.astype(jnp.int32), sync_axes).astype(bool) if sync_axes else done
+
   t = jnp.int32(1)
   for j, end in enumerate(ends):
     if j > 0:
       cache = _grow_cache(cache, prompt_length + end)
     # Segment j runs steps t < end; its last feed writes slot P + end - 2, inside its P + end slots.
     t, token, active, cache, records = jax.lax.while_loop(
-        lambda c, end=end: (c[0] < end) & ~jnp.all(c[4][3]), step, (t, token, active, cache, records))
+        lambda c, end=end: (c[0] < end) & ~all_done(c[4][3]), step, (t, token, active, cache, records))
 
   out_tokens, out_logprobs, out_model_logprobs, _, lengths, finish = records
   columns = jnp.arange(max_new_tokens)
@@ -285,19 +294,35 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, f
   """The compiled program behind `generate`: one per shapes, model and static settings (the temperature and the
   EOS ids are inputs, so changing them does not recompile).
 
-  Under a mesh with a `data` axis the decode runs in `shard_map` over it: each data shard prefills, decodes and
-  stops on its own, with no collective per step (the weights are never split along `data`). Other mesh axes stay
-  automatic. The sampling randomness is drawn for the whole batch first, so the tokens do not depend on the mesh.
+  Under a mesh, the decode runs in `shard_map` over the batch axes (`data`, and `fsdp` when the batch divides):
+  each shard prefills, decodes and stops on its own, with no collective per step across shards (with `tensor` > 1
+  the shards agree on when to stop: one scalar all-reduce per step). FSDP-sharded weights are gathered
+  along `fsdp` once per call on entry (inference holds the weights split only along `tensor`, as rollout engines
+  do); the `tensor` axis stays automatic. The sampling randomness is drawn for the whole batch first, so the tokens
+  do not depend on the mesh.
   """
   batch = prompt_tokens.shape[0]
   uniforms = sharding.constrain(jax.random.uniform(key, (batch, settings['max_new_tokens'])), ('batch', None))
   decode = functools.partial(_decode, graphdef, **settings)
   mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else dict(mesh.shape).get('data', 1)
-  if shards > 1 and batch % shards == 0:
-    rows, same = PartitionSpec('data'), PartitionSpec()
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  # Manual axes: data, plus fsdp when the batch divides over both (XLA's partitioner also needs the automatic
+  # remainder to be a single axis: a partial-manual region over `data` with `fsdp` and `tensor` left automatic
+  # fails to compile).
+  axes = tuple(a for a in ('data', 'fsdp') if sizes.get(a, 1) > 1)
+  while axes and batch % math.prod(sizes[a] for a in axes):
+    axes = axes[:-1]
+  automatic = [a for a, n in sizes.items() if n > 1 and a not in axes]
+  if len(automatic) > 1:
+    axes = ()  # all automatic
+  if axes:
+    if automatic:
+      # XLA CPU joins a collective-permute of the automatic (tensor) axis across every device, so shards that
+      # stopped early would leave the others waiting: the shards then stop together.
+      decode = functools.partial(decode, sync_axes=axes)
+    rows, same = PartitionSpec(axes), PartitionSpec()
     decode = jax.shard_map(decode, in_specs=(same, rows, rows, rows, rows, rows, rows, same, same), out_specs=rows,
-                           axis_names={'data'}, check_vma=False)
+                           axis_names=set(axes), check_vma=False)
   return decode(state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
                 temperature, eos_ids)
 

@@ -1,0 +1,62 @@
+"""The paper's multi-domain recipe (math + code + science prompts): Qwen3-SFT-1.7B distilled from Qwen3-Nemotron-4B.
+
+    python -m tropd_jax.main --config=configs/multidomain.py --workdir=runs/multidomain \
+        --config.model.student_path=/models/Qwen3-SFT-1.7B --config.model.teacher_path=/models/Qwen3-Nemotron-4B \
+        --config.data.train_path=/data/multidomain.jsonl
+
+`configs/multidomain.py:deepseek` is the other multi-domain pair of the paper: DeepSeek-R1-Distill-Qwen-1.5B from
+Skywork-OR1-7B. Everything else is the math recipe (`configs/math.py`): 200 steps, lr 5e-6 constant, k = 64,
+beta = 0.001, 128 prompts x 4 rollouts, 8096 new tokens, temperature 1.
+"""
+
+from tropd_jax import config_validation
+
+
+def get_config(arg=None):
+    config = config_validation.default_config()
+
+    config.model.student_path = 'models/Qwen3-SFT-1.7B'
+    config.model.teacher_path = 'models/Qwen3-Nemotron-4B'
+    config.model.dtype = 'bfloat16'  # (ours)
+    config.model.param_dtype = 'float32'  # (ours)
+    config.model.teacher_dtype = 'bfloat16'  # (ours)
+
+    # Mixed math / code / science prompts as JSONL; the prompt already says how to answer.
+    config.data.train_path = 'data/multidomain.jsonl'
+    config.data.prompt_field = 'prompt'
+    config.data.answer_field = ''  # code and science prompts have no single gradable answer
+    config.data.prompt_template = '{prompt}'
+    config.data.chat_template = True
+    config.data.max_prompt_length = 2048  # code prompts are longer (ours)
+
+    config.rollout.num_rollouts = 4
+    config.rollout.max_new_tokens = 8096
+    config.rollout.temperature = 1.0
+
+    config.loss.method = 'tropd'
+    config.loss.k = 64
+    config.loss.beta = 0.001
+    config.loss.fused = True
+    config.loss.chunk_size = 2048  # (ours)
+
+    config.optim.learning_rate = 5e-6
+    config.optim.schedule = 'constant'
+    config.optim.clip_norm = 1.0  # (ours)
+
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+
+    config.train.steps = 200
+    config.train.prompts_per_step = 128
+    config.train.micro_batch_size = 16  # (ours)
+
+    config.checkpoint.every_steps = 20
+    config.checkpoint.keep = 3
+    config.eval.path = ''  # benchmarks (GPQA, MMLU-Redux, IFBench, LiveCodeBench) are run on the export
+
+    if arg == 'deepseek':
+        config.model.student_path = 'models/DeepSeek-R1-Distill-Qwen-1.5B'
+        config.model.teacher_path = 'models/Skywork-OR1-7B'
+    elif arg:
+        raise ValueError(f'unknown configs/multidomain.py variant {arg!r}; expected nothing or "deepseek"')
+    config.lock()
+    return config

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# TrOPD on a Cloud TPU VM pod slice (configs/math.py): the same command on every worker, at once. With
+# --distributed, tropd_jax.main calls jax.distributed.initialize(), which finds the other workers by itself on TPU VMs.
+#
+#   TPU_NAME=my-v5p-32 ZONE=us-east5-a \
+#   STUDENT=/mnt/ckpt/DeepSeek-R1-Distill-Qwen-1.5B TEACHER=/mnt/ckpt/Skywork-OR1-Math-7B \
+#   TRAIN_DATA=/mnt/data/openthoughts3_math.jsonl WORKDIR=/mnt/runs/math \
+#   launch/tpu_pod.sh [--config.FIELD=VALUE ...]
+#
+# STUDENT, TEACHER, TRAIN_DATA, EVAL_DATA: as in launch/single_gpu.sh. Every worker needs the repository at
+# ~/REPO_DIR, and the checkpoints, data and WORKDIR at the same paths (e.g. a Filestore or gcsfuse mount):
+# checkpoints are written by every worker, logs by worker 0. PROJECT selects the Google Cloud project.
+# SETUP=1 first copies this checkout to every worker and installs it with the TPU build of JAX.
+# DRY_RUN=1 prints the gcloud commands instead of running them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root: what SETUP copies, and where configs/ lives
+
+: "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
+: "${ZONE:?set ZONE to the TPU zone}"
+WORKDIR="${WORKDIR:-runs/math_tpu}"
+CONFIG="${CONFIG:-configs/math.py}"
+REPO_DIR="${REPO_DIR:-tropd_jax}"  # relative to the home directory on each worker
+PYTHON="${PYTHON:-python3}"
+
+tpu_vm=(gcloud compute tpus tpu-vm)
+where=(--zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"})
+
+run() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
+if [[ "${SETUP:-0}" == 1 ]]; then
+  run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="mkdir -p ~/${REPO_DIR}"
+  run "${tpu_vm[@]}" scp --recurse pyproject.toml README.md tropd_jax configs "${TPU_NAME}:${REPO_DIR}/" "${where[@]}"
+  run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && $PYTHON -m pip install -q -e '.[tpu]'"
+fi
+
+main=(
+  "$PYTHON" -m tropd_jax.main --config="$CONFIG" --workdir="$WORKDIR" --distributed
+  ${STUDENT:+--config.model.student_path="$STUDENT"}
+  ${TEACHER:+--config.model.teacher_path="$TEACHER"}
+  ${TRAIN_DATA:+--config.data.train_path="$TRAIN_DATA"}
+  ${EVAL_DATA:+--config.eval.path="$EVAL_DATA"}
+  "$@"
+)
+run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && ${main[*]@Q}"

@@ -1,0 +1,112 @@
+"""Tests for tropd_jax/checkpoint.py: round trip, retention, partial saves, corrupted latest checkpoint."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tropd_jax.checkpoint import Checkpointer
+
+
+def make_state(i):
+    """A train-state-shaped pytree: parameters, real AdamW moments, a step and RNG key data."""
+    params = {'w': jnp.full((8, 4), float(i)), 'b': jnp.arange(4, dtype=jnp.float32) * i}
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(lambda x: x + 1.0, params)
+    _, opt_state = optimizer.update(grads, opt_state, params)
+    return {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(i),
+            'rng': jax.random.key_data(jax.random.key(i))}
+
+
+def abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def assert_tree_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def save_steps(directory, steps, *, every_steps=1, keep=3):
+    ckpt = Checkpointer(directory, every_steps=every_steps, keep=keep)
+    saved = [s for s in steps if ckpt.save(s, make_state(s), {'next_index': 10 * s})]
+    ckpt.close()
+    return saved
+
+
+def test_round_trip_keeps_last_and_respects_interval(tmp_path):
+    directory = str(tmp_path / 'ckpt')
+    saved = save_steps(directory, range(1, 9), every_steps=2, keep=2)
+    assert saved == [2, 4, 6, 8]
+    ckpt = Checkpointer(directory, every_steps=2, keep=2)
+    assert ckpt.all_steps() == [6, 8]
+    step, state, data_state = ckpt.restore_latest(abstract(make_state(0)))
+    assert step == 8 and data_state == {'next_index': 80}
+    assert_tree_equal(state, make_state(8))  # parameters, optimizer moments, step and RNG all come back exactly
+
+
+def test_empty_directory_restores_nothing(tmp_path):
+    assert Checkpointer(str(tmp_path / 'none'), every_steps=1, keep=1).restore_latest(abstract(make_state(0))) is None
+
+
+def test_partial_save_is_ignored(tmp_path):
+    """A save killed before Orbax finalised it leaves only a temporary directory, which is never a checkpoint."""
+    directory = str(tmp_path / 'ckpt')
+    save_steps(directory, [1, 2])
+    partial = os.path.join(directory, '3.orbax-checkpoint-tmp-1234567')
+    os.makedirs(os.path.join(partial, 'state'))
+    ckpt = Checkpointer(directory, every_steps=1, keep=3)
+    assert ckpt.all_steps() == [1, 2]
+    step, state, _ = ckpt.restore_latest(abstract(make_state(0)))
+    assert step == 2
+    assert_tree_equal(state, make_state(2))
+    ckpt.close()
+
+
+# Orbax's asyncio loop may report a read it abandoned after the damage; that is noise, not a failure.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', ['truncate', 'flip', 'delete', 'data_json'])
+def test_corrupted_latest_falls_back_with_warning(tmp_path, damage):
+    directory = str(tmp_path / 'ckpt')
+    save_steps(directory, [1, 2, 3])
+    files = sorted(glob.glob(os.path.join(directory, '3', 'state', '**', 'd', '*'), recursive=True))
+    assert files
+    for f in files:
+        raw = bytearray(open(f, 'rb').read())
+        if damage == 'truncate':
+            raw = raw[: len(raw) // 2]
+        elif damage == 'flip':
+            raw[len(raw) // 2] ^= 0xFF
+        if damage == 'delete':
+            os.remove(f)
+        elif damage != 'data_json':
+            open(f, 'wb').write(bytes(raw))
+    if damage == 'data_json':
+        (tmp_path / 'ckpt' / '3' / 'data' / 'metadata').write_text('{"next_in')
+
+    ckpt = Checkpointer(directory, every_steps=1, keep=3)
+    with pytest.warns(RuntimeWarning, match='checkpoint step 3 .* unreadable .* moved it to 3.corrupt .* step 2'):
+        step, state, data_state = ckpt.restore_latest(abstract(make_state(0)))
+    assert step == 2 and data_state == {'next_index': 20}
+    assert_tree_equal(state, make_state(2))
+    assert ckpt.all_steps() == [1, 2] and os.path.isdir(os.path.join(directory, '3.corrupt'))
+    # The resumed run can save step 3 again without colliding with the corrupted one.
+    assert ckpt.save(3, make_state(3), {'next_index': 30})
+    ckpt.close()
+    step, state, _ = Checkpointer(directory, every_steps=1, keep=3).restore_latest(abstract(make_state(0)))
+    assert step == 3
+    assert_tree_equal(state, make_state(3))
+
+
+def test_mismatched_state_raises_instead_of_starting_over(tmp_path):
+    directory = str(tmp_path / 'ckpt')
+    save_steps(directory, [1, 2])
+    other = make_state(0)
+    other['params']['w'] = jnp.zeros((3, 3))  # another model shape
+    with pytest.raises(ValueError, match=r'none of the checkpoints .* \(steps \[2, 1\]\) can be restored'):
+        Checkpointer(directory, every_steps=1, keep=3).restore_latest(abstract(other))
+    assert sorted(os.listdir(directory)) == ['1', '2']  # good checkpoints are never moved aside

@@ -1,0 +1,103 @@
+"""Checkpoints: an Orbax `CheckpointManager` holding the train state and the data iterator state.
+
+Layout: `workdir/checkpoints/<step>/{state, data}`. `state` is a pytree (student parameters, optimizer state, step,
+RNG key data) saved asynchronously; `data` is the grain iterator state as JSON. Orbax writes each step to a temporary
+directory and renames it when complete, so a save killed half-way never looks like a checkpoint. A step directory
+that is there but cannot be read (a disk error, a truncated file, an interrupted copy) is detected at restore time:
+it is moved aside to `<step>.corrupt` with a warning, and the previous good step is used instead. When no step can
+be read at all, the run's state does not match the checkpoints (another model or optimizer): that is an error, not
+a silent fresh start.
+
+All processes call `save` and `restore` (Orbax coordinates them; the primary process writes metadata).
+"""
+
+import logging
+import os
+import warnings
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps, keeps the last `keep`, restores the latest readable one."""
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.every_steps = max(every_steps, 1)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # `save` decides; Orbax would also save the first step it sees
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of saves killed mid-write
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+        """Starts saving (asynchronously) when `step` is a multiple of `every_steps` or `force`; returns whether a
+        save started."""
+        if not (force or step % self.every_steps == 0) or step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """`(step, state, data_state)` of the latest readable checkpoint, or None when there is none.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings) shaped like the saved state; the
+        restored arrays get those shardings. Unreadable steps newer than the restored one are moved aside with a
+        warning. When no step can be read at all, the likelier cause is a train state that does not match the run
+        that wrote them (another model or optimizer), so that raises instead of silently starting over.
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+            try:
+                restored = self.manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 -- any failure to read means this step is not usable
+                reason = (str(e).splitlines() or [''])[0][:200]  # tensorstore errors run to kilobytes
+                failures.append((step, f'{type(e).__name__}: {reason}'))
+                continue
+            for bad_step, reason in failures:
+                moved_to = self._set_aside(bad_step)
+                message = (
+                    f'checkpoint step {bad_step} in {self.directory} is unreadable ({reason}); moved it to '
+                    f'{moved_to} and resuming from the previous good checkpoint, step {step}'
+                )
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                logging.warning(message)
+            return step, restored['state'], restored['data']
+        if failures:
+            raise ValueError(
+                f'none of the checkpoints in {self.directory} (steps {[s for s, _ in failures]}) can be restored '
+                f'into this run\'s train state; does the config match the run that wrote them? '
+                f'Latest error: step {failures[0][0]}: {failures[0][1]}'
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        """Renames an unreadable step so that a later save of the same step number does not collide with it."""
+        path = os.path.join(self.directory, str(step))
+        target, suffix = path + '.corrupt', 0
+        while os.path.exists(target):
+            suffix += 1
+            target = f'{path}.corrupt{suffix}'
+        if jax.process_index() == 0:
+            os.rename(path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+        self.manager.reload()
+        return os.path.basename(target)
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,189 @@
+"""avg@K accuracy of a model on a JSONL of `{"problem": str, "answer": str}` records.
+
+Every problem goes through the tokenizer's chat template as one user turn; K responses are sampled per problem
+(temperature 1 by default) with `tropd_jax.sampling.generate` and graded by `tropd_jax.grading.grade`.
+avg@K is the mean correctness over all N·K samples; pass@K the fraction of problems with at least one correct.
+
+    python -m tropd_jax.evaluate --model=DIR --data=FILE.jsonl --samples=8
+
+prints a table and one JSON line `{"model", "avg_at_k", "k", "num_problems", "pass_at_k", ...}`.
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+
+from tropd_jax import grading, sampling
+
+
+def load_records(path: str, limit: int | None = None) -> list[dict]:
+    """The `{"problem", "answer"}` records of a JSONL file; a record missing either field raises naming its line."""
+    records = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record.get("problem"), str) or record.get("answer") is None:
+                raise ValueError(f"{path}:{line_number}: a record needs a string 'problem' and an 'answer'")
+            records.append({"problem": record["problem"], "answer": str(record["answer"])})
+            if limit is not None and len(records) == limit:
+                break
+    if not records:
+        raise ValueError(f"no records in {path!r}")
+    return records
+
+
+def prompt_ids(tokenizer, problem: str) -> list[int]:
+    """The chat-templated prompt of one problem, ending with the assistant turn's header."""
+    messages = [{"role": "user", "content": problem}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def evaluate(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    samples: int,
+    key: jax.Array,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 1.0,
+) -> dict:
+    """Samples `samples` responses per record and grades them.
+
+    `model` is a `Decoder`, `tokenizer` a `transformers` tokenizer with a chat template, `records` dicts with
+    'problem' and 'answer'. Tokens are sampled from the tokenizer's real vocabulary only.
+
+    Rows (problem x sample) are sorted by prompt length and cut into batches of exactly `batch_size` rows (at most
+    the number of rows; the last batch is filled with repeats that are not counted), so each prompt-length bucket
+    compiles one program.
+
+    Returns a dict: avg_at_k, pass_at_k, k, num_problems, mean_response_length (tokens), truncated_fraction (rows
+    that hit `max_new_tokens` without EOS), correct ([num_problems, k] nested list of 0/1), and completions
+    (the first sample's text for each problem).
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not records:
+        raise ValueError("evaluate got no records")
+    prompts = [prompt_ids(tokenizer, r["problem"]) for r in records]
+    eos_ids = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Never sample the embedding's padding rows (ids the tokenizer cannot produce), as the trainer's rollouts.
+    vocab_size = min(max(tokenizer.get_vocab().values()) + 1, model.config.vocab_size)
+
+    rows = [(i, s) for i in range(len(records)) for s in range(samples)]
+    rows.sort(key=lambda row: len(prompts[row[0]]))  # neighbouring rows share a prompt-length bucket
+    batch_size = min(batch_size, len(rows))  # a small evaluation does not sample hundreds of filler rows
+    correct = np.zeros((len(records), samples), np.int32)
+    lengths = np.zeros((len(records), samples), np.int32)
+    truncated = np.zeros((len(records), samples), np.int32)
+    completions = [""] * len(records)
+    for batch_index, start in enumerate(range(0, len(rows), batch_size)):
+        batch = rows[start:start + batch_size]
+        filled = batch + [batch[-1]] * (batch_size - len(batch))
+        tokens, mask = sampling.pad_prompts([prompts[i] for i, _ in filled], pad_id=pad_id)
+        rollout = sampling.generate(
+            model, tokens, mask, jax.random.fold_in(key, batch_index), max_new_tokens=max_new_tokens,
+            temperature=temperature, eos_ids=tuple(eos_ids), pad_id=pad_id, vocab_size=vocab_size)
+        responses, response_lengths, finish = jax.device_get(
+            (rollout.responses, rollout.lengths, rollout.finish_reason))
+        for row, (i, s) in enumerate(batch):
+            text = tokenizer.decode(responses[row, :response_lengths[row]], skip_special_tokens=True)
+            correct[i, s] = grading.grade(text, records[i]["answer"])
+            lengths[i, s] = response_lengths[row]
+            truncated[i, s] = finish[row] == sampling.FINISH_LENGTH
+            if s == 0:
+                completions[i] = text
+    return {
+        "avg_at_k": float(correct.mean()),
+        "pass_at_k": float(correct.max(axis=1).mean()),
+        "k": samples,
+        "num_problems": len(records),
+        "mean_response_length": float(lengths.mean()),
+        "truncated_fraction": float(truncated.mean()),
+        "correct": correct.tolist(),
+        "completions": completions,
+    }
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column plain-text table."""
+    width = max(len(name) for name, _ in rows)
+    rule = "-" * (width + 2 + max(len(value) for _, value in rows))
+    return "\n".join([rule] + [f"{name:<{width}}  {value}" for name, value in rows] + [rule])
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags as absl_flags
+    from transformers import AutoTokenizer
+
+    from tropd_jax.models import from_pretrained
+
+    flags = absl_flags.FLAGS
+    records = load_records(flags.data, flags.limit)
+    model, _ = from_pretrained(flags.model)
+    tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer or flags.model)
+    start = time.time()
+    result = evaluate(model, tokenizer, records, samples=flags.samples, key=jax.random.key(flags.seed),
+                      max_new_tokens=flags.max_new_tokens, batch_size=flags.batch_size,
+                      temperature=flags.temperature)
+    seconds = time.time() - start
+    k = flags.samples
+    for record, completion, correct in list(zip(records, result["completions"], result["correct"]))[:flags.show]:
+        print(f"{record['problem']!r} -> answer {record['answer']}, {sum(correct)}/{k} correct; first sample:")
+        print("  " + completion.replace("\n", "\n  "))
+    print(format_table([
+        ("model", flags.model),
+        ("data", flags.data),
+        ("problems", str(result["num_problems"])),
+        ("samples per problem", f"{k} (temperature {flags.temperature:g}, seed {flags.seed})"),
+        (f"avg@{k}", f"{result['avg_at_k']:.4f}"),
+        (f"pass@{k}", f"{result['pass_at_k']:.4f}"),
+        ("mean response tokens", f"{result['mean_response_length']:.1f}"),
+        ("truncated", f"{result['truncated_fraction']:.4f}"),
+        ("seconds", f"{seconds:.1f}"),
+    ]))
+    print(json.dumps({
+        "model": flags.model,
+        "avg_at_k": result["avg_at_k"],
+        "k": k,
+        "num_problems": result["num_problems"],
+        "pass_at_k": result["pass_at_k"],
+        "temperature": flags.temperature,
+        "seed": flags.seed,
+        "mean_response_length": result["mean_response_length"],
+        "truncated_fraction": result["truncated_fraction"],
+    }))
+
+
+def define_flags() -> None:
+    # Defined only when run as a program, so importing this module never adds flags to the trainer's command line.
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "HF checkpoint directory (config.json + safetensors)", required=True)
+    flags.DEFINE_string("data", None, 'JSONL of {"problem": ..., "answer": ...} records', required=True)
+    flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the model directory)")
+    flags.DEFINE_integer("samples", 8, "K, responses sampled per problem")
+    flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
+    flags.DEFINE_integer("max_new_tokens", 256, "response token budget")
+    flags.DEFINE_integer("batch_size", 128, "rows (problem x sample) per generate call")
+    flags.DEFINE_integer("limit", None, "evaluate only the first N problems")
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the sampler")
+    flags.DEFINE_integer("show", 3, "print the first sample of the first N problems")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

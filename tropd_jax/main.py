@@ -1,0 +1,66 @@
+"""Entry point: `python -m tropd_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=value ...]`.
+
+Only parses flags, joins a multi-process run when asked, and calls `train.train_and_evaluate(config, workdir)`.
+Running the same command again resumes from the latest checkpoint in `--workdir`; adding `--export_only` writes that
+checkpoint's student to `--workdir/hf` as a Hugging Face checkpoint without training.
+
+Multi-process (a TPU pod slice, a GPU cluster, or several processes on one machine): pass `--coordinator_address`,
+`--num_processes` and `--process_id`, or set `--distributed` to let `jax.distributed.initialize()` detect them from
+the environment (TPU pods, SLURM, Open MPI). Every process runs the same command; process 0 writes the logs.
+"""
+
+import logging
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from tropd_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the exported student.')
+_EXPORT_ONLY = flags.DEFINE_bool('export_only', False,
+                                 'Export the latest checkpoint in --workdir to --workdir/hf (a Hugging Face '
+                                 'checkpoint) without training.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'Call jax.distributed.initialize() with settings detected from the environment.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process run described by the flags; a single-process run does nothing."""
+    explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise app.UsageError('--coordinator_address, --num_processes and --process_id go together; got '
+                                 f'{_COORDINATOR.value!r}, {_NUM_PROCESSES.value!r}, {_PROCESS_ID.value!r}')
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
+
+
+class _ProjectInfoOnly(logging.Filter):
+    """Keeps the console readable: INFO lines from this package, warnings and errors from everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or 'tropd_jax' in record.pathname
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if absl_logging.get_verbosity() <= absl_logging.INFO:  # --verbosity=1 (debug) shows every library's INFO
+        absl_logging.get_absl_handler().addFilter(_ProjectInfoOnly())
+    initialize_distributed()
+    logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.default_backend())
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, export_only=_EXPORT_ONLY.value)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,84 @@
+"""Scoring: teacher and student forward passes over rollouts, cropped to the response.
+
+A rollout is `tokens[B, P + N]`: a left-padded prompt of P columns, then N response columns (docs/architecture.md).
+The model runs on `tokens[:, :-1]` (the shift: position t predicts token t + 1), and only the outputs at columns
+P - 1 ... P + N - 2, the ones that predict response tokens, go through the LM head: the prompt columns never carry a
+loss, so their logits are never computed. Every array handed to the losses is therefore `[B, N]` (or `[B, N, V]`),
+aligned with `tokens[:, P:]`.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tropd_jax import fused_loss
+
+
+class Targets(NamedTuple):
+    """The response part of a rollout, aligned with the scores. All `[B, N]`.
+
+    tokens: int32 response tokens (what `logits[:, t]` is scored against).
+    response_mask, prefix_mask: float32 masks of response tokens and teacher-written prefix tokens.
+    rollout_logprobs: float32 log-probs of the sampling policy (0 on padding).
+    """
+
+    tokens: jax.Array
+    response_mask: jax.Array
+    prefix_mask: jax.Array
+    rollout_logprobs: jax.Array
+
+
+def positions(input_mask: jax.Array) -> jax.Array:
+    """RoPE positions of left-padded rows: `max(cumsum(input_mask) - 1, 0)`, [B, S] int32."""
+    return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def targets(tokens, input_mask, response_mask, prefix_mask, logprobs, prompt_length: int) -> Targets:
+    """The response columns `[:, P:]` of a rollout's arrays (`[B, P + N]` each)."""
+    del input_mask  # the response mask already excludes padding
+    crop = lambda x: x[:, prompt_length:]
+    return Targets(
+        tokens=crop(tokens).astype(jnp.int32),
+        response_mask=crop(response_mask).astype(jnp.float32),
+        prefix_mask=crop(prefix_mask).astype(jnp.float32),
+        rollout_logprobs=crop(logprobs).astype(jnp.float32),
+    )
+
+
+def response_hidden(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int) -> jax.Array:
+    """Final hidden states that predict the response tokens: `[B, N, H]` (compute dtype).
+
+    tokens, input_mask: `[B, P + N]`. Row b's output at column P - 1 + t predicts `tokens[b, P + t]`.
+    """
+    if prompt_length < 1:
+        raise ValueError(f'prompt_length={prompt_length} must be >= 1 (the first response token needs a context)')
+    inputs, mask = tokens[:, :-1], input_mask[:, :-1]
+    hidden, _ = model(inputs, positions(mask), mask, return_hidden=True)
+    return hidden[:, prompt_length - 1:]
+
+
+def response_logits(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int) -> jax.Array:
+    """Logits of every response token's distribution: `[B, N, V]` (compute dtype); `logits[:, t]` scores
+    `tokens[:, P + t]`."""
+    hidden = response_hidden(model, tokens, input_mask, prompt_length)
+    return hidden @ model.lm_head_weight().astype(hidden.dtype)
+
+
+def teacher_targets(
+    teacher: nnx.Module,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    prompt_length: int,
+    *,
+    k: int,
+    vocab_size: int,
+    chunk_size: int,
+) -> fused_loss.TeacherTargets:
+    """The teacher's O(k)-per-token targets for the fused loss (one chunk of teacher logits at a time)."""
+    hidden = lambda: response_hidden(teacher, tokens, input_mask, prompt_length)
+    response_tokens = tokens[:, prompt_length:].astype(jnp.int32)
+    return fused_loss.teacher_pass(
+        hidden, teacher.lm_head_weight(), response_tokens, k=k, vocab_size=vocab_size, chunk_size=chunk_size
+    )

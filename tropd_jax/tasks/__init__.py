@@ -1,0 +1,1 @@
+"""Synthetic tasks for demos and tests (see `tropd_jax.tasks.arithmetic`)."""

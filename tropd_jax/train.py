@@ -1,0 +1,481 @@
+"""The trainer: rollouts, teacher and student scoring, the distillation loss, AdamW, checkpoints, metrics.
+
+One training step (SPEC.md):
+  1. take `prompts_per_step` prompts from the data iterator;
+  2. draw each rollout's prefix length l ~ Uniform{0..L_max(step)} (cosine-annealed; 0 for methods without guidance);
+  3. sample `num_rollouts` responses per prompt: the teacher writes l tokens, the student continues (`sampling`);
+  4. `train_step`: over micro-batches of the rollouts (a `lax.scan`, so only one micro-batch of logits exists at a
+     time), score with the teacher (no gradient) and the student, take the loss and its gradient, accumulate;
+     then clip, apply AdamW, or skip the update when the loss or gradient is not finite.
+
+Micro-batches are weighted so that the accumulated gradient is exactly the gradient of the loss aggregated over the
+whole batch (token-mean: each micro-batch's loss times its share of the batch's response tokens; seq-mean: its share
+of the batch's sequences). The one batch-level choice made per micro-batch instead is the top-q student-entropy
+selection of `entropy_opd` / `reopold`. Trust-region draws use the step's key folded with the micro-batch index.
+
+Randomness: step s uses `fold_in(key(train.seed), s)` for its prefix lengths, samples and trust-region draws, and the
+data iterator state is checkpointed, so a run resumed from any checkpoint repeats the uninterrupted run exactly.
+
+The train step is one `jax.jit` with explicit input and output shardings on the ('data', 'fsdp', 'tensor') mesh:
+student parameters and AdamW moments follow the logical rules of `tropd_jax.sharding` (FSDP by default), the teacher
+likewise, and rollouts are split along the batch over data x fsdp.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, sampling, scoring, schedules
+from tropd_jax import sharding
+from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
+
+# Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
+# response tokens); micro-batch values are combined with these token counts as weights.
+ON_POLICY_METRICS = ('pg_loss', 'fkl_loss', 'trust_fraction', 'trust_probability', 'reward', 'outlier_fraction')
+PREFIX_METRICS = ('prefix_loss',)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    learning_rate: float
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float
+
+    @classmethod
+    def from_config(cls, config) -> 'OptimizerSettings':
+        o = config.optim
+        return cls(o.learning_rate, o.schedule, o.warmup_steps, config.train.steps, o.weight_decay, o.b1, o.b2,
+                   o.eps, o.clip_norm)
+
+
+def make_optimizer(s: OptimizerSettings) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the learning-rate schedule (exposed in the state for logging)."""
+    schedule = schedules.learning_rate_schedule(
+        s.learning_rate, s.total_steps, schedule=s.schedule, warmup_steps=s.warmup_steps
+    )
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay
+    )
+    return optax.chain(optax.clip_by_global_norm(s.clip_norm) if s.clip_norm > 0 else optax.identity(), adamw)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Everything static about the train step (hashable, so the compiled step is reused across runs)."""
+
+    method: str
+    hyperparameters: tuple  # sorted (name, value) pairs of `losses.DEFAULT_HYPERPARAMETERS`
+    vocab_size: int  # the shared real vocabulary
+    prompt_length: int
+    micro_batch_size: int
+    importance_ratio: bool
+    fused: bool
+    chunk_size: int
+    optimizer: OptimizerSettings
+
+
+def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettings:
+    """The train step's static settings from a config (`prompt_length` is set per batch)."""
+    return StepSettings(
+        method=config.loss.method,
+        hyperparameters=tuple(sorted(config_validation.loss_hyperparameters(config.loss).items())),
+        vocab_size=vocab_size, prompt_length=prompt_length, micro_batch_size=config.train.micro_batch_size,
+        importance_ratio=config.loss.importance_ratio, fused=config.loss.fused, chunk_size=config.loss.chunk_size,
+        optimizer=OptimizerSettings.from_config(config))
+
+
+def _micro_batch_grads(params, teacher_state, micro, key, weight, *, student_graphdef, teacher_graphdef,
+                       s: StepSettings):
+    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays) and the loss metrics."""
+    hp = dict(s.hyperparameters)
+    p = s.prompt_length
+    tokens, input_mask = micro['tokens'], micro['input_mask']
+    t = scoring.targets(tokens, input_mask, micro['response_mask'], micro['prefix_mask'], micro['logprobs'], p)
+    rollout_logprobs = t.rollout_logprobs if s.importance_ratio else None
+    teacher = nnx.merge(teacher_graphdef, teacher_state)
+    if s.fused:
+        teacher_out = scoring.teacher_targets(teacher, tokens, input_mask, p, k=losses.topk_size(s.method, hp),
+                                              vocab_size=s.vocab_size, chunk_size=s.chunk_size)
+    else:
+        teacher_out = jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p))
+
+    def loss_fn(params):
+        student = nnx.merge(student_graphdef, params)
+        if s.fused:
+            hidden = scoring.response_hidden(student, tokens, input_mask, p)
+            loss, stats = fused_loss.fused_distillation_loss(
+                s.method, hidden, student.lm_head_weight(), teacher_out, t.tokens, t.response_mask, t.prefix_mask,
+                key, rollout_logprobs=rollout_logprobs, vocab_size=s.vocab_size, chunk_size=s.chunk_size, **hp)
+        else:
+            logits = scoring.response_logits(student, tokens, input_mask, p)
+            loss, stats = losses.distillation_loss(
+                s.method, logits, teacher_out, t.tokens, t.response_mask, t.prefix_mask, key,
+                rollout_logprobs=rollout_logprobs, vocab_size=s.vocab_size, **hp)
+        return weight * loss, stats
+
+    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+    return grads, stats, t
+
+
+def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef,
+               settings: StepSettings):
+    """One optimizer step on a batch of rollouts.
+
+    Args:
+      params: the student's `nnx.State`; opt_state: its optimizer state; teacher_state: the teacher's.
+      batch: dict of `[B, P + N]` arrays `tokens`, `input_mask`, `response_mask`, `prefix_mask`, `logprobs` and the
+        `[B]` int `finish_reason` (see `sampling.Rollout`).
+      key: PRNG key of the trust-region draws.
+    Returns:
+      (params, opt_state, metrics): float32 scalar metrics; when the loss or gradient is not finite the returned
+      params and opt_state are the inputs (`skipped` = 1).
+    """
+    s = settings
+    batch_size = batch['tokens'].shape[0]
+    m = s.micro_batch_size
+    n = batch_size // m
+    response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
+    prefix = batch['prefix_mask'][:, s.prompt_length:].astype(jnp.float32) * response
+    aggregation = dict(s.hyperparameters)['aggregation']
+    # Row i * n + j goes to micro-batch j: the reshape keeps each device's rows on that device.
+    micro = {k: v.reshape(m, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items() if k != 'finish_reason'}
+    if aggregation == 'token_mean':
+        counts = response.reshape(m, n, -1).sum(axis=(0, 2))  # response tokens per micro-batch
+    else:  # seq_mean_token_mean: sequences with at least one response token
+        counts = (response.sum(axis=1) > 0).astype(jnp.float32).reshape(m, n).sum(axis=0)
+    weights = counts / jnp.maximum(counts.sum(), 1.0)
+
+    grads_fn = functools.partial(_micro_batch_grads, student_graphdef=student_graphdef,
+                                 teacher_graphdef=teacher_graphdef, s=s)
+
+    def body(carry, xs):
+        grads_sum, sums = carry
+        j, weight, mb = xs
+        mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+        grads, stats, t = grads_fn(params, teacher_state, mb, jax.random.fold_in(key, j), weight)
+        n_response = t.response_mask.sum()
+        n_prefix = (t.prefix_mask * t.response_mask).sum()
+        denominators = {'loss': weight}
+        for name in stats:
+            if name == 'num_tokens':
+                denominators[name] = 1.0
+            elif name != 'loss':
+                denominators[name] = (n_response - n_prefix if name in ON_POLICY_METRICS
+                                      else n_prefix if name in PREFIX_METRICS else n_response)
+        sums = {name: (sums[name][0] + stats[name] * denominators[name],
+                       sums[name][1] + (1.0 if name == 'loss' else denominators[name])) for name in sums}
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        return (grads_sum, sums), None
+
+    stat_names = _loss_metric_names(s)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    init = (zeros, {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in stat_names})
+    (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(n), weights, micro))
+    out = {name: total if name in ('loss', 'num_tokens') else total / jnp.maximum(count, 1.0)
+           for name, (total, count) in sums.items()}
+
+    optimizer = make_optimizer(s.optimizer)
+    grad_norm = optax.tree.norm(grads)  # before clipping
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(out['loss']) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+
+    lengths = response.sum(axis=1)
+    out.update(
+        grad_norm=grad_norm,
+        skipped=1.0 - finite.astype(jnp.float32),
+        learning_rate=new_opt_state[1].hyperparams['learning_rate'],
+        response_length=lengths.mean(),
+        prefix_length=prefix.sum(axis=1).mean(),
+        truncated_fraction=(batch['finish_reason'] == sampling.FINISH_LENGTH).astype(jnp.float32).mean(),
+        response_tokens=lengths.sum(),
+    )
+    return params, opt_state, {k: v.astype(jnp.float32) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_metric_names(s: StepSettings) -> tuple[str, ...]:
+    """The metric names `distillation_loss` returns (traced once on a 1-token problem)."""
+    hp = dict(s.hyperparameters)
+    v = max(s.vocab_size, losses.topk_size(s.method, hp))
+    x = jax.ShapeDtypeStruct((1, 1, v), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+    fn = lambda a, b, c, d, e: losses.distillation_loss(s.method, a, b, c, d, e, jax.random.key(0), **hp)[1]
+    return tuple(sorted(jax.eval_shape(fn, x, x, ids, mask, mask)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host side: setup, rollouts, the loop.
+
+
+def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
+    """A global array from a host array every process holds in full (each process places its own shards)."""
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+
+def eos_ids(tokenizer, model_config) -> tuple[int, ...]:
+    """Every id that ends a response: the tokenizer's EOS and the checkpoint's (a checkpoint may list several)."""
+    ids = set(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size):
+    """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
+
+    Returns `(rollout, max_prefix_length)`; prompts are generated `rollout.batch_size` at a time (0 = all at once).
+    """
+    r = config.rollout
+    tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in prompt_batch], pad_id=pad_id)
+    total = config.train.steps
+    length = config.prefix.max_length if config.prefix.max_length >= 0 else r.max_new_tokens
+    l_max = (schedules.max_prefix_length(step, total, length, config.prefix.schedule)
+             if config_validation.prefix_enabled(config) else 0)
+    prefix_key, sample_key = jax.random.split(key)
+    num_prompts = len(prompt_batch)
+    prefix_lengths = np.asarray(schedules.sample_prefix_lengths(prefix_key, l_max, num_prompts * r.num_rollouts))
+    chunk = r.batch_size or num_prompts
+    replicated = PartitionSpec()
+    parts = []
+    for i, start in enumerate(range(0, num_prompts, chunk)):
+        rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
+        parts.append(sampling.rollout(
+            teacher, student,
+            _global_array(tokens[start:start + chunk], mesh, replicated),
+            _global_array(mask[start:start + chunk], mesh, replicated),
+            _global_array(prefix_lengths[rows], mesh, replicated),
+            jax.random.fold_in(sample_key, i),
+            max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
+            top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size))
+    if len(parts) == 1:
+        return parts[0], l_max
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
+
+
+def _jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings, student_graphdef,
+                    teacher_graphdef):
+    """`train_step` under `jax.jit` with explicit shardings for this mesh."""
+    param_shardings = sharding.state_shardings(params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # AdamW moments mirror the parameters; counts and hyperparameters are replicated scalars.
+    opt_shardings = optax.tree_utils.tree_map_params(
+        make_optimizer(settings.optimizer), lambda _, s: s, opt_state, param_shardings,
+        transform_non_params=lambda _: replicated)
+    teacher_shardings = sharding.state_shardings(teacher_state, mesh)
+    # Rollouts split along the batch over data x fsdp (validation made the batch divisible by it).
+    batch_shardings = {k: NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))) for k in batch_keys}
+    # `train_step` itself (not a closure) is jitted, with the static settings as arguments, so that a second run in
+    # the same process with the same shapes reuses the compiled program.
+    jitted = jax.jit(
+        train_step,
+        static_argnums=(5, 6, 7),  # the graphdefs and settings
+        in_shardings=(param_shardings, opt_shardings, teacher_shardings, batch_shardings, replicated),
+        out_shardings=(param_shardings, opt_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+
+    def step(params, opt_state, teacher_state, batch, key, settings):
+        return jitted(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef, settings)
+
+    return step, batch_shardings, param_shardings, opt_shardings
+
+
+BATCH_KEYS = ('tokens', 'input_mask', 'response_mask', 'prefix_mask', 'logprobs', 'finish_reason')
+
+
+def load_eval_records(config) -> list[dict]:
+    """The evaluation problems as `{'problem', 'answer'}` dicts (field names from `config.data`)."""
+    records = []
+    for location, record in data.read_records(config.eval.path, config.data.format):
+        fields = (config.data.prompt_field, config.data.answer_field)
+        if not isinstance(record, dict) or any(f not in record for f in fields):
+            raise ValueError(f'eval record at {location} needs fields {config.data.prompt_field!r} and '
+                             f'{config.data.answer_field!r}')
+        records.append({'problem': record[config.data.prompt_field], 'answer': str(record[config.data.answer_field])})
+    return records[: config.eval.num_problems] if config.eval.num_problems > 0 else records
+
+
+def run_evaluation(student, tokenizer, records, key, config) -> dict:
+    """The eval hook: the task's `evaluate` on the current student; metrics prefixed with `eval_`."""
+    from tropd_jax import evaluate
+
+    max_new_tokens = config.eval.max_new_tokens if config.eval.max_new_tokens > 0 else config.rollout.max_new_tokens
+    result = evaluate.evaluate(student, tokenizer, records, samples=config.eval.samples, key=key,
+                               max_new_tokens=max_new_tokens, batch_size=config.eval.batch_size,
+                               temperature=config.eval.temperature)
+    return {f'eval_{k}': v for k, v in result.items() if np.ndim(v) == 0}
+
+
+def export_student(student_graphdef, params, mesh, path: str, tokenizer) -> None:
+    """Writes the student as a Hugging Face checkpoint (process 0; other processes help gather the weights)."""
+    if jax.process_count() > 1:  # every process must see every shard before one of them writes
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda _: replicated, params))(params)
+    if jax.process_index() == 0:
+        save_pretrained(nnx.merge(student_graphdef, params), path, tokenizer)
+
+
+def load_models(config, mesh):
+    """Tokenizer, student and teacher on `mesh`, after checking that the two models share the tokenizer.
+
+    Returns `(tokenizer, student, student_config, teacher, vocab_size)`; `vocab_size` is the shared real vocabulary
+    every loss and every sample is restricted to.
+    """
+    m = config.model
+    tokenizer = load_tokenizer(m.tokenizer_path or m.student_path)
+    teacher_tokenizer = load_tokenizer(m.teacher_tokenizer_path or m.teacher_path)
+    student, student_config = from_pretrained(m.student_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+    teacher, teacher_config = from_pretrained(m.teacher_path, dtype=m.teacher_dtype, param_dtype=m.teacher_dtype,
+                                              mesh=mesh)
+    # The losses compare the two distributions id by id, over the ids the tokenizer can produce.
+    vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_vocab_size=teacher_config.vocab_size,
+                                             student_vocab_size=student_config.vocab_size)
+    needed = losses.topk_size(config.loss.method, config_validation.loss_hyperparameters(config.loss))
+    if needed > vocab_size:
+        raise ValueError(f'loss.k={needed} is larger than the shared vocabulary ({vocab_size} tokens)')
+    return tokenizer, student, student_config, teacher, vocab_size
+
+
+def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> dict:
+    """Trains the student of `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+    Writes `workdir/metrics.jsonl` (one row per logged step), `workdir/tensorboard/`, `workdir/checkpoints/` and,
+    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). Only process 0 writes logs and the export.
+    With `export_only`, nothing is trained: the latest checkpoint (or the initial student) is exported to
+    `workdir/hf` and the function returns `{'step': its step}`.
+    """
+    num_devices = jax.device_count()
+    config_validation.validate_config(config, num_devices=num_devices)
+    mesh = sharding.make_mesh(*config_validation.mesh_shape(config.mesh, num_devices))
+    total_steps, d = config.train.steps, config.data
+
+    tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = eos_ids(tokenizer, student_config)
+    prompts, report = data.load_prompts(
+        d.train_path, tokenizer, prompt_field=d.prompt_field, answer_field=d.answer_field,
+        prompt_template=d.prompt_template, chat_template=d.chat_template, max_prompt_length=d.max_prompt_length,
+        on_bad_record=d.on_bad_record, data_format=d.format)
+    logging.info('training data: %s', report.summary())
+
+    # From here on the student lives as (graphdef, params): params and opt_state are the train state.
+    student_graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    settings = step_settings(config, vocab_size)
+    optimizer = make_optimizer(settings.optimizer)
+    step_fn, batch_shardings, param_shardings, opt_shardings = _jit_train_step(
+        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, BATCH_KEYS, settings, student_graphdef,
+        teacher_graphdef)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+
+    # Checkpointed state; the step's keys are fold_in(train_key, step), so a resumed run draws the same numbers.
+    train_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
+    scalar = lambda x: np.asarray(x, np.int32)
+    state = {'params': params, 'opt_state': opt_state, 'step': scalar(0), 'skipped_steps': scalar(0),
+             'rng': np.asarray(jax.random.key_data(train_key))}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': replicated,
+                 'skipped_steps': replicated, 'rng': replicated}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                   every_steps=config.checkpoint.every_steps or total_steps,
+                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    restored = ckpt.restore_latest(
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings))
+    data_state = None
+    if restored is not None:
+        _, state, data_state = restored
+        data_state = data_state['iterator']
+        logging.info('resuming from checkpoint step %d', int(state['step']))
+    start_step, skipped = int(state['step']), int(state['skipped_steps'])
+    params, opt_state = state['params'], state['opt_state']
+    train_key = jax.random.wrap_key_data(np.asarray(state['rng']))
+    if export_only:
+        ckpt.close()
+        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+        return {'step': start_step}
+    iterator = data.prompt_iterator(prompts, batch_size=config.train.prompts_per_step, seed=d.seed, state=data_state)
+
+    eval_records = load_eval_records(config) if config.eval.path else None
+    if eval_records is not None and jax.process_count() > 1:
+        # `evaluate` reads its samples back to the host, which a multi-process (sharded) batch does not allow.
+        logging.warning('periodic evaluation is skipped in multi-process runs; evaluate the exported checkpoint')
+        eval_records = None
+    is_main = jax.process_index() == 0
+    writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, enabled=is_main)
+    bar = metrics.ProgressBar(total_steps, start_step, enabled=is_main and config.log.progress_bar)
+    if start_step == 0:  # the data report is the same on every resume; log it once
+        writer.write(0, {'data_records': report.total, 'data_kept': report.kept, 'data_malformed': report.malformed,
+                         'data_too_long': report.too_long})
+
+    def evaluate_now(step):
+        with jax.set_mesh(mesh):
+            result = run_evaluation(nnx.merge(student_graphdef, params), tokenizer, eval_records,
+                                    jax.random.fold_in(eval_key, step), config)
+        writer.write(step, result)
+        bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in result.items()))
+        return result
+
+    if eval_records is not None and config.eval.at_start and start_step == 0:
+        evaluate_now(0)
+    row = {}
+    try:
+        for step in range(start_step, total_steps):
+            prompt_batch = next(iterator)
+            rollout_key, loss_key = jax.random.split(jax.random.fold_in(train_key, step))
+            t0 = time.perf_counter()
+            with jax.set_mesh(mesh):
+                rollout, l_max = make_rollouts(teacher, nnx.merge(student_graphdef, params), prompt_batch,
+                                               rollout_key, step, config, mesh, pad_id=pad_id, eos=eos,
+                                               vocab_size=vocab_size)
+                batch = jax.block_until_ready({k: jax.device_put(getattr(rollout, k), batch_shardings[k])
+                                               for k in BATCH_KEYS})
+                t1 = time.perf_counter()
+                params, opt_state, step_metrics = step_fn(
+                    params, opt_state, teacher_state, batch, loss_key,
+                    dataclasses.replace(settings, prompt_length=rollout.prompt_length))
+                step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            t2 = time.perf_counter()
+            if step_metrics['skipped']:
+                skipped += 1
+                logging.warning('step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped',
+                                step + 1, step_metrics['loss'], step_metrics['grad_norm'])
+            row = {**step_metrics, 'max_prefix_length': l_max, 'skipped_steps': skipped,
+                   'rollout_time': t1 - t0, 'train_time': t2 - t1,
+                   'tokens_per_second': step_metrics['response_tokens'] / max(t2 - t0, 1e-9)}
+            if (step + 1) % config.log.every_steps == 0 or step + 1 == total_steps:
+                writer.write(step + 1, row)
+            bar.update(row)
+            state = {'params': params, 'opt_state': opt_state, 'step': scalar(step + 1),
+                     'skipped_steps': scalar(skipped), 'rng': np.asarray(jax.random.key_data(train_key))}
+            ckpt.save(step + 1, state, {'iterator': iterator.get_state()}, force=step + 1 == total_steps)
+            every = config.eval.every_steps
+            if eval_records is not None and every and (step + 1) % every == 0 and step + 1 != total_steps:
+                evaluate_now(step + 1)
+    finally:
+        bar.close()
+        ckpt.close()
+    if eval_records is not None and config.eval.at_end and start_step < total_steps:
+        row.update(evaluate_now(total_steps))
+    if config.checkpoint.export_hf_at_end:
+        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+    writer.close()
+    return row
