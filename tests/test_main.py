@@ -34,10 +34,11 @@ def test_overrides_reach_the_trainer(monkeypatch, tmp_path):
     config, workdir, export_only = parse_and_run([
         f'--config={ROOT / "configs" / "math.py"}', f'--workdir={tmp_path}', '--config.loss.method=opd',
         '--config.train.steps=7', '--config.optim.learning_rate=1e-4', '--config.mesh.tensor=2',
+        '--config.prefix.enabled=True',  # a None default (per method) that the command line can still set
     ], monkeypatch)
     assert workdir == str(tmp_path) and not export_only
-    assert (config.loss.method, config.train.steps, config.optim.learning_rate, config.mesh.tensor) == (
-        'opd', 7, 1e-4, 2)
+    assert (config.loss.method, config.train.steps, config.optim.learning_rate, config.mesh.tensor,
+            config.prefix.enabled) == ('opd', 7, 1e-4, 2, True)
     assert config.loss.k == 64  # untouched fields keep the recipe's values
 
 

@@ -66,6 +66,13 @@ def torch_logprobs(torch_model, tokens, input_mask):
   return out
 
 
+def assert_logprobs_match(torch_model, rollout):
+  """The rollout's log-probs equal the reference model's full-forward log-probs of its tokens (0 off-response)."""
+  lp = torch_logprobs(torch_model, rollout.tokens, rollout.input_mask)
+  want = np.take_along_axis(lp, np.asarray(rollout.tokens)[..., None], -1)[..., 0] * np.asarray(rollout.response_mask)
+  np.testing.assert_allclose(np.asarray(rollout.logprobs), want, atol=2e-4)
+
+
 def torch_greedy(torch_model, tokens, mask, max_new_tokens):
   with torch.no_grad():
     out = torch_model.generate(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -112,9 +119,7 @@ def test_greedy_matches_transformers(checkpoints):
   np.testing.assert_array_equal(got[:, :expected.shape[1]], expected)
   check_layout(rollout, mask)
   # Greedy log-probs are the temperature-1 ones, and equal a full-forward recompute.
-  lp = torch_logprobs(torch_model, rollout.tokens, rollout.input_mask)
-  want = np.take_along_axis(lp, np.asarray(rollout.tokens)[..., None], -1)[..., 0] * np.asarray(rollout.response_mask)
-  np.testing.assert_allclose(np.asarray(rollout.logprobs), want, atol=2e-4)
+  assert_logprobs_match(torch_model, rollout)
 
 
 def test_sampled_logprobs_match_full_forward(checkpoints):
@@ -205,9 +210,7 @@ def test_forced_prefix(checkpoints):
   np.testing.assert_array_equal(responses[2, :2], [60, EOS])
   np.testing.assert_array_equal(prefix, (np.arange(n)[None] < np.array([[3], [0], [2], [4]])).astype(np.int32))
   # Log-probs of forced tokens are the model's log-probs of those tokens (full-forward recompute).
-  lp = torch_logprobs(torch_model, rollout.tokens, rollout.input_mask)
-  want = np.take_along_axis(lp, np.asarray(rollout.tokens)[..., None], -1)[..., 0] * np.asarray(rollout.response_mask)
-  np.testing.assert_allclose(np.asarray(rollout.logprobs), want, atol=2e-4)
+  assert_logprobs_match(torch_model, rollout)
   # The continuation equals greedy decoding from prompt + prefix directly (transformers).
   for row in (0, 1, 3):
     length = forced_lengths[row]
@@ -267,9 +270,7 @@ def test_rollout_teacher_prefix_then_student(checkpoints):
       expected = torch_greedy(student_torch, p_tokens, p_mask, n - len(teacher_part))[0]
       np.testing.assert_array_equal(responses[row, len(teacher_part):len(teacher_part) + len(expected)], expected)
   # Log-probs are the student's, prefix included.
-  lp = torch_logprobs(student_torch, rollout.tokens, rollout.input_mask)
-  want = np.take_along_axis(lp, np.asarray(rollout.tokens)[..., None], -1)[..., 0] * np.asarray(rollout.response_mask)
-  np.testing.assert_allclose(np.asarray(rollout.logprobs), want, atol=2e-4)
+  assert_logprobs_match(student_torch, rollout)
 
 
 def test_rollout_without_prefix_never_runs_the_teacher(checkpoints):

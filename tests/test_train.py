@@ -227,12 +227,18 @@ def crash_at(monkeypatch, step_index):
     monkeypatch.setattr(train, 'make_rollouts', make_rollouts)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path, monkeypatch):
+def crashed_run(pair, tmp_path, monkeypatch, *, at_step: int) -> str:
+    """A run of `make_config(pair)` in `tmp_path` killed (KeyboardInterrupt) during step `at_step`; its workdir."""
     workdir = str(tmp_path)
     with monkeypatch.context() as m:
-        crash_at(m, 2)
+        crash_at(m, at_step)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(make_config(pair), workdir)
+    return workdir
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path, monkeypatch):
+    workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
     # Export on request, without training: the student of checkpoint 2.
     assert train.train_and_evaluate(make_config(pair), workdir, export_only=True) == {'step': 2}
@@ -251,11 +257,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupted_latest_checkpoint_falls_back_and_still_matches(reference_run, pair, tmp_path, monkeypatch):
-    workdir = str(tmp_path)
-    with monkeypatch.context() as m:
-        crash_at(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train.train_and_evaluate(make_config(pair), workdir)
+    workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
     # Truncate every data file of the latest checkpoint (a disk that filled up mid-copy).
     for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '2', 'state')):
         for name in files:

@@ -427,9 +427,11 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                          'data_too_long': report.too_long})
 
     def evaluate_now(step):
+        # The same key at every evaluation: the samples before and after training share their random numbers, so
+        # the difference in accuracy is the model's, not the draw's (a paired comparison).
         with jax.set_mesh(mesh):
             result = run_evaluation(nnx.merge(student_graphdef, params), tokenizer, eval_records,
-                                    jax.random.fold_in(eval_key, step), config)
+                                    eval_key, config)
         writer.write(step, result)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in result.items()))
         return result
