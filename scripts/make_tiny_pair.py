@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from tropd_jax import evaluate as evaluation
+from tropd_jax import scoring
 from tropd_jax.models import Decoder, ModelConfig, forward, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -73,7 +74,7 @@ def encode(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def sft_loss(graphdef, params, tokens, input_mask, loss_mask):
     """Mean next-token NLL over response tokens. tokens, input_mask, loss_mask: [B, T]."""
-    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
+    positions = scoring.positions(input_mask)
     logits, _ = forward(graphdef, params, tokens[:, :-1], positions[:, :-1], input_mask[:, :-1])
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T - 1]

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from tropd_jax import config_validation, data, losses, metrics, schedules, sharding, train
+from tropd_jax import config_validation, data, losses, metrics, sampling, schedules, sharding, train
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -318,7 +318,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
     with jax.set_mesh(mesh):
         rollout, _ = train.make_rollouts(teacher, student, prompts[:4], jax.random.key(3), 0, config, mesh,
-                                         pad_id=tokenizer.pad_token_id, eos=train.eos_ids(tokenizer, student_config),
+                                         pad_id=tokenizer.pad_token_id, eos=sampling.eos_ids(tokenizer, student_config),
                                          vocab_size=vocab)
     batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
     assert batch['prefix_mask'].sum() > 0 and batch['response_mask'].sum() > batch['prefix_mask'].sum()

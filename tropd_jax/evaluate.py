@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from tropd_jax import grading, sampling
+from tropd_jax import data, grading, sampling
 
 
 def load_records(path: str, limit: int | None = None) -> list[dict]:
@@ -37,9 +37,9 @@ def load_records(path: str, limit: int | None = None) -> list[dict]:
 
 
 def prompt_ids(tokenizer, problem: str) -> list[int]:
-    """The chat-templated prompt of one problem, ending with the assistant turn's header."""
-    messages = [{"role": "user", "content": problem}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    """The chat-templated prompt of one problem, ending with the assistant turn's header: the same ids the trainer
+    conditions on (`data.prompt_text` with the default template)."""
+    return tokenizer.encode(data.prompt_text(problem, tokenizer), add_special_tokens=False)
 
 
 def evaluate(
@@ -73,9 +73,7 @@ def evaluate(
     if not records:
         raise ValueError("evaluate got no records")
     prompts = [prompt_ids(tokenizer, r["problem"]) for r in records]
-    eos_ids = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
+    eos_ids = sampling.eos_ids(tokenizer, model.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Never sample the embedding's padding rows (ids the tokenizer cannot produce), as the trainer's rollouts.
     vocab_size = min(max(tokenizer.get_vocab().values()) + 1, model.config.vocab_size)
@@ -93,7 +91,7 @@ def evaluate(
         tokens, mask = sampling.pad_prompts([prompts[i] for i, _ in filled], pad_id=pad_id)
         rollout = sampling.generate(
             model, tokens, mask, jax.random.fold_in(key, batch_index), max_new_tokens=max_new_tokens,
-            temperature=temperature, eos_ids=tuple(eos_ids), pad_id=pad_id, vocab_size=vocab_size)
+            temperature=temperature, eos_ids=eos_ids, pad_id=pad_id, vocab_size=vocab_size)
         responses, response_lengths, finish = jax.device_get(
             (rollout.responses, rollout.lengths, rollout.finish_reason))
         for row, (i, s) in enumerate(batch):

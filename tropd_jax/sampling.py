@@ -83,6 +83,14 @@ def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
   raise ValueError(f'Length {n} exceeds the largest bucket {max(buckets)}; add a larger bucket.')
 
 
+def eos_ids(tokenizer, model_config) -> tuple[int, ...]:
+  """Every id that ends a response: the tokenizer's EOS and the checkpoint's (a checkpoint may list several)."""
+  ids = set(model_config.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(tokenizer.eos_token_id)
+  return tuple(sorted(int(i) for i in ids))
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int] = PROMPT_BUCKETS,
                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists into the smallest bucket that fits the longest: (tokens [B, P] int32, mask [B, P] int32)."""

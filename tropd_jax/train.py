@@ -231,14 +231,6 @@ def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
 
-def eos_ids(tokenizer, model_config) -> tuple[int, ...]:
-    """Every id that ends a response: the tokenizer's EOS and the checkpoint's (a checkpoint may list several)."""
-    ids = set(model_config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(int(i) for i in ids))
-
-
 def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size):
     """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
 
@@ -370,7 +362,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
 
     tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = eos_ids(tokenizer, student_config)
+    eos = sampling.eos_ids(tokenizer, student_config)
     prompts, report = data.load_prompts(
         d.train_path, tokenizer, prompt_field=d.prompt_field, answer_field=d.answer_field,
         prompt_template=d.prompt_template, chat_template=d.chat_template, max_prompt_length=d.max_prompt_length,

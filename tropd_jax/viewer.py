@@ -282,9 +282,10 @@ def _score(model, rollout, vocab_size: int) -> jax.Array:
     from flax import nnx
 
     from tropd_jax.models import forward
+    from tropd_jax.scoring import positions as rope_positions
 
     mask = rollout.input_mask
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = rope_positions(mask)
     graphdef, state = nnx.split(model)
     logits, _ = jax.jit(forward, static_argnums=0)(
         graphdef, state, rollout.tokens[:, :-1], positions[:, :-1], mask[:, :-1])
@@ -306,7 +307,7 @@ def visualize_checkpoints(
     """Rollouts of the first `num` prompts of `data` with the student (row b gets a teacher prefix of
     `prefix_lengths[b % len(prefix_lengths)]` tokens), scored by both models, as `RolloutView`s."""
     from tropd_jax import data as data_lib
-    from tropd_jax import grading, models, sampling, train
+    from tropd_jax import grading, models, sampling
 
     if num < 1:
         raise ValueError(f"num={num} must be >= 1")
@@ -331,7 +332,7 @@ def visualize_checkpoints(
     sample_key, trust_key = jax.random.split(jax.random.key(seed))
     rollout = sampling.rollout(
         teacher, student, prompt_tokens, prompt_mask, prefix, sample_key, max_new_tokens=max_new_tokens,
-        eos_ids=train.eos_ids(tokenizer, student_config), pad_id=pad_id, vocab_size=vocab_size,
+        eos_ids=sampling.eos_ids(tokenizer, student_config), pad_id=pad_id, vocab_size=vocab_size,
     )
     tokens = rollout.tokens[:, 1:]
     view = token_view(
