@@ -110,7 +110,7 @@ def test_cached_decode_matches_full_forward(checkpoint):
   full, _ = run(model, tokens, mask, positions)
 
   real = mask.astype(bool)
-  layer_shape = (3, config.num_kv_heads, TOTAL + 3, config.head_dim)
+  layer_shape = (3, config.num_kv_heads, config.head_dim, TOTAL + 3)  # k is stored slots-last
   # The per-layer layout is checked on one architecture: the layers differ only before the cache write.
   for per_layer in (False, True) if arch == 'qwen3' else (False,):
     cache = init_cache(config, batch_size=3, max_length=TOTAL + 3, per_layer=per_layer)

@@ -111,12 +111,25 @@ def activation_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=No
   return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh if shape is not None else None))
 
 
+# Logical axes of one layer's KV-cache buffers (`tropd_jax.models.KVCache`).
+KV_CACHE_AXES = {'k': ('batch', 'kv_heads', 'head_dim', 'length'),
+                 'v': ('batch', 'kv_heads', 'length', 'head_dim')}
+
+
 def cache_sharding(mesh: Mesh, cache):
-  """NamedShardings for a `KVCache` (k, v [L, B, KV, S, D] or tuples of [B, KV, S, D]; valid [B, S]; index [])."""
-  axes = ('batch', 'kv_heads', 'length', 'head_dim')
-  kv = jax.tree.map(lambda x: logical_sharding((None,) * (x.ndim - 4) + axes, x.shape, mesh), cache.k)
-  return type(cache)(k=kv, v=kv, valid=logical_sharding(('batch', 'length'), cache.valid.shape, mesh),
+  """NamedShardings for a `KVCache` (k [L, B, KV, D, S], v [L, B, KV, S, D], or tuples of per-layer buffers;
+  valid [B, S]; index [])."""
+  def shardings(buffers, axes):
+    return jax.tree.map(lambda x: logical_sharding((None,) * (x.ndim - 4) + axes, x.shape, mesh), buffers)
+  return type(cache)(k=shardings(cache.k, KV_CACHE_AXES['k']), v=shardings(cache.v, KV_CACHE_AXES['v']),
+                     valid=logical_sharding(('batch', 'length'), cache.valid.shape, mesh),
                      index=NamedSharding(mesh, PartitionSpec()))
+
+
+def tensor_parallel() -> bool:
+  """Whether the current mesh (`jax.set_mesh`) splits weights along `tensor` (size > 1)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and dict(mesh.shape).get('tensor', 1) > 1
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

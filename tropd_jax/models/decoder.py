@@ -33,8 +33,10 @@ from tropd_jax.models.config import ModelConfig
 class KVCache:
   """Preallocated keys / values of every layer.
 
-  k, v: [L, B, KV, S, D] (KV heads before slots, so attention needs no transposes on XLA CPU), or tuples of L
-    per-layer buffers [B, KV, S, D] (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU).
+  k: [L, B, KV, D, S] and v: [L, B, KV, S, D], or tuples of L per-layer buffers [B, KV, D, S] / [B, KV, S, D]
+    (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU). KV heads come before slots and k is stored
+    transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
+    a transposed operand made the scores cost twice the values.
   valid: [B, S] bool, the slots that hold a real (non-padding) token.
   index: [] int32, the next slot to write (shared by every row).
   """
@@ -48,18 +50,19 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None
                per_layer: bool = False) -> KVCache:
   """An empty cache of `max_length` slots per row, in the compute dtype unless `dtype` is given.
 
-  `per_layer=True` holds k and v as tuples of L buffers [B, KV, S, D] instead of one [L, B, KV, S, D] array; the
-  decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
+  `per_layer=True` holds k and v as tuples of L buffers instead of one stacked array per kind (see `KVCache`);
+  the decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
   over a slice `k[layer]` of the stacked buffer first copies that slice.
   """
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+  k_shape = (batch_size, config.num_kv_heads, config.head_dim, max_length)
+  v_shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
   if per_layer:
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
   else:
-    k = jnp.zeros((config.num_layers,) + shape, dtype)
-    v = jnp.zeros((config.num_layers,) + shape, dtype)
+    k = jnp.zeros((config.num_layers,) + k_shape, dtype)
+    v = jnp.zeros((config.num_layers,) + v_shape, dtype)
   return KVCache(
       k=k,
       v=v,
@@ -129,6 +132,12 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
   return jnp.where(is_medium, smoothed, scaled)
 
 
+def _fuse_projections(x) -> bool:
+  """Whether to multiply by concatenated weights (q|k|v, gate|up): for one-token decode steps, where the fewer,
+  larger matmuls are faster on CPU, and never under tensor parallelism (the concatenation would mix shards)."""
+  return x.shape[1] == 1 and not sharding.tensor_parallel()
+
+
 def apply_rope(x, cos, sin):
   """Rotate-half RoPE as in HF. x: [B, N, T, D]; cos, sin: [B, 1, T, D / 2] float32."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -164,14 +173,23 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, allowed, cache=None, layer=0):
     """x: [B, T, H]; allowed: [B, T, S] bool; cache: None or (k, v, index).
 
-    The cache's k, v are either the stacked buffers [L, B, KV, S, D] (this layer's T new entries are written at
-    [layer, :, :, index]) or this layer's own buffers [B, KV, S, D]. Returns the output [B, T, H] and the
+    The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot `index` of
+    [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last). Returns the output [B, T, H] and the
     updated (k, v) (None without a cache); buffers are updated in place, never re-stacked.
     """
     dt = self.dtype
-    q = jnp.einsum('bth,hnd->bntd', x, self.q_proj[...].astype(dt))
-    k = jnp.einsum('bth,hkd->bktd', x, self.k_proj[...].astype(dt))
-    v = jnp.einsum('bth,hkd->bktd', x, self.v_proj[...].astype(dt))
+    if _fuse_projections(x):
+      # One matmul for q, k and v (the weights are loop-invariant, so XLA concatenates them once per decode loop).
+      h, n, d = self.q_proj[...].shape
+      kv = self.num_kv_heads
+      w = jnp.concatenate([self.q_proj[...].reshape(h, n * d), self.k_proj[...].reshape(h, kv * d),
+                           self.v_proj[...].reshape(h, kv * d)], axis=1)
+      qkv = (x @ w.astype(dt)).reshape(x.shape[0], x.shape[1], n + 2 * kv, d).transpose(0, 2, 1, 3)
+      q, k, v = qkv[:, :n], qkv[:, n:n + kv], qkv[:, n + kv:]
+    else:
+      q = jnp.einsum('bth,hnd->bntd', x, self.q_proj[...].astype(dt))
+      k = jnp.einsum('bth,hkd->bktd', x, self.k_proj[...].astype(dt))
+      v = jnp.einsum('bth,hkd->bktd', x, self.v_proj[...].astype(dt))
     if self.use_bias:
       q = q + self.q_bias[...].astype(dt)[None, :, None, :]
       k = k + self.k_bias[...].astype(dt)[None, :, None, :]
@@ -185,16 +203,20 @@ class Attention(nnx.Module):
     if cache is not None:
       cache_k, cache_v, index = cache
       stacked = cache_k.ndim == 5
-      start = (layer, 0, 0, index, 0) if stacked else (0, 0, index, 0)
-      new_k, new_v = (k[None], v[None]) if stacked else (k, v)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
-      k, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
+      new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
+      if stacked:
+        new_k, new_v = new_k[None], new_v[None]
+      lead = (layer,) if stacked else ()
+      cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
+      cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
+      k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
       new_cache = (cache_k, cache_v)
+    else:
+      k_t = k.swapaxes(-1, -2)  # [B, KV, D, T]
 
     b, n, t, d = q.shape
     q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
-    scores = jnp.einsum('bkgtd,bksd->bkgts', q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d)
     # A finite fill keeps rows with no allowed key (left padding) finite: they become uniform, never NaN.
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -218,8 +240,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = self.dtype
-    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+    if _fuse_projections(x):
+      m = self.gate_proj[...].shape[1]
+      gate_up = x @ jnp.concatenate([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
+      gate, up = gate_up[..., :m], gate_up[..., m:]
+    else:
+      gate, up = x @ self.gate_proj[...].astype(dt), x @ self.up_proj[...].astype(dt)
+    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
