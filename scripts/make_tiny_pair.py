@@ -83,14 +83,15 @@ def sft_loss(graphdef, params, tokens, input_mask, loss_mask):
 
 
 def train(config: ModelConfig, data, *, steps: int, batch_size: int, learning_rate: float, seed: int,
-          name: str) -> Decoder:
-    """AdamW (linear warm-up, cosine decay, global-norm clip 1) on random batches of `data`; returns the model."""
+          name: str, final_lr_fraction: float = 0.1) -> Decoder:
+    """AdamW (linear warm-up, cosine decay to `final_lr_fraction` of the peak, global-norm clip 1) on random batches
+    of `data`; returns the model."""
     tokens, input_mask, loss_mask = data
     model = Decoder(config, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10), steps,
-                                                  end_value=learning_rate / 10)
+                                                  end_value=learning_rate * final_lr_fraction)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)
@@ -131,27 +132,34 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--student-steps", type=int, default=325)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--student-final-lr-fraction", type=float, default=0.1,
+                        help="the student's learning rate at its last step, as a fraction of the peak 3e-3")
+    parser.add_argument("--student-only", action="store_true",
+                        help="retrain only the student; reuse the data, tokenizer and teacher already in --out")
     parser.add_argument("--eval-samples", type=int, default=8, help="K of the avg@K reported at the end")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     start = time.time()
 
     train_records, eval_records = arithmetic.make_splits(args.seed, NUM_TRAIN, NUM_EVAL, **TASK)
-    os.makedirs(os.path.join(out, "data"), exist_ok=True)
-    arithmetic.write_jsonl(os.path.join(out, "data", "train.jsonl"), train_records)
-    arithmetic.write_jsonl(os.path.join(out, "data", "eval.jsonl"), eval_records)
-    print(f"data: {len(train_records)} train / {len(eval_records)} eval problems, {TASK}, seed {args.seed}")
-
     tokenizer = arithmetic.build_tokenizer()
-    arithmetic.save_tokenizer(tokenizer, os.path.join(out, "tokenizer"))
+    if not args.student_only:
+        os.makedirs(os.path.join(out, "data"), exist_ok=True)
+        arithmetic.write_jsonl(os.path.join(out, "data", "train.jsonl"), train_records)
+        arithmetic.write_jsonl(os.path.join(out, "data", "eval.jsonl"), eval_records)
+        arithmetic.save_tokenizer(tokenizer, os.path.join(out, "tokenizer"))
+    elif not os.path.isdir(os.path.join(out, "teacher")):
+        raise SystemExit(f"--student-only needs a teacher in {out}/teacher; run without it first")
+    print(f"data: {len(train_records)} train / {len(eval_records)} eval problems, {TASK}, seed {args.seed}")
     print(f"tokenizer: {len(tokenizer)} tokens, eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r}")
     data = encode(tokenizer, train_records)
 
     results = {}
-    for name, sizes, steps, seed in (("teacher", TEACHER, args.teacher_steps, args.seed),
-                                     ("student", STUDENT, args.student_steps, args.seed + 1)):
+    runs = [("teacher", TEACHER, args.teacher_steps, args.seed, 0.1),
+            ("student", STUDENT, args.student_steps, args.seed + 1, args.student_final_lr_fraction)]
+    for name, sizes, steps, seed, final_fraction in runs[1:] if args.student_only else runs:
         model = train(model_config(tokenizer, **sizes), data, steps=steps, batch_size=args.batch_size,
-                      learning_rate=3e-3, seed=seed, name=name)
+                      learning_rate=3e-3, seed=seed, name=name, final_lr_fraction=final_fraction)
         path = os.path.join(out, name)
         if os.path.exists(path):
             shutil.rmtree(path)
