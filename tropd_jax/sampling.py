@@ -185,8 +185,13 @@ def _segment_ends(max_new_tokens: int, segment_length: int) -> list[int]:
 def _grow_cache(cache: KVCache, length: int) -> KVCache:
   """The same cache with `length` slots (new slots empty and invalid)."""
   extra = length - cache.valid.shape[1]
-  grow = lambda buffers, axis: tuple(jnp.pad(x, [(0, extra if a == axis else 0) for a in range(4)]) for x in buffers)
-  return _constrain_cache(KVCache(k=grow(cache.k, 3), v=grow(cache.v, 2),
+
+  def grow(buffers, axes):
+    slots = axes.index('length')
+    return tuple(jnp.pad(x, [(0, extra if a == slots else 0) for a in range(x.ndim)]) for x in buffers)
+
+  axes = sharding.KV_CACHE_AXES
+  return _constrain_cache(KVCache(k=grow(cache.k, axes['k']), v=grow(cache.v, axes['v']),
                                   valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index))
 
 

@@ -174,8 +174,8 @@ class Attention(nnx.Module):
     """x: [B, T, H]; allowed: [B, T, S] bool; cache: None or (k, v, index).
 
     The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot `index` of
-    [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last). Returns the output [B, T, H] and the
-    updated (k, v) (None without a cache); buffers are updated in place, never re-stacked.
+    [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last). Returns the
+    output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place, never re-stacked.
     """
     dt = self.dtype
     if _fuse_projections(x):
