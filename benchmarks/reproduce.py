@@ -69,7 +69,9 @@ def run_config(args, method: str, seed: int):
         "log.progress_bar": False,
         "log.tensorboard": False,
     }
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    config.optim.warmup_steps = min(config.optim.warmup_steps, args.steps - 1)  # a short run keeps a valid warm-up
+    return config
 
 
 def tail_mean(steps: np.ndarray, values: np.ndarray) -> float:
