@@ -3,6 +3,14 @@
 import pytest
 
 
+def pytest_configure(config):
+  """On a GPU, float32 matmuls default to TF32 (about 1e-3 relative error); the parity tests compare against
+  float32 / float64 references, so they ask for full float32 there. CPU matmuls are full float32 already."""
+  import jax
+  if jax.default_backend() != 'cpu':
+    jax.config.update('jax_default_matmul_precision', 'highest')
+
+
 @pytest.fixture(scope='session')
 def tiny_hf_checkpoint(tmp_path_factory):
   """Factory: a random tiny HF checkpoint directory built and saved by transformers / PyTorch.

@@ -327,7 +327,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 def test_generate_under_a_mesh_splits_the_batch(checkpoints):
   _, _, path = checkpoints['student']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, path], capture_output=True, text=True, env=env,
                           check=True)
   for report in json.loads(result.stdout.strip().splitlines()[-1]):  # data x fsdp x tensor = 4x2x1, 2x2x2
