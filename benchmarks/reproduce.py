@@ -226,7 +226,8 @@ def write_report(args, summaries: list[dict], base: dict) -> None:
     lines = [
         "# Results on the tiny task",
         "",
-        "Written by `python benchmarks/reproduce.py " + " ".join(args.argv) + "`; rerun it to refresh. Every method",
+        f"Written on {time.strftime('%Y-%m-%d', time.gmtime())} (UTC) by "
+        f"`{' '.join(['python benchmarks/reproduce.py', *args.argv])}`; rerun it to refresh. Every method",
         f"of [methods.md](methods.md) trained from the shipped tiny student with the shipped tiny teacher "
         f"(`{_shown_path(args.config)}`), {args.steps} steps each, seeds "
         f"{sorted({s['seed'] for s in summaries})}; held-out avg@{k} on {args.eval_problems or 'all'} evaluation "
