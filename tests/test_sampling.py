@@ -336,7 +336,7 @@ def test_generate_under_a_mesh_splits_the_batch(checkpoints):
   assert [r['shard_rows'] for r in json.loads(result.stdout.strip().splitlines()[-1])] == [1, 2]
 
 
-@pytest.mark.parametrize('vocab', [5, 151, 1000])
+@pytest.mark.parametrize('vocab', [5, 151, 1000, 151936])  # blocks of 32 (the first three) and 128
 def test_cumulative_sum_and_sampling_edges(vocab):
   x = np.random.default_rng(vocab).uniform(size=(3, vocab)).astype(np.float32)
   np.testing.assert_allclose(sampling.cumulative_sum(jnp.asarray(x)), np.cumsum(x.astype(np.float64), axis=1),
