@@ -1,14 +1,19 @@
 """Sampler throughput: `tropd_jax.sampling.generate` against `transformers` `generate`, in one run on this machine.
 
-    python benchmarks/sampler.py --omp_wait_policy=ACTIVE  # tiny Qwen3, batch 16, prompt 64, 256 sampled tokens
+    python benchmarks/sampler.py  # tiny Qwen3, batch 16, prompt 64, 256 sampled tokens
     python benchmarks/sampler.py --model=qwen2-1.5b --batch=64 --dtype=bfloat16  # on a GPU
 
 Both sides sample at temperature 1 with no top-k / top-p and no EOS, so every row generates all new tokens. A
 random tiny Qwen3 is built with transformers (torch.manual_seed), saved, and loaded into JAX with `from_pretrained`.
 After one warm-up call each (our compile, torch's first-call overheads), the two sides alternate for `--repeats`
-rounds, so both see the same load on a shared machine, and the best round of each is reported. Prints one JSON line
-(with the 1-minute load average at the start and the end, since other work on the machine skews both sides; torch
-runs with OMP_WAIT_POLICY=PASSIVE unless told otherwise, see --omp_wait_policy).
+rounds, so both see the same load on a shared machine, and the best round of each is reported (`ratio`; the ratio
+of the two sides' median rounds is reported too, `ratio_of_medians`). Prints one JSON line (with the 1-minute load
+average at the start and the end, since other work on the machine skews both sides).
+
+torch runs with its own OpenMP settings (`--omp_wait_policy=DEFAULT`: libgomp's worker threads spin briefly after
+each parallel region, then sleep). `ACTIVE` makes them spin for good, also through our rounds: on two cores that
+takes a core from our side and halved its throughput in the runs of docs/benchmarks.md while making torch at most
+10% faster, so its ratio is not a fair one; `PASSIVE` makes them sleep at once, which slows torch by about 20%.
 
 On a CPU our side splits the batch over as many XLA CPU devices as torch has threads (`--torch_threads`, default 2;
 `--cpu_devices` overrides): a data mesh in which each shard decodes on its own (see `sampling.generate`), the JAX
@@ -43,9 +48,9 @@ def parse_args():
   parser.add_argument('--torch_threads', type=int, default=2)
   parser.add_argument('--cpu_devices', type=int, default=None,
                       help='XLA CPU devices the batch is split over (default: --torch_threads)')
-  parser.add_argument('--omp_wait_policy', default='PASSIVE', choices=['PASSIVE', 'ACTIVE'],
-                      help="torch's OpenMP threads; ACTIVE (spinning, torch's default) is fastest on an idle machine "
-                           'but collapses (tens of times slower) when the cores are shared with other work')
+  parser.add_argument('--omp_wait_policy', default='DEFAULT', choices=['DEFAULT', 'ACTIVE', 'PASSIVE'],
+                      help="OMP_WAIT_POLICY for torch's OpenMP threads; DEFAULT unsets it (libgomp's own brief "
+                           'spinning); ACTIVE spins through our rounds too, PASSIVE slows torch (see above)')
   parser.add_argument('--skip_transformers', action='store_true')
   parser.add_argument('--bandwidth_gbs', type=float, default=None,
                       help='memory bandwidth for the bound (default: measured in the run, see copy_bandwidth)')
@@ -55,7 +60,11 @@ def parse_args():
 ARGS = parse_args()
 if ARGS.cpu_devices is None:
   ARGS.cpu_devices = ARGS.torch_threads
-os.environ.setdefault('OMP_WAIT_POLICY', ARGS.omp_wait_policy)  # read when torch starts its thread pool
+# Read when torch starts its thread pool, so set (or unset) before torch is imported.
+if ARGS.omp_wait_policy == 'DEFAULT':
+  os.environ.pop('OMP_WAIT_POLICY', None)
+else:
+  os.environ['OMP_WAIT_POLICY'] = ARGS.omp_wait_policy
 if ARGS.cpu_devices > 1:  # must be set before jax is imported
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={ARGS.cpu_devices}')
@@ -211,9 +220,10 @@ def main():
     result['transformers_tokens_per_s'] = round(generated / min(theirs), 1)
     result['transformers_seconds'] = [round(t, 3) for t in theirs]
     result['ratio'] = round(min(theirs) / min(ours), 2)
+    result['ratio_of_medians'] = round(float(np.median(theirs) / np.median(ours)), 2)
     result['transformers_device'] = str(torch_model.device)
     result['torch_threads'] = args.torch_threads
-    result['omp_wait_policy'] = os.environ['OMP_WAIT_POLICY']
+    result['omp_wait_policy'] = os.environ.get('OMP_WAIT_POLICY', 'DEFAULT')
   if args.model != 'tiny-qwen3':
     bandwidth = args.bandwidth_gbs
     if bandwidth is None:
