@@ -223,7 +223,7 @@ def main():
     result['ratio_of_medians'] = round(float(np.median(theirs) / np.median(ours)), 2)
     result['transformers_device'] = str(torch_model.device)
     result['torch_threads'] = args.torch_threads
-    result['omp_wait_policy'] = os.environ.get('OMP_WAIT_POLICY', 'DEFAULT')
+    result['omp_wait_policy'] = args.omp_wait_policy
   if args.model != 'tiny-qwen3':
     bandwidth = args.bandwidth_gbs
     if bandwidth is None:
