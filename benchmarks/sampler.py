@@ -174,12 +174,26 @@ def bandwidth_bound(config: ModelConfig, state, args, bandwidth_gbs: float) -> f
   return args.batch * bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes)
 
 
+def cpu_model():
+  """The host CPU's model name (Linux `/proc/cpuinfo`, else `platform.processor()`): runs on different hosts of
+  one machine kind differ, and the ratio with them."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main():
   args = ARGS
   rng = np.random.default_rng(0)
   result = dict(benchmark='sampler', model=args.model, batch=args.batch, prompt=args.prompt,
                 new_tokens=args.new_tokens, dtype=args.dtype, device=str(jax.devices()[0].device_kind),
                 jax_devices=jax.device_count(), cpu_count=os.cpu_count(), machine=platform.machine(),
+                cpu_model=cpu_model(),
                 load_average_1min=round(os.getloadavg()[0], 2))
   with tempfile.TemporaryDirectory() as tmp:
     torch_model = None
