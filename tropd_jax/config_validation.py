@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from tropd_jax import data, losses, schedules
+from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -28,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
     model.dtype = 'float32'  # student compute dtype
     model.param_dtype = 'float32'  # student parameter (and optimizer moment) dtype
     model.teacher_dtype = 'float32'  # teacher compute and parameter dtype ('bfloat16' halves its memory)
+    model.attention = 'auto'  # attention kernel: 'auto' (splash on TPU, cuDNN on GPU where it applies, else
+    #   blockwise; naive for sequences of one block), 'naive' ([T, T] scores), 'blockwise', 'splash', 'cudnn'
+    model.attention_block_size = 512  # query / key block of the blockwise kernel (ours)
+    model.remat = 'full'  # student backward: 'full' (keep layer inputs only), 'save_dots', 'offload', 'none' (ours)
 
     config.data = d = ml_collections.ConfigDict()
     d.train_path = ''  # a .jsonl / .parquet file, or a directory of them
@@ -160,6 +165,12 @@ def prefix_enabled(config) -> bool:
     return bool(config.prefix.enabled)
 
 
+def model_runtime_fields(model_config) -> dict:
+    """The `ModelConfig` fields that say how to run the models (attention kernel, rematerialisation)."""
+    return {'attention': model_config.attention, 'attention_block_size': model_config.attention_block_size,
+            'remat': model_config.remat}
+
+
 def loss_hyperparameters(loss_config) -> dict:
     """The `losses.distillation_loss` keyword arguments of the config's loss section."""
     return {name: loss_config[name] for name in losses.DEFAULT_HYPERPARAMETERS}
@@ -232,6 +243,12 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     # Models, data, checkpoints, logging.
     for field in ('dtype', 'param_dtype', 'teacher_dtype'):
         _require(c.model[field] in DTYPES, f'model.{field}={c.model[field]!r} is not one of {DTYPES}')
+    _require(c.model.attention in ATTENTION_IMPLEMENTATIONS,
+             f'model.attention={c.model.attention!r} is not one of {", ".join(ATTENTION_IMPLEMENTATIONS)}')
+    _require(c.model.attention_block_size >= 8,
+             f'model.attention_block_size={c.model.attention_block_size} must be >= 8')
+    _require(c.model.remat in REMAT_POLICIES,
+             f'model.remat={c.model.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
     _require(c.data.format in data.FORMATS, f'data.format={c.data.format!r} is not one of {data.FORMATS}')
     _require(c.data.on_bad_record in data.BAD_RECORD_POLICIES,
              f'data.on_bad_record={c.data.on_bad_record!r} is not one of {data.BAD_RECORD_POLICIES}')

@@ -11,6 +11,8 @@ from typing import Any
 ARCHITECTURES = ('qwen2', 'qwen3', 'llama')
 DTYPES = ('float32', 'bfloat16')
 ROPE_TYPES = ('default', 'linear', 'llama3')
+ATTENTION_IMPLEMENTATIONS = ('auto', 'naive', 'blockwise', 'splash', 'cudnn')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'offload')
 
 # The `architectures` entry of config.json for each model_type.
 _HF_CLASS = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM'}
@@ -25,6 +27,12 @@ class ModelConfig:
   that type's fields: 'factor', and for llama3 'low_freq_factor', 'high_freq_factor',
   'original_max_position_embeddings'). `attention_bias` puts biases on q/k/v (and on o for Llama / Qwen3; Qwen2
   never has an o bias). `qk_norm` is Qwen3's per-head RMSNorm on queries and keys.
+
+  `attention`, `attention_block_size` and `remat` say how to run the model, not what it is (they are never read
+  from or written to config.json): the attention kernel of multi-token calls (`tropd_jax.models.attention`) and
+  the per-layer rematerialisation policy of the backward pass: 'none' keeps every activation, 'full' keeps only
+  each layer's input and recomputes the rest, 'save_dots' also keeps the weight matmuls' outputs, 'offload' moves
+  those to host memory (TPU / GPU).
   """
   architecture: str
   vocab_size: int
@@ -46,6 +54,9 @@ class ModelConfig:
   pad_token_id: int | None = None
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  attention: str = 'auto'
+  attention_block_size: int = 512
+  remat: str = 'none'
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -53,6 +64,12 @@ class ModelConfig:
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f'{name}={getattr(self, name)!r} is not one of {DTYPES}.')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f'attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.')
+    if self.attention_block_size < 8:
+      raise ValueError(f'attention_block_size={self.attention_block_size} must be >= 8.')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r} is not one of {REMAT_POLICIES}.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.')
     if self.head_dim % 2:

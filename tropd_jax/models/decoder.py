@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from tropd_jax import sharding
+from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 
 
@@ -170,12 +171,17 @@ class Attention(nnx.Module):
     self.num_kv_heads = kv
     self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x, cos, sin, allowed, cache=None, layer=0):
-    """x: [B, T, H]; allowed: [B, T, S] bool; cache: None or (k, v, index).
+  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512)):
+    """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index).
 
-    The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot `index` of
-    [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last). Returns the
-    output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place, never re-stacked.
+    Without `allowed` the T new tokens attend causally to each other (a plain forward, or a prefill into an empty
+    cache) through `attention.attention` with `kernel` = (implementation, block size), which never builds [T, T]
+    scores (but for 'naive').
+    With `allowed` ([B, T, S] bool: which cache slots each query sees; the one-token decode step) they attend to
+    the cache. The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot
+    `index` of [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last).
+    Returns the output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place,
+    never re-stacked.
     """
     dt = self.dtype
     if _fuse_projections(x):
@@ -209,19 +215,20 @@ class Attention(nnx.Module):
       lead = (layer,) if stacked else ()
       cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
       cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
-      k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
       new_cache = (cache_k, cache_v)
-    else:
-      k_t = k.swapaxes(-1, -2)  # [B, KV, D, T]
 
     b, n, t, d = q.shape
-    q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
-    scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d)
-    # A finite fill keeps rows with no allowed key (left padding) finite: they become uniform, never NaN.
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
+    if allowed is None:
+      out = attention_lib.attention(q, k, v, mask, implementation=kernel[0], block_size=kernel[1])
+    else:
+      k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
+      q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
+      scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
+      scores = scores / math.sqrt(d)
+      # A finite fill keeps rows with no allowed key finite: they become uniform, never NaN.
+      scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
     out = jnp.einsum('bntd,ndh->bth', out, self.o_proj[...].astype(dt))
     if self.use_o_bias:
       out = out + self.o_bias[...].astype(dt)
@@ -259,8 +266,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, init)
     self.eps = config.rms_norm_eps
 
-  def __call__(self, x, cos, sin, allowed, cache=None, layer=0):
-    out, cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), cos, sin, allowed, cache, layer)
+  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512)):
+    x_norm = rms_norm(x, self.input_norm[...], self.eps)
+    out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel)
     x = x + out
     x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
     return x, cache
@@ -294,7 +302,8 @@ class Decoder(nnx.Module):
       mask: [B, T] 1 on real tokens, 0 on padding. Padding keys are never attended to.
       cache: None for a plain causal forward. Otherwise the T new keys / values go to slots
         [cache.index, cache.index + T) of every row, are marked valid where `mask` is 1, and each query attends to
-        valid slots at or before its own slot.
+        valid slots at or before its own slot. A call of T > 1 tokens with a cache is a prefill: the cache must be
+        empty (index 0), and the queries attend to the T new tokens only, through the attention kernel.
       return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
 
     Returns:
@@ -313,15 +322,17 @@ class Decoder(nnx.Module):
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
 
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      allowed = causal[None] & mask[:, None, :]  # [B, T, T]
-      index = None
+      index = allowed = None
     else:
       index = cache.index
       valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-      slots = jnp.arange(valid.shape[1])
-      query_slots = index + jnp.arange(t)
-      allowed = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+      if t == 1:  # a decode step attends to the cache; a prefill (T > 1, empty cache) to its own T tokens
+        slots = jnp.arange(valid.shape[1])
+        allowed = valid[:, None, :] & (slots[None, None, :] <= index)  # [B, 1, S]
+      else:
+        allowed = None
+    kernel = (config.attention, config.attention_block_size)
+    remat = cache is None and config.remat != 'none'
 
     # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
     # buffers are handed to their layer and collected.
@@ -329,11 +340,15 @@ class Decoder(nnx.Module):
     kv = None if cache is None else (cache.k, cache.v)
     new_k, new_v = [], []
     for layer, block in enumerate(self.layers):
+      if remat:
+        x = _remat_block(block, x, cos, sin, mask, kernel, config.remat)
+        x = sharding.constrain(x, ('batch', 'length', None))
+        continue
       if per_layer:
         layer_cache = (cache.k[layer], cache.v[layer], index)
       else:
         layer_cache = None if cache is None else (*kv, index)
-      x, kv = block(x, cos, sin, allowed, layer_cache, layer)
+      x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel)
       if per_layer:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -347,6 +362,22 @@ class Decoder(nnx.Module):
     if return_hidden:
       return x, cache
     return x @ self.lm_head_weight().astype(dt), cache
+
+
+REMAT_POLICIES = {
+    'full': None,  # keep only the layer's input
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+}
+
+
+def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str):
+  """`block(x, ...)` whose activations the backward pass recomputes (`jax.checkpoint` with the named policy)."""
+  graphdef, state = nnx.split(block)
+
+  def run(state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel)[0]
+  return jax.checkpoint(run, policy=REMAT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask)
 
 
 def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
