@@ -5,7 +5,8 @@
         --config.data.train_path=/data/multidomain.jsonl
 
 `configs/multidomain.py:deepseek` is the other multi-domain pair of the paper: DeepSeek-R1-Distill-Qwen-1.5B from
-Skywork-OR1-7B. Everything else is the math recipe (`configs/math.py`): 200 steps, lr 5e-6 constant, k = 64,
+Skywork-OR1-7B. Recommended hardware: a TPU v5p-8 (4 chips) or larger; check it fits first:
+`python -m tropd_jax.aot --config=configs/multidomain.py --topology=v5p-8`. Everything else is the math recipe (`configs/math.py`): 200 steps, lr 5e-6 constant, k = 64,
 beta = 0.001, 128 prompts x 4 rollouts, 8096 new tokens, temperature 1.
 """
 
@@ -32,6 +33,7 @@ def get_config(arg=None):
     config.rollout.num_rollouts = 4
     config.rollout.max_new_tokens = 8096
     config.rollout.temperature = 1.0
+    config.rollout.batch_size = 32  # prompts per generation call, so the KV caches fit (ours)
 
     config.loss.method = 'tropd'
     config.loss.k = 64

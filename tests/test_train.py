@@ -348,7 +348,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
 
     initial = [np.asarray(x) for x in jax.tree.leaves(params)]  # the step donates (deletes) its input params
     opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train._jit_train_step(mesh, params, jax.eval_shape(lambda: opt_state), teacher_state,
+    step, *_ = train.jit_train_step(mesh, params, jax.eval_shape(lambda: opt_state), teacher_state,
                                      train.BATCH_KEYS, settings, student_graphdef, teacher_graphdef)
     with jax.set_mesh(mesh):
         new_params, _, out = step(params, opt_state, teacher_state, batch, jax.random.key(0), settings)

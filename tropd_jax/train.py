@@ -99,20 +99,26 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
         optimizer=OptimizerSettings.from_config(config))
 
 
-def _micro_batch_grads(params, teacher_state, micro, key, weight, *, student_graphdef, teacher_graphdef,
-                       s: StepSettings):
-    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays) and the loss metrics."""
+def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
+    """The teacher's targets for one micro-batch (`[m, S]` arrays): top-k statistics for the fused loss, else its
+    full response logits; no gradient."""
+    p = s.prompt_length
+    teacher = nnx.merge(teacher_graphdef, teacher_state)
+    if s.fused:
+        return scoring.teacher_targets(teacher, micro['tokens'], micro['input_mask'], p,
+                                       k=losses.topk_size(s.method, dict(s.hyperparameters)),
+                                       vocab_size=s.vocab_size, chunk_size=s.chunk_size)
+    return jax.lax.stop_gradient(scoring.response_logits(teacher, micro['tokens'], micro['input_mask'], p))
+
+
+def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, s: StepSettings):
+    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays) given the teacher's targets, the loss
+    metrics and the micro-batch's `scoring.Targets`."""
     hp = dict(s.hyperparameters)
     p = s.prompt_length
     tokens, input_mask = micro['tokens'], micro['input_mask']
     t = scoring.targets(tokens, input_mask, micro['response_mask'], micro['prefix_mask'], micro['logprobs'], p)
     rollout_logprobs = t.rollout_logprobs if s.importance_ratio else None
-    teacher = nnx.merge(teacher_graphdef, teacher_state)
-    if s.fused:
-        teacher_out = scoring.teacher_targets(teacher, tokens, input_mask, p, k=losses.topk_size(s.method, hp),
-                                              vocab_size=s.vocab_size, chunk_size=s.chunk_size)
-    else:
-        teacher_out = jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p))
 
     def loss_fn(params):
         student = nnx.merge(student_graphdef, params)
@@ -130,6 +136,13 @@ def _micro_batch_grads(params, teacher_state, micro, key, weight, *, student_gra
 
     grads, stats = jax.grad(loss_fn, has_aux=True)(params)
     return grads, stats, t
+
+
+def _micro_batch_grads(params, teacher_state, micro, key, weight, *, student_graphdef, teacher_graphdef,
+                       s: StepSettings):
+    """`student_grads` after the teacher's pass over the same micro-batch."""
+    teacher_out = teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=s)
+    return student_grads(params, micro, teacher_out, key, weight, student_graphdef=student_graphdef, s=s)
 
 
 def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef,
@@ -263,9 +276,14 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
 
 
-def _jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings, student_graphdef,
+def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings, student_graphdef,
                     teacher_graphdef):
-    """`train_step` under `jax.jit` with explicit shardings for this mesh."""
+    """`train_step` under `jax.jit` with explicit shardings for this mesh.
+
+    Returns `(step, batch_shardings, param_shardings, opt_shardings)`; `step(params, opt_state, teacher_state, batch,
+    key, settings)` runs it and `step.lower(...)` (same arguments, abstract ones allowed) lowers it ahead of time.
+    The inputs only lend their shapes and dtypes: they may be abstract (`jax.ShapeDtypeStruct`).
+    """
     param_shardings = sharding.state_shardings(params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     # AdamW moments mirror the parameters; counts and hyperparameters are replicated scalars.
@@ -288,6 +306,8 @@ def _jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings
     def step(params, opt_state, teacher_state, batch, key, settings):
         return jitted(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef, settings)
 
+    step.lower = lambda params, opt_state, teacher_state, batch, key, settings: jitted.lower(
+        params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef, settings)
     return step, batch_shardings, param_shardings, opt_shardings
 
 
@@ -338,6 +358,10 @@ def load_models(config, mesh):
     student, student_config = from_pretrained(m.student_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
     teacher, teacher_config = from_pretrained(m.teacher_path, dtype=m.teacher_dtype, param_dtype=m.teacher_dtype,
                                               mesh=mesh)
+    # How to run them (attention kernel, rematerialisation) comes from the run's config, not the checkpoints'.
+    runtime = config_validation.model_runtime_fields(m)
+    student.config = student_config = student_config.replace(**runtime)
+    teacher.config = teacher_config = teacher_config.replace(**{**runtime, 'remat': 'none'})  # never trained
     # The losses compare the two distributions id by id, over the ids the tokenizer can produce.
     vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_vocab_size=teacher_config.vocab_size,
                                              student_vocab_size=student_config.vocab_size)
@@ -374,7 +398,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     teacher_graphdef, teacher_state = nnx.split(teacher)
     settings = step_settings(config, vocab_size)
     optimizer = make_optimizer(settings.optimizer)
-    step_fn, batch_shardings, param_shardings, opt_shardings = _jit_train_step(
+    step_fn, batch_shardings, param_shardings, opt_shardings = jit_train_step(
         mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, BATCH_KEYS, settings, student_graphdef,
         teacher_graphdef)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)

@@ -1,0 +1,104 @@
+"""`python -m tropd_jax.aot`: topology names, the shipped model configs, and whole runs on CPU and TPU topologies."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from tropd_jax import aot
+from tropd_jax.models import Decoder, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_slice_names_count_cores_or_chips_as_cloud_tpu_does():
+  assert aot.libtpu_topology_name('v5p-8') == 'v5p:2x2x1'  # 4 chips of 2 TensorCores
+  assert aot.libtpu_topology_name('v5p-16') == 'v5p:2x2x2'
+  assert aot.libtpu_topology_name('v4-32') == 'v4:2x2x4'
+  assert aot.libtpu_topology_name('v5e-4') == 'v5e:2x2'  # v5e names count chips
+  assert aot.libtpu_topology_name('v5litepod-8') == 'v5e:2x4'
+  assert aot.libtpu_topology_name('v6e:4x4') == 'v6e:4x4'  # libtpu's own names pass through
+  for bad in ('v5p-3', 'v9-8', 'tpu'):
+    with pytest.raises(ValueError, match=repr(bad)):
+      aot.libtpu_topology_name(bad)
+
+
+# (total, non-embedding) parameters as published: the safetensors counts of the DeepSeek / Skywork checkpoints
+# (untied: embedding and LM head both counted), the Qwen3 model cards' rounded figures (tied embeddings).
+PUBLISHED_PARAMETERS = {
+    'DeepSeek-R1-Distill-Qwen-1.5B': (1.78e9, None),
+    'Skywork-OR1-Math-7B': (7.62e9, None),
+    'Skywork-OR1-7B': (7.62e9, None),
+    'Qwen3-SFT-1.7B': (1.7e9, 1.4e9),  # Qwen3-1.7B's shape
+    'Qwen3-Nemotron-4B': (4.0e9, 3.6e9),  # Qwen3-4B's shape
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMETERS))
+def test_shipped_model_configs_have_the_published_sizes(name):
+  path = aot.model_config_path(f'models/{name}', os.path.join(ROOT, 'configs', 'math.py'))
+  with open(path) as f:
+    config = ModelConfig.from_hf(json.load(f))
+  state = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.Param)
+  count = sum(x.size for x in jax.tree.leaves(state))
+  embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+  total, non_embedding = PUBLISHED_PARAMETERS[name]
+  tolerance = 0.01 if non_embedding is None else 0.04  # the cards round to 0.1B
+  assert abs(count / total - 1) < tolerance, (name, count)
+  if non_embedding is not None:
+    assert abs((count - embedding) / non_embedding - 1) < tolerance, (name, count - embedding)
+
+
+def test_model_config_path_prefers_the_checkpoint_and_names_both_places(tmp_path):
+  (tmp_path / 'ckpt').mkdir()
+  (tmp_path / 'ckpt' / 'config.json').write_text('{}')
+  recipe = os.path.join(ROOT, 'configs', 'math.py')
+  assert aot.model_config_path(str(tmp_path / 'ckpt'), recipe) == str(tmp_path / 'ckpt' / 'config.json')
+  with pytest.raises(FileNotFoundError, match='NoSuchModel'):
+    aot.model_config_path('models/NoSuchModel', recipe)
+
+
+def run_aot(*args):
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
+  return subprocess.run([sys.executable, '-m', 'tropd_jax.aot', '--config=configs/tiny.py', *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=1800)
+
+
+def check_every_program_fits(result, topology):
+  assert result.returncode == 0, result.stdout + result.stderr
+  for program in aot.PROGRAMS:
+    assert f'{program}:' in result.stdout
+  assert f'every program fits on {topology}' in result.stdout
+  assert 'DOES NOT FIT' not in result.stdout
+
+
+@pytest.mark.slow
+def test_tiny_config_fits_eight_cpu_devices(tmp_path):
+  out = tmp_path / 'aot.json'
+  result = run_aot('--topology=cpu:8', f'--json={out}')
+  check_every_program_fits(result, 'cpu:8')
+  report = json.loads(out.read_text())
+  temporaries = {p['program']: p['rows']['temporaries'] for p in report['programs']}
+  assert all(v > 0 for v in temporaries.values()), temporaries  # real figures from the compiler, not placeholders
+  # The train step holds the student's AdamW moments: twice its float32 parameters, split over 8 devices.
+  step = next(p for p in report['programs'] if p['program'] == 'train_step')
+  assert step['rows']['optimizer state'] == pytest.approx(2 * step['rows']['student parameters'], rel=0.05)
+
+
+@pytest.mark.slow
+def test_tiny_config_fits_a_small_tpu_topology():
+  pytest.importorskip('libtpu', reason='TPU topologies need libtpu (the tpu and test extras install it)')
+  result = run_aot('--topology=v5e:2x2')
+  check_every_program_fits(result, 'v5e:2x2 (v5e:2x2, 4 chips)')
+  assert '15.75 GiB HBM' in result.stdout
+
+
+def test_a_program_over_the_limit_fails_and_is_named():
+  result = run_aot('--topology=cpu:4', '--hbm_gib=0.0001', '--programs=teacher_scoring')
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert 'teacher_scoring:  DOES NOT FIT' in result.stdout
+  assert 'does not fit on cpu:4: teacher_scoring' in result.stderr

@@ -1,0 +1,366 @@
+"""Does a config fit? Compile its programs ahead of time for a device topology and print per-chip memory.
+
+    python -m tropd_jax.aot --config=configs/math.py --topology=v5p-8
+    python -m tropd_jax.aot --config=configs/multidomain.py --topology=v5p-16 --config.train.micro_batch_size=32
+    python -m tropd_jax.aot --config=configs/tiny.py --topology=cpu:8
+
+No weights, no data and no accelerator are needed: the student and the teacher are built shape-only from their
+`config.json` (the checkpoint directory's, else the one shipped for that model name under `configs/models/`), and
+the programs are compiled for the topology on this machine (TPU topologies need libtpu: `pip install -e ".[tpu]"`;
+`cpu:N` compiles for N CPU devices). Programs, each at the config's shapes and mesh:
+
+  rollout_teacher   the teacher writing prefixes: prefill + decode of `rollout.batch_size` prompts x rollouts
+  rollout_student   the student's continuation (same shapes)
+  teacher_scoring   the teacher's top-k targets for one micro-batch (no gradient)
+  student_grad      the student's forward + backward and loss on one micro-batch (the teacher's targets given)
+  train_step        the whole step: every micro-batch's scoring and gradient, clipping, AdamW
+
+For each, one table: the per-chip bytes of the student's parameters, optimizer state, teacher parameters, other
+inputs, the KV cache (rollouts), the compiler's temporaries, and the total against the chip's HBM, plus the model
+FLOPs of the program. The exit status is 1 when any program does not fit (its name is printed), 0 otherwise.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from tropd_jax import config_validation, sampling, sharding, train
+from tropd_jax.models.config import ModelConfig
+from tropd_jax.models.decoder import Decoder
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'A TPU slice (v5p-8, v5e-4, v4-16, v6e-8, or libtpu names such '
+                                'as v5p:2x2x1) or cpu:N for N CPU devices.')
+_PROGRAMS = flags.DEFINE_list('programs', ['rollout_teacher', 'rollout_student', 'teacher_scoring', 'student_grad',
+                                           'train_step'], 'Which programs to compile.')
+_HBM_GIB = flags.DEFINE_float('hbm_gib', None, "Memory per chip in GiB (default: the chip's HBM; none for cpu:N).")
+_JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
+flags.mark_flags_as_required(['config', 'topology'])
+
+GIB = 1024 ** 3
+# HBM per chip as libtpu reports it, and how many TensorCores a slice name counts per chip (v4 / v5p names count
+# cores, v5e / v6e names count chips).
+CHIPS = {'v4': (32.0, 2), 'v5p': (95.74, 2), 'v5e': (15.75, 1), 'v6e': (31.25, 1)}
+_CUBE_SHAPES = {1: '1x1x1', 2: '1x2x1', 4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
+                256: '4x8x8', 512: '8x8x8'}
+_PLANE_SHAPES = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
+PROGRAMS = ('rollout_teacher', 'rollout_student', 'teacher_scoring', 'student_grad', 'train_step')
+
+
+@dataclasses.dataclass
+class Topology:
+  name: str
+  devices: list
+  hbm_bytes: float | None  # None: no limit to check against (CPU)
+
+
+def libtpu_topology_name(name: str) -> str:
+  """'v5p-8' -> 'v5p:2x2x1' (4 chips); names already in libtpu's form pass through."""
+  if ':' in name:
+    return name
+  match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
+  if not match:
+    raise ValueError(f'--topology={name!r}: expected a slice such as v5p-8, v5e-4, v4-16, v6e-8, a libtpu name '
+                     f'such as v5p:2x2x1, or cpu:N')
+  kind = 'v5e' if match.group(1) == 'v5litepod' else match.group(1)
+  cores = int(match.group(2))
+  chips = cores // CHIPS[kind][1]
+  shapes = _CUBE_SHAPES if kind in ('v4', 'v5p') else _PLANE_SHAPES
+  if chips not in shapes or cores % CHIPS[kind][1]:
+    raise ValueError(f'--topology={name!r}: no {kind} slice of {cores} cores; known sizes: '
+                     f'{", ".join(f"{kind}-{c * CHIPS[kind][1]}" for c in shapes)}')
+  return f'{kind}:{shapes[chips]}'
+
+
+def get_topology(name: str, hbm_gib: float | None = None) -> Topology:
+  """The devices of `name` ('cpu:N' or a TPU slice) to compile for, and their memory per chip."""
+  if name.startswith('cpu:'):
+    count = int(name.split(':', 1)[1])
+    devices = jax.devices('cpu')
+    if len(devices) < count:
+      raise ValueError(f'--topology={name}: this process has {len(devices)} CPU devices; run it as a fresh process '
+                       f'(the device count is set before JAX starts)')
+    return Topology(name, devices[:count], None if hbm_gib is None else hbm_gib * GIB)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  libtpu_name = libtpu_topology_name(name)
+  kind = libtpu_name.split(':')[0]
+  # The TPU plugin must load even where JAX_PLATFORMS=cpu was set (this process never runs on the TPU).
+  jax.config.update('jax_platforms', None)
+  if 'TPU_ACCELERATOR_TYPE' not in os.environ:
+    # Not on a TPU VM: tell libtpu so, instead of letting it look for a TPU's host and metadata server (which only
+    # prints warnings), and let several compiling processes load it at once.
+    os.environ.update(TPU_ACCELERATOR_TYPE=name if '-' in name else 'v5p-8', TPU_WORKER_HOSTNAMES='localhost',
+                      TPU_SKIP_MDS_QUERY='1', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  try:
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=libtpu_name)
+  except Exception as e:  # a missing libtpu, or a name libtpu does not know
+    raise RuntimeError(f'--topology={name}: cannot describe TPU topology {libtpu_name!r} ({type(e).__name__}: '
+                       f'{e}); TPU topologies need libtpu: pip install -e ".[tpu]"') from None
+  hbm = hbm_gib if hbm_gib is not None else CHIPS.get(kind, (None,))[0]
+  return Topology(f'{name} ({libtpu_name}, {len(desc.devices)} chips)', list(desc.devices),
+                  None if hbm is None else hbm * GIB)
+
+
+def model_config_path(checkpoint_path: str, config_file: str) -> str:
+  """A checkpoint's config.json: its own when the directory exists, else `configs/models/<name>/config.json`
+  beside the recipe file."""
+  own = os.path.join(checkpoint_path, 'config.json')
+  if os.path.isfile(own):
+    return own
+  shipped = os.path.join(os.path.dirname(os.path.abspath(config_file)), 'models',
+                         os.path.basename(os.path.normpath(checkpoint_path)), 'config.json')
+  if os.path.isfile(shipped):
+    return shipped
+  raise FileNotFoundError(f'no config.json for {checkpoint_path!r}: neither {own} nor {shipped} exists')
+
+
+def model_config(path: str, *, dtype: str, param_dtype: str, config) -> ModelConfig:
+  with open(path) as f:
+    hf = json.load(f)
+  return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(
+      **config_validation.model_runtime_fields(config.model))
+
+
+def abstract_model(model_config: ModelConfig, mesh):
+  """(graphdef, state of ShapeDtypeStructs placed by the logical rules) of a `Decoder`; nothing is allocated."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(state, mesh)
+  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def bytes_per_chip(tree) -> int:
+  """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
+    itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
+    total += math.prod(shape) * itemsize
+  return total
+
+
+def _abstract(shape, dtype, mesh, spec=PartitionSpec()):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _param_count(c: ModelConfig) -> int:
+  attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  layer = attention + 3 * c.hidden_size * c.intermediate_size
+  return c.num_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+
+
+def forward_flops(c: ModelConfig, rows: int, context: int, new: int) -> float:
+  """Forward FLOPs of `new` tokens per row after `context` earlier ones: 2 per weight per token, plus causal
+  attention (q k and p v, 2 x 2 x N x D per attended key)."""
+  tokens = rows * new
+  attended = rows * (new * context + new * (new + 1) / 2)
+  return 2.0 * _param_count(c) * tokens + 4.0 * c.num_layers * c.num_heads * c.head_dim * attended
+
+
+@dataclasses.dataclass
+class Result:
+  program: str
+  fits: bool
+  rows: dict  # label -> bytes per chip
+  total: float | None
+  flops: float
+  error: str = ''
+
+
+def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: float, extra_rows=None) -> Result:
+  """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree)."""
+  rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
+  rows.update(extra_rows or {})
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
+      raise
+    needed = re.search(r'required for HLO temporaries \(([\d.]+)([KMGT])\)', text)
+    if needed:
+      rows['temporaries'] = float(needed.group(1)) * 1024 ** ' KMGT'.index(needed.group(2))
+    first = text.strip().splitlines()[0]
+    return Result(name, False, rows, None, flops, error=first[:400])
+  memory = compiled.memory_analysis()
+  rows['outputs (not donated)'] = float(max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0))
+  rows['temporaries'] = float(memory.temp_size_in_bytes)
+  rows['program'] = float(memory.generated_code_size_in_bytes)
+  total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+  fits = hbm is None or total <= hbm
+  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM')
+
+
+def build_programs(config, topology: Topology, config_file: str) -> dict:
+  """Name -> (lower function, input groups, model FLOPs, extra rows) for every program of `config`."""
+  num_devices = len(topology.devices)
+  config_validation.validate_config(config, num_devices=num_devices, check_paths=False)
+  mesh = jax.sharding.Mesh(np.asarray(topology.devices).reshape(config_validation.mesh_shape(config.mesh,
+                                                                                              num_devices)),
+                           sharding.MESH_AXES)
+  m = config.model
+  student_config = model_config(model_config_path(m.student_path, config_file), dtype=m.dtype,
+                                param_dtype=m.param_dtype, config=config)
+  teacher_config = model_config(model_config_path(m.teacher_path, config_file), dtype=m.teacher_dtype,
+                                param_dtype=m.teacher_dtype, config=config)
+  vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
+  student_graphdef, params = abstract_model(student_config, mesh)
+  teacher_graphdef, teacher_state = abstract_model(teacher_config, mesh)
+
+  prompt_length = sampling.bucket_length(config.data.max_prompt_length)
+  new = config.rollout.max_new_tokens
+  length = prompt_length + new
+  batch = config.train.prompts_per_step * config.rollout.num_rollouts
+  micro = config.train.micro_batch_size
+  settings = dataclasses.replace(train.step_settings(config, vocab_size), prompt_length=prompt_length)
+  optimizer = train.make_optimizer(settings.optimizer)
+  step, batch_shardings, _, opt_shardings = train.jit_train_step(
+      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, train.BATCH_KEYS, settings,
+      student_graphdef, teacher_graphdef)
+  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(optimizer.init, params), opt_shardings)
+  dtypes = {'logprobs': jnp.float32}
+
+  def batch_of(rows):
+    return {k: _abstract((rows,) if k == 'finish_reason' else (rows, length), dtypes.get(k, jnp.int32), mesh,
+                         batch_shardings[k].spec) for k in train.BATCH_KEYS}
+
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=NamedSharding(mesh, PartitionSpec()))
+  programs = {}
+
+  # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
+  rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
+  batch_axes = config_validation.mesh_shape(config.mesh, num_devices)[:2]
+  rows_per_chip = math.ceil(rows / math.prod(batch_axes))
+  for name, graphdef, state, c in (('rollout_teacher', teacher_graphdef, teacher_state, teacher_config),
+                                   ('rollout_student', student_graphdef, params, student_config)):
+    args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, mesh),
+            _abstract((rows, prompt_length), jnp.int32, mesh), key, _abstract((rows, new), jnp.int32, mesh),
+            _abstract((rows,), jnp.int32, mesh), _abstract((rows,), jnp.int32, mesh),
+            _abstract((), jnp.float32, mesh), _abstract((1,), jnp.int32, mesh))
+    static = dict(max_new_tokens=new, greedy=False, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
+                  pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size)
+    tensor = config_validation.mesh_shape(config.mesh, num_devices)[2]
+    kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
+    cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
+
+    def lower(args=args, static=static):
+      with jax.set_mesh(mesh):
+        return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
+    label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
+    flops = forward_flops(c, rows, prompt_length, new)
+    programs[name] = (lower, {label: state, 'other inputs': args[2:]}, flops, {'KV cache (estimate)': cache})
+
+  micro_batch = batch_of(micro)
+  micro_batch.pop('finish_reason')
+
+  def teacher_scoring(teacher_state, micro):
+    return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
+
+  def lower_scoring():
+    with jax.set_mesh(mesh):
+      return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
+  programs['teacher_scoring'] = (lower_scoring, {'teacher parameters': teacher_state,
+                                                 'other inputs': micro_batch},
+                                 forward_flops(teacher_config, micro, 0, length - 1), {})
+
+  teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
+  teacher_out = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))),
+                             teacher_out)
+
+  def student_grad(params, micro, teacher_out, key):
+    grads, stats, _ = train.student_grads(params, micro, teacher_out, key, 1.0, student_graphdef=student_graphdef,
+                                          s=settings)
+    # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
+    return jax.lax.with_sharding_constraint(grads, jax.tree.map(lambda x: x.sharding, params)), stats
+
+  def lower_student():
+    with jax.set_mesh(mesh):
+      return jax.jit(student_grad).lower(params, micro_batch, teacher_out, key)
+  student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
+  programs['student_grad'] = (lower_student, {'student parameters': params,
+                                              'other inputs': (micro_batch, teacher_out)}, student_flops, {})
+
+  full_batch = batch_of(batch)
+
+  def lower_step():
+    with jax.set_mesh(mesh):
+      return step.lower(params, opt_state, teacher_state, full_batch, key, settings)
+  step_flops = (batch // micro) * (student_flops + forward_flops(teacher_config, micro, 0, length - 1))
+  programs['train_step'] = (lower_step, {'student parameters': params, 'optimizer state': opt_state,
+                                         'teacher parameters': teacher_state, 'other inputs': full_batch},
+                            step_flops, {})
+  return programs
+
+
+def _gib(x):
+  return '-' if x is None else f'{x / GIB:,.2f}'
+
+
+def format_result(r: Result, hbm: float | None) -> str:
+  """One program's table; in MiB when everything is under 1 GiB (tiny models), else GiB."""
+  unit, scale = ('GiB', GIB) if max([*r.rows.values(), r.total or 0, hbm or 0]) >= GIB else ('MiB', 1024 ** 2)
+  show = lambda x: f'{x / scale:,.2f}'
+  lines = [f'{r.program}:' + ('' if r.fits else '  DOES NOT FIT'), f'  {"per chip":<24}{unit:>10}']
+  for label, value in r.rows.items():
+    lines.append(f'  {label:<24}{show(value):>10}')
+  lines.append(f'  {"total":<24}{show(r.total) if r.total is not None else "> HBM":>10}'
+               + ('' if hbm is None or r.total is None else f'   ({100 * r.total / hbm:.0f}% of {_gib(hbm)} GiB HBM)'))
+  lines.append(f'  {"model FLOPs":<24}{r.flops:>10.3g}')
+  if r.error:
+    lines.append(f'  {r.error}')
+  return '\n'.join(lines)
+
+
+def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list[Result]:
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown:
+    raise ValueError(f'unknown programs {unknown}; known: {", ".join(PROGRAMS)}')
+  built = build_programs(config, topology, config_file)
+  results = []
+  for name in programs:
+    lower, groups, flops, extra = built[name]
+    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra)
+    print(format_result(result, topology.hbm_bytes), flush=True)
+    results.append(result)
+  return results
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _TOPOLOGY.value.startswith('cpu:'):
+    jax.config.update('jax_num_cpu_devices', int(_TOPOLOGY.value.split(':', 1)[1]))
+  topology = get_topology(_TOPOLOGY.value, _HBM_GIB.value)
+  config_file = flags.FLAGS['config'].config_filename.split(':')[0]
+  print(f'{config_file} on {topology.name}' + ('' if topology.hbm_bytes is None else
+                                                 f', {_gib(topology.hbm_bytes)} GiB per chip'), flush=True)
+  results = run(_CONFIG.value, topology, config_file, tuple(_PROGRAMS.value))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'config': config_file, 'topology': topology.name, 'hbm_bytes': topology.hbm_bytes,
+                 'programs': [dataclasses.asdict(r) for r in results]}, f, indent=1)
+  failed = [r.program for r in results if not r.fits]
+  if failed:
+    print(f'does not fit on {topology.name}: {", ".join(failed)}', file=sys.stderr)
+    return 1
+  print(f'every program fits on {topology.name}')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)))
