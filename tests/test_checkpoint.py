@@ -1,7 +1,10 @@
 """Tests for tropd_jax/checkpoint.py: round trip, retention, partial saves, corrupted latest checkpoint."""
 
+import asyncio
 import glob
+import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from tropd_jax import checkpoint
 from tropd_jax.checkpoint import Checkpointer
 
 
@@ -67,10 +71,11 @@ def test_partial_save_is_ignored(tmp_path):
     ckpt.close()
 
 
-# Orbax's asyncio loop may report a read it abandoned after the damage; that is noise, not a failure.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+# Orbax abandons the reads of a damaged step that are in flight; their reports ('Event loop is closed' through
+# sys.unraisablehook, 'exception was never retrieved' from asyncio) are absorbed, so none reaches pytest here.
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', ['truncate', 'flip', 'delete', 'data_json'])
-def test_corrupted_latest_falls_back_with_warning(tmp_path, damage):
+def test_corrupted_latest_falls_back_with_warning(tmp_path, damage, caplog, capsys):
     directory = str(tmp_path / 'ckpt')
     save_steps(directory, [1, 2, 3])
     files = sorted(glob.glob(os.path.join(directory, '3', 'state', '**', 'd', '*'), recursive=True))
@@ -92,6 +97,9 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, damage):
     with pytest.warns(RuntimeWarning, match='checkpoint step 3 .* unreadable .* moved it to 3.corrupt .* step 2'):
         step, state, data_state = ckpt.restore_latest(abstract(make_state(0)))
     assert step == 2 and data_state == {'next_index': 20}
+    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(reports) == 1 and reports[0].startswith('checkpoint step 3 '), reports  # no asyncio reports
+    assert 'Event loop is closed' not in capsys.readouterr().err
     assert_tree_equal(state, make_state(2))
     assert ckpt.all_steps() == [1, 2] and os.path.isdir(os.path.join(directory, '3.corrupt'))
     # The resumed run can save step 3 again without colliding with the corrupted one.
@@ -102,6 +110,7 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, damage):
     assert_tree_equal(state, make_state(3))
 
 
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')  # abandoned reads are absorbed
 def test_mismatched_state_raises_instead_of_starting_over(tmp_path):
     directory = str(tmp_path / 'ckpt')
     save_steps(directory, [1, 2])
@@ -110,3 +119,47 @@ def test_mismatched_state_raises_instead_of_starting_over(tmp_path):
     with pytest.raises(ValueError, match=r'none of the checkpoints .* \(steps \[2, 1\]\) can be restored'):
         Checkpointer(directory, every_steps=1, keep=3).restore_latest(abstract(other))
     assert sorted(os.listdir(directory)) == ['1', '2']  # good checkpoints are never moved aside
+
+
+def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(monkeypatch, capsys, caplog):
+    monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)  # the default hook: prints to stderr
+    closed = asyncio.new_event_loop()
+    closed.close()
+
+    class LateRead:  # a tensorstore read that completes after Orbax closed its loop
+        def __del__(self):
+            closed.call_soon_threadsafe(print)
+
+    class Unrelated:
+        def __del__(self):
+            raise RuntimeError('an unrelated failure')
+
+    class Suspend:
+        def __await__(self):
+            yield
+
+    # An Orbax read coroutine closed unfinished, which turns the GeneratorExit into its own error.
+    namespace = {'Suspend': Suspend}
+    exec(compile('async def read():\n    try:\n        await Suspend()\n    except GeneratorExit as e:\n'
+                 '        raise Exception("error while reading array index") from e\n',
+                 os.path.join('orbax', 'checkpoint', 'serialization.py'), 'exec'), namespace)
+
+    with checkpoint.absorb_abandoned_read_reports():
+        LateRead()
+        Unrelated()
+        abandoned_read = namespace['read']()
+        abandoned_read.send(None)
+        del abandoned_read
+        loop = asyncio.new_event_loop()
+        abandoned = loop.create_future()
+        abandoned.set_exception(ValueError('NOT_FOUND: a read of the damaged step'))
+        del abandoned  # asyncio logs 'Future exception was never retrieved'
+        loop.call_exception_handler({'message': 'an unrelated asyncio error', 'exception': ValueError('x')})
+        loop.close()
+    err = capsys.readouterr().err
+    assert 'Event loop is closed' not in err and 'error while reading array index' not in err
+    assert 'an unrelated failure' in err
+    assert [r.getMessage() for r in caplog.records if r.name == 'asyncio'] == ['an unrelated asyncio error']
+    assert sys.unraisablehook is sys.__unraisablehook__ and not logging.getLogger('asyncio').filters
+    LateRead()  # outside the context, the report goes through again
+    assert 'Event loop is closed' in capsys.readouterr().err

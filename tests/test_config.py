@@ -117,7 +117,7 @@ ERRORS = [
      r'prefix.max_length=17 must be -1 or in \[0, rollout.max_new_tokens=16\]'),
     (_set('prefix.schedule', 'step'), ValueError, r"prefix.schedule='step' is not one of"),
     (_set('optim.schedule', 'exponential'), ValueError, r"optim.schedule='exponential' is not one of"),
-    (_set('optim.warmup_steps', 4), ValueError, r'optim.warmup_steps=4 must be in \[0, train.steps=4\)'),
+    (_set('optim.warmup_steps', -1), ValueError, r'optim.warmup_steps=-1 must be >= 0'),
     (_set('optim.learning_rate', 0.0), ValueError, r'optim.learning_rate=0.0 must be > 0'),
     (_set('model.teacher_dtype', 'float16'), ValueError, r"model.teacher_dtype='float16' is not one of"),
     (_set('data.on_bad_record', 'ignore'), ValueError, r"data.on_bad_record='ignore' is not one of \('skip', 'fail'\)"),
@@ -142,6 +142,22 @@ def test_config_errors(valid, mutate, error, message):
     mutate(valid)
     with pytest.raises(error, match=message):
         config_validation.validate_config(valid, num_devices=4)
+
+
+def test_shortening_a_recipe_with_train_steps_alone_clamps_its_warmup(caplog):
+    config = load_recipe('tiny')
+    assert config.optim.warmup_steps == 10
+    config.train.steps = 2
+    with caplog.at_level('WARNING'):
+        config_validation.validate_config(config, num_devices=1, check_paths=False)
+    assert config.optim.warmup_steps == 1
+    assert [r.getMessage() for r in caplog.records] == ['optim.warmup_steps=10 clamped to 1 for train.steps=2']
+    config.train.steps = 1
+    config_validation.validate_config(config, num_devices=1, check_paths=False)
+    assert config.optim.warmup_steps == 0
+    caplog.clear()
+    config_validation.validate_config(config, num_devices=1, check_paths=False)  # a valid warm-up: no warning
+    assert not caplog.records
 
 
 def test_eopd_k_is_checked_against_the_vocabulary(valid):

@@ -128,3 +128,18 @@ def test_load_records(tmp_path):
     path.write_text('{"problem": "Compute: 1+1", "answer": "2"}\n{"question": "x", "answer": "1"}\n')
     with pytest.raises(ValueError, match=r"data.jsonl:2"):
         evaluate.load_records(str(path))
+    path.write_text('{"problem": "Compute: 1+1", "answer": "2"}\n["Compute: 2+2", "4"]\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: a record needs"):
+        evaluate.load_records(str(path))
+
+
+def test_cli_reports_malformed_jsonl_by_file_and_line(tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"problem": "Compute: 1+1", "answer": "2"}\n{"problem": "Compute: 2+2", "answer": \n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "tropd_jax.evaluate", f"--model={tmp_path}", f"--data={data}"],
+                         capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 1
+    assert f"error: {data}:2: invalid JSON (Expecting value)" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -199,3 +200,28 @@ def test_save_pretrained_rejects_unknown_dtype(tiny_hf_checkpoint, tmp_path):
   model, _ = from_pretrained(path)
   with pytest.raises(ValueError, match="dtype='float16'"):
     save_pretrained(model, str(tmp_path), dtype='float16')
+
+
+@pytest.mark.parametrize('dtype, name', [(jnp.float32, 'float32'), (jnp.bfloat16, 'bfloat16'), (np.float32, 'float32'),
+                                         (np.dtype('float32'), 'float32'), (jnp.dtype('bfloat16'), 'bfloat16'),
+                                         (ml_dtypes.bfloat16, 'bfloat16'), ('bfloat16', 'bfloat16')])
+def test_dtypes_are_taken_as_jax_or_numpy_dtypes_or_names(tiny_hf_checkpoint, tmp_path, dtype, name):
+  path, _ = tiny_hf_checkpoint('qwen2')
+  model, config = from_pretrained(path, dtype=dtype)
+  assert config.dtype == config.param_dtype == name  # stored by name: hashable, written to config.json as is
+  assert all(p.dtype == jnp.dtype(name) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  hash(config)
+  assert config.replace(dtype=dtype) == config
+  save_pretrained(model, str(tmp_path), dtype=dtype)
+  assert json.load(open(os.path.join(tmp_path, 'config.json')))['dtype'] == name
+  assert {a.dtype for a in safetensors.numpy.load_file(str(tmp_path / 'model.safetensors')).values()} == {
+      np.dtype(ml_dtypes.bfloat16 if name == 'bfloat16' else name)}
+
+
+def test_unsupported_dtype_objects_are_refused_by_value(tiny_hf_checkpoint):
+  path, _ = tiny_hf_checkpoint('qwen2')
+  with pytest.raises(ValueError, match=r"dtype=<class 'jax.numpy.float16'> is not one of \('float32', 'bfloat16'\)"):
+    from_pretrained(path, dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"param_dtype=None is not one of"):
+    ModelConfig.from_hf({'model_type': 'qwen3', 'vocab_size': 8, 'hidden_size': 8, 'intermediate_size': 8,
+                         'num_hidden_layers': 1, 'num_attention_heads': 2}, param_dtype=None)

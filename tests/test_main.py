@@ -67,11 +67,34 @@ def test_workdir_is_required(monkeypatch):
         parse_and_run([f'--config={ROOT / "configs" / "math.py"}'], monkeypatch)
 
 
-def test_cli_rejects_an_unknown_field(tmp_path):
-    """The real command line: a typo in a field name fails with a suggestion and a non-zero exit status."""
+def test_cli_rejects_an_unknown_field_in_one_line(tmp_path):
+    """The real command line: a typo in a field name is one line naming the field and the suggestion, exit 2."""
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
     result = subprocess.run(
         [sys.executable, '-m', 'tropd_jax.main', '--config=configs/math.py', f'--workdir={tmp_path}',
          '--config.loss.methd=opd'], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert 'Did you mean "method" instead of "methd"?' in result.stderr
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == "error: unknown config field 'loss.methd'; did you mean 'loss.method'?"
+    assert 'Traceback' not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.trian.steps=2', "unknown config field 'trian.steps'; did you mean 'train.steps'?"),
+    ('--config.xyzzy=2', "unknown config field 'xyzzy'"),
+    ('--config.train.steps.x=2', "unknown config field 'train.steps.x'"),
+])
+def test_unknown_override_messages(monkeypatch, capsys, override, message):
+    argv = ['tropd_jax.main', f'--config={ROOT / "configs" / "tiny.py"}', '--workdir=unused', override]
+    monkeypatch.setattr(sys, 'argv', argv)  # config overrides are read from sys.argv
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        flags.FLAGS.unparse_flags()
+        main.parse_flags(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f'error: {message}\n'
+
+
+def test_other_errors_keep_their_traceback():
+    """A recipe's own bug is not an unknown override: it is re-raised as it is."""
+    error = AttributeError(KeyError('Key "lr" does not exist and cannot be added since the config is locked.'))
+    assert main.unknown_override(error, ['tropd_jax.main', '--config=c.py', '--config.train.steps=2']) is None

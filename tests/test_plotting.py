@@ -145,3 +145,10 @@ def test_cli(tmp_path):
                           text=True)
     assert both.returncode == 0, both.stderr
     assert _has_colour(str(tmp_path / "two" / "figure3.png"), C1)
+
+
+def test_cli_without_matplotlib_says_which_extra(tmp_path, monkeypatch):
+    path = _write(tmp_path / "metrics.jsonl", _records())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `pip install -e .` alone leaves
+    with pytest.raises(SystemExit, match=r"plotting needs matplotlib.*pip install -e '\.\[plot\]'"):
+        plotting.main([f"--metrics={path}", f"--out={tmp_path / 'plots'}"])

@@ -26,6 +26,15 @@ def test_setup_commands_name_existing_files():
         assert (ROOT / path).is_file(), path
 
 
+def test_ci_runs_the_first_command_as_written():
+    """.ci/run runs the README's first command verbatim (in a virtualenv with only the base install)."""
+    first = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert first in ci_lines, f".ci/run should run the README's first command as written: {first}"
+    base_venv = ci_lines.index("source .venv-ci-base/bin/activate")
+    assert base_venv < ci_lines.index(first) < ci_lines.index("source .venv-ci/bin/activate")
+
+
 def test_quickstart_script_runs():
     namespace = runpy.run_path(str(ROOT / "examples" / "loss_quickstart.py"))
     assert set(namespace["metrics"]) >= {"loss", "trust_fraction", "prefix_fraction"}

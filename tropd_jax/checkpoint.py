@@ -11,13 +11,69 @@ a silent fresh start.
 All processes call `save` and `restore` (Orbax coordinates them; the primary process writes metadata).
 """
 
+import contextlib
+import gc
+import inspect
 import logging
 import os
+import sys
+import traceback
 import warnings
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+def _is_abandoned_read_report(unraisable) -> bool:
+    """Whether an unraisable exception comes from a read that Orbax abandoned: asyncio's `RuntimeError('Event loop
+    is closed')` from `call_soon_threadsafe` (a tensorstore read finishing after the restore's loop closed), or one
+    of Orbax's read coroutines failing as it is closed unfinished (GeneratorExit, then its own error)."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        frames = [frame for frame, _ in traceback.walk_tb(unraisable.exc_traceback)]
+        return any(f.f_code.co_name == 'call_soon_threadsafe' and 'asyncio' in f.f_code.co_filename for f in frames)
+    closed_coroutine = inspect.iscoroutine(unraisable.object) and isinstance(error.__cause__, GeneratorExit)
+    return closed_coroutine and 'orbax' in unraisable.object.cr_code.co_filename
+
+
+class _AbandonedReadsFilter(logging.Filter):
+    """Drops asyncio's 'Task / Future exception was never retrieved' records (the abandoned reads' own failures)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (record.exc_info and message.startswith(('Task exception was never retrieved',
+                                                            'Future exception was never retrieved')))
+
+
+@contextlib.contextmanager
+def absorb_abandoned_read_reports():
+    """Silences the reports of a restore that Orbax abandoned half-way; every other report still goes through.
+
+    Orbax restores a step with many tensorstore reads awaited on one asyncio loop. When one read fails (a damaged
+    file, a shape that does not match), the restore raises and closes the loop while the other reads are in
+    flight. Each of those then reports `RuntimeError: Event loop is closed` from a tensorstore thread through
+    `sys.unraisablehook`, the read coroutines closed unfinished report their own error there too, and the reads
+    that failed as well are logged as 'Task exception was never retrieved' when collected: tens of tracebacks that
+    read as a crash beside the one warning that names the unreadable step. Inside this context those reports are
+    dropped (the abandoned reads are collected before it ends); any other unraisable exception reaches the
+    previous hook and any other asyncio record is logged.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read_report(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    asyncio_logger, log_filter = logging.getLogger('asyncio'), _AbandonedReadsFilter()
+    asyncio_logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        gc.collect()  # the abandoned reads' futures are reference cycles: report (and drop) them now, not later
+        asyncio_logger.removeFilter(log_filter)
+        sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -55,23 +111,24 @@ class Checkpointer:
         that wrote them (another model or optimizer), so that raises instead of silently starting over.
         """
         failures = []
-        for step in reversed(self.all_steps()):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-            try:
-                restored = self.manager.restore(step, args=args)
-            except Exception as e:  # noqa: BLE001 -- any failure to read means this step is not usable
-                reason = (str(e).splitlines() or [''])[0][:200]  # tensorstore errors run to kilobytes
-                failures.append((step, f'{type(e).__name__}: {reason}'))
-                continue
-            for bad_step, reason in failures:
-                moved_to = self._set_aside(bad_step)
-                message = (
-                    f'checkpoint step {bad_step} in {self.directory} is unreadable ({reason}); moved it to '
-                    f'{moved_to} and resuming from the previous good checkpoint, step {step}'
-                )
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                logging.warning(message)
-            return step, restored['state'], restored['data']
+        with absorb_abandoned_read_reports():  # a failed restore's in-flight reads report late
+            for step in reversed(self.all_steps()):
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+                try:
+                    restored = self.manager.restore(step, args=args)
+                except Exception as e:  # noqa: BLE001 -- any failure to read means this step is not usable
+                    reason = (str(e).splitlines() or [''])[0][:200]  # tensorstore errors run to kilobytes
+                    failures.append((step, f'{type(e).__name__}: {reason}'))
+                    continue
+                for bad_step, reason in failures:
+                    moved_to = self._set_aside(bad_step)
+                    message = (
+                        f'checkpoint step {bad_step} in {self.directory} is unreadable ({reason}); moved it to '
+                        f'{moved_to} and resuming from the previous good checkpoint, step {step}'
+                    )
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    logging.warning(message)
+                return step, restored['state'], restored['data']
         if failures:
             raise ValueError(
                 f'none of the checkpoints in {self.directory} (steps {[s for s, _ in failures]}) can be restored '

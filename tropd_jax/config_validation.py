@@ -6,6 +6,7 @@ bad field and value; it runs before any model is loaded or any program compiled.
 """
 
 import json
+import logging
 import math
 import os
 
@@ -179,6 +180,9 @@ def loss_hyperparameters(loss_config) -> dict:
 def validate_config(config, *, num_devices: int, check_paths: bool = True) -> None:
     """Raises one clear error for the first problem found in `config`; returns None when it can run.
 
+    The one field it changes: a warm-up as long as the run (a recipe shortened with `--config.train.steps=N`
+    alone) is clamped to `train.steps - 1`, with a logged warning.
+
     Checks: unknown fields; the loss method and its hyperparameters; k against the models' vocabularies; batch
     arithmetic (micro-batches divide the batch, the batch divides over the mesh's batch axes); the mesh against
     `num_devices`; value ranges; and (with `check_paths`) that every checkpoint and data path exists.
@@ -234,8 +238,10 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(o.learning_rate > 0, f'optim.learning_rate={o.learning_rate} must be > 0')
     _require(o.schedule in schedules.LEARNING_RATE_SCHEDULES,
              f'optim.schedule={o.schedule!r} is not one of {schedules.LEARNING_RATE_SCHEDULES}')
-    _require(0 <= o.warmup_steps < t.steps,
-             f'optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps})')
+    _require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0')
+    if o.warmup_steps >= t.steps:  # a run shortened with only --config.train.steps=N keeps the recipe's warm-up valid
+        logging.warning('optim.warmup_steps=%d clamped to %d for train.steps=%d', o.warmup_steps, t.steps - 1, t.steps)
+        o.warmup_steps = t.steps - 1
     _require(o.clip_norm >= 0, f'optim.clip_norm={o.clip_norm} must be >= 0 (0 = no clipping)')
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f'optim.b1={o.b1} and optim.b2={o.b2} must be in [0, 1)')
     _require(o.weight_decay >= 0, f'optim.weight_decay={o.weight_decay} must be >= 0')

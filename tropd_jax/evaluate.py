@@ -19,13 +19,17 @@ from tropd_jax import data, grading, sampling
 
 
 def load_records(path: str, limit: int | None = None) -> list[dict]:
-    """The `{"problem", "answer"}` records of a JSONL file; a record missing either field raises naming its line."""
+    """The `{"problem", "answer"}` records of a JSONL file; a line that is not such a record raises naming its line."""
     records = []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
+            record = record if isinstance(record, dict) else {}  # a JSON list or string is not a record either
             if not isinstance(record.get("problem"), str) or record.get("answer") is None:
                 raise ValueError(f"{path}:{line_number}: a record needs a string 'problem' and an 'answer'")
             records.append({"problem": record["problem"], "answer": str(record["answer"])})
@@ -128,7 +132,10 @@ def main(argv) -> None:
     from tropd_jax.models import from_pretrained
 
     flags = absl_flags.FLAGS
-    records = load_records(flags.data, flags.limit)
+    try:
+        records = load_records(flags.data, flags.limit)
+    except (OSError, ValueError) as e:  # the file's own problem: one line naming it, not a traceback
+        raise SystemExit(f"error: {e}") from None
     model, _ = from_pretrained(flags.model)
     tokenizer = AutoTokenizer.from_pretrained(flags.tokenizer or flags.model)
     start = time.time()

@@ -10,6 +10,8 @@ the environment (TPU pods, SLURM, Open MPI). Every process runs the same command
 """
 
 import logging
+import re
+import sys
 
 import jax
 from absl import app, flags
@@ -51,6 +53,49 @@ class _ProjectInfoOnly(logging.Filter):
         return record.levelno >= logging.WARNING or 'tropd_jax' in record.pathname
 
 
+def unknown_override(error: Exception, argv: list[str]) -> str | None:
+    """The one-line message for a `--config.a.b` override of a field the config does not have, or None when
+    `error` is not about one of the overrides in `argv`.
+
+    ml_collections reports that as a KeyError (wrapped in an AttributeError) naming only the missing key, e.g.
+    `'stepz'\nDid you mean "steps" instead of "stepz"?`, so the override is found by that key.
+    """
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    first_line, _, rest = text.partition('\n')
+    missing = first_line.strip('\'"')
+    suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+    for arg in argv[1:]:
+        match = re.match(r'--?config\.([^=\s]+)', arg)
+        if not match:
+            continue
+        path = match.group(1)
+        parts = path.split('.')
+        if missing in parts:
+            message = f'unknown config field {path!r}'
+            if suggestion:
+                parts[parts.index(missing)] = suggestion.group(1)
+                message += f'; did you mean {".".join(parts)!r}?'
+            return message
+        if text.endswith(f'Attempting to lookup: {path}'):  # a field below a value, e.g. train.steps.x
+            return f'unknown config field {path!r}'
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of an unknown config field is one line on stderr (exit 2)
+    instead of ml_collections' three chained tracebacks; any other error keeps its traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        message = unknown_override(e, argv)
+        if message is None:
+            raise
+        print(f'error: {message}', file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -63,4 +108,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -283,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labels", nargs="*", default=None, help="one label per --metrics file")
     parser.add_argument("--smoothing", type=float, default=0.0, help="EMA weight in [0, 1)")
     args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401 -- the base install does not bring it
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib, which the plot extra brings: "
+                         "pip install -e '.[plot]'") from None
     if len(args.metrics) == 1:
         for path in plot_run(args.metrics[0], args.out, smoothing=args.smoothing, title=args.metrics[0]):
             print(path)

@@ -8,11 +8,27 @@ Read from and written to a Hugging Face `config.json`. Both the transformers v4 
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 ARCHITECTURES = ('qwen2', 'qwen3', 'llama')
 DTYPES = ('float32', 'bfloat16')
 ROPE_TYPES = ('default', 'linear', 'llama3')
 ATTENTION_IMPLEMENTATIONS = ('auto', 'naive', 'blockwise', 'splash', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'offload')
+
+
+def dtype_name(dtype, field: str = 'dtype') -> str:
+  """'float32' or 'bfloat16' for a dtype given by name or as a NumPy / JAX dtype or scalar type (`jnp.bfloat16`)."""
+  name = dtype
+  if not isinstance(dtype, str) and dtype is not None:
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      pass
+  if name not in DTYPES:
+    raise ValueError(f'{field}={dtype!r} is not one of {DTYPES} (by name or as the NumPy / JAX dtype).')
+  return name
+
 
 # The `architectures` entry of config.json for each model_type.
 _HF_CLASS = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM'}
@@ -23,10 +39,10 @@ class ModelConfig:
   """Architecture of a decoder-only model.
 
   `dtype` is the compute (activation) dtype and `param_dtype` the storage dtype of the weights; both are
-  'float32' or 'bfloat16'. `rope_scaling` is None or a dict with a 'rope_type' of 'linear' or 'llama3' (plus
-  that type's fields: 'factor', and for llama3 'low_freq_factor', 'high_freq_factor',
-  'original_max_position_embeddings'). `attention_bias` puts biases on q/k/v (and on o for Llama / Qwen3; Qwen2
-  never has an o bias). `qk_norm` is Qwen3's per-head RMSNorm on queries and keys.
+  'float32' or 'bfloat16' (given by name or as the NumPy / JAX dtype, stored by name). `rope_scaling` is None or a
+  dict with a 'rope_type' of 'linear' or 'llama3' (plus that type's fields: 'factor', and for llama3
+  'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'). `attention_bias` puts biases on q/k/v
+  (and on o for Llama / Qwen3; Qwen2 never has an o bias). `qk_norm` is Qwen3's per-head RMSNorm on queries and keys.
 
   `attention`, `attention_block_size` and `remat` say how to run the model, not what it is (they are never read
   from or written to config.json): the attention kernel of multi-token calls (`tropd_jax.models.attention`) and
@@ -61,9 +77,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f'Unknown architecture {self.architecture!r}; supported: {ARCHITECTURES}.')
-    for name in ('dtype', 'param_dtype'):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f'{name}={getattr(self, name)!r} is not one of {DTYPES}.')
+    for name in ('dtype', 'param_dtype'):  # stored by name, so the config stays hashable and writes to JSON
+      object.__setattr__(self, name, dtype_name(getattr(self, name), name))
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f'attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.')
     if self.attention_block_size < 8:
@@ -100,7 +115,7 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], *, dtype: str = 'float32', param_dtype: str = 'float32') -> 'ModelConfig':
+  def from_hf(cls, hf: dict[str, Any], *, dtype='float32', param_dtype='float32') -> 'ModelConfig':
     """Builds a config from a Hugging Face config.json dict; unsupported features raise naming the field."""
     architecture = hf.get('model_type')
     if architecture not in ARCHITECTURES:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tropd_jax import sharding
-from tropd_jax.models.config import ModelConfig
+from tropd_jax.models.config import ModelConfig, dtype_name
 from tropd_jax.models.decoder import Decoder
 
 CONFIG_NAME = 'config.json'
@@ -121,7 +121,7 @@ def _weight_files(path: str) -> list[str]:
   return [os.path.join(path, name) for name in files]
 
 
-def load_config(path: str, *, dtype: str | None = None, param_dtype: str | None = None) -> ModelConfig:
+def load_config(path: str, *, dtype=None, param_dtype=None) -> ModelConfig:
   """The `ModelConfig` of a local HF checkpoint directory."""
   config_path = os.path.join(path, CONFIG_NAME)
   if not os.path.exists(config_path):
@@ -136,13 +136,14 @@ def _get(tree, path):
   return tree
 
 
-def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
+def from_pretrained(path: str, *, dtype=None, param_dtype=None,
                     mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, ModelConfig]:
   """Loads a local HF checkpoint directory into a `Decoder`.
 
   Args:
     path: directory with config.json and model.safetensors (or model.safetensors.index.json and its shards).
-    dtype: compute dtype ('float32' or 'bfloat16'; default 'float32').
+    dtype: compute dtype, 'float32' or 'bfloat16' by name or as the NumPy / JAX dtype (`jnp.bfloat16`);
+      default 'float32'.
     param_dtype: parameter dtype (default: `dtype`, else 'float32').
     mesh: a ('data', 'fsdp', 'tensor') mesh to shard the parameters over; None puts them on the default device.
 
@@ -212,7 +213,7 @@ def _hf_tensor(model: Decoder, conversion: _Conversion, dtype) -> np.ndarray:
 
 
 def save_pretrained(model: Decoder, path: str, tokenizer=None, *, max_shard_size: int = 5 * 2**30,
-                    dtype: str | None = None) -> None:
+                    dtype=None) -> None:
   """Writes `model` as a HF checkpoint directory that `transformers.AutoModelForCausalLM` loads.
 
   Args:
@@ -222,12 +223,11 @@ def save_pretrained(model: Decoder, path: str, tokenizer=None, *, max_shard_size
     tokenizer: optional HF tokenizer saved alongside (tokenizer files, chat template).
     max_shard_size: bytes per safetensors file; above it the weights are split into
       model-0000i-of-0000n.safetensors with model.safetensors.index.json.
-    dtype: storage dtype of the tensors, 'float32' or 'bfloat16' (default: the config's param_dtype).
+    dtype: storage dtype of the tensors, 'float32' or 'bfloat16' by name or as the NumPy / JAX dtype (default:
+      the config's param_dtype).
   """
   config = model.config
-  dtype = dtype or config.param_dtype
-  if dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"save_pretrained dtype={dtype!r} is not 'float32' or 'bfloat16'.")
+  dtype = dtype_name(dtype or config.param_dtype, 'save_pretrained dtype')
   np_dtype = ml_dtypes.bfloat16 if dtype == 'bfloat16' else np.dtype(dtype)
   writer = jax.process_index() == 0
 
