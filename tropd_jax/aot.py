@@ -39,15 +39,6 @@ from tropd_jax import config_validation, sampling, sharding, train
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'A TPU slice (v5p-8, v5e-4, v4-16, v6e-8, or libtpu names such '
-                                'as v5p:2x2x1) or cpu:N for N CPU devices.')
-_PROGRAMS = flags.DEFINE_list('programs', ['rollout_teacher', 'rollout_student', 'teacher_scoring', 'student_grad',
-                                           'train_step'], 'Which programs to compile.')
-_HBM_GIB = flags.DEFINE_float('hbm_gib', None, "Memory per chip in GiB (default: the chip's HBM; none for cpu:N).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
-flags.mark_flags_as_required(['config', 'topology'])
 
 GIB = 1024 ** 3
 # HBM per chip as libtpu reports it, and how many TensorCores a slice name counts per chip (v4 / v5p names count
@@ -282,11 +273,13 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   teacher_out = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))),
                              teacher_out)
 
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+
   def student_grad(params, micro, teacher_out, key):
     grads, stats, _ = train.student_grads(params, micro, teacher_out, key, 1.0, student_graphdef=student_graphdef,
                                           s=settings)
     # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
-    return jax.lax.with_sharding_constraint(grads, jax.tree.map(lambda x: x.sharding, params)), stats
+    return jax.lax.with_sharding_constraint(grads, param_shardings), stats
 
   def lower_student():
     with jax.set_mesh(mesh):
@@ -340,6 +333,19 @@ def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list
   return results
 
 
+def define_flags():
+  """The command line's flags (defined only when run as a program, so importing this module defines none)."""
+  global _CONFIG, _TOPOLOGY, _PROGRAMS, _HBM_GIB, _JSON
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
+                                            lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string('topology', None, 'A TPU slice (v5p-8, v5e-4, v4-16, v6e-8, or libtpu names such '
+                                  'as v5p:2x2x1) or cpu:N for N CPU devices.')
+  _PROGRAMS = flags.DEFINE_list('programs', list(PROGRAMS), 'Which programs to compile.')
+  _HBM_GIB = flags.DEFINE_float('hbm_gib', None, "Memory per chip in GiB (default: the chip's HBM; none for cpu:N).")
+  _JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -363,4 +369,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
