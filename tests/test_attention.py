@@ -74,15 +74,19 @@ def test_matches_numpy_float64_reference(implementation):
   assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize('t, num_heads, num_kv_heads', [(1, 4, 2), (7, 4, 2), (33, 4, 1), (100, 4, 2)])
-def test_blockwise_matches_naive_float32(t, num_heads, num_kv_heads):
-  q, k, v, mask, cotangent = inputs(t, num_heads, num_kv_heads)
-  out, grads = values_and_grads('blockwise', q, k, v, mask, cotangent)
+def assert_matches_naive_float32(implementation, q, k, v, mask, cotangent, **kwargs):
+  """Values at real queries and gradients w.r.t. q, k, v equal the naive kernel's to 1e-5."""
+  out, grads = values_and_grads(implementation, q, k, v, mask, cotangent, **kwargs)
   expected, expected_grads = values_and_grads('naive', q, k, v, mask, cotangent)
   assert np.isfinite(np.asarray(out)).all()
   assert_close_on_real_queries(out, expected, mask, atol=1e-5)
   for grad, expected_grad in zip(grads, expected_grads):
     np.testing.assert_allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('t, num_heads, num_kv_heads', [(1, 4, 2), (7, 4, 2), (33, 4, 1), (100, 4, 2)])
+def test_blockwise_matches_naive_float32(t, num_heads, num_kv_heads):
+  assert_matches_naive_float32('blockwise', *inputs(t, num_heads, num_kv_heads))
 
 
 def test_blockwise_matches_naive_bfloat16():
@@ -115,13 +119,7 @@ def test_blockwise_memory_is_linear_in_length():
 
 def test_splash_interpret_matches_naive():
   """The TPU kernel's wiring (segment ids, GQA, q scaling, T padding) in Pallas interpret mode on CPU."""
-  q, k, v, mask, cotangent = inputs(100)
-  out, grads = values_and_grads('splash', q, k, v, mask, cotangent, interpret=True)
-  expected, expected_grads = values_and_grads('naive', q, k, v, mask, cotangent)
-  assert np.isfinite(np.asarray(out)).all()
-  assert_close_on_real_queries(out, expected, mask, atol=1e-5)
-  for grad, expected_grad in zip(grads, expected_grads):
-    np.testing.assert_allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
+  assert_matches_naive_float32('splash', *inputs(100), interpret=True)
 
 
 def test_splash_interpret_under_a_mesh():

@@ -277,7 +277,7 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
 
 
 def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings, student_graphdef,
-                    teacher_graphdef):
+                   teacher_graphdef):
     """`train_step` under `jax.jit` with explicit shardings for this mesh.
 
     Returns `(step, batch_shardings, param_shardings, opt_shardings)`; `step(params, opt_state, teacher_state, batch,
