@@ -118,11 +118,10 @@ def model_config_path(checkpoint_path: str, config_file: str) -> str:
   raise FileNotFoundError(f'no config.json for {checkpoint_path!r}: neither {own} nor {shipped} exists')
 
 
-def model_config(path: str, *, dtype: str, param_dtype: str, config) -> ModelConfig:
+def model_config(path: str, *, dtype: str, param_dtype: str, runtime: dict) -> ModelConfig:
   with open(path) as f:
     hf = json.load(f)
-  return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(
-      **config_validation.model_runtime_fields(config.model))
+  return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(**runtime)
 
 
 def abstract_model(model_config: ModelConfig, mesh):
@@ -199,14 +198,14 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   """Name -> (lower function, input groups, model FLOPs, extra rows) for every program of `config`."""
   num_devices = len(topology.devices)
   config_validation.validate_config(config, num_devices=num_devices, check_paths=False)
-  mesh = jax.sharding.Mesh(np.asarray(topology.devices).reshape(config_validation.mesh_shape(config.mesh,
-                                                                                              num_devices)),
-                           sharding.MESH_AXES)
+  mesh_shape = config_validation.mesh_shape(config.mesh, num_devices)
+  mesh = sharding.make_mesh(*mesh_shape, devices=topology.devices)
   m = config.model
   student_config = model_config(model_config_path(m.student_path, config_file), dtype=m.dtype,
-                                param_dtype=m.param_dtype, config=config)
+                                param_dtype=m.param_dtype, runtime=config_validation.model_runtime_fields(m))
   teacher_config = model_config(model_config_path(m.teacher_path, config_file), dtype=m.teacher_dtype,
-                                param_dtype=m.teacher_dtype, config=config)
+                                param_dtype=m.teacher_dtype,
+                                runtime=config_validation.model_runtime_fields(m, trained=False))
   vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
   student_graphdef, params = abstract_model(student_config, mesh)
   teacher_graphdef, teacher_state = abstract_model(teacher_config, mesh)
@@ -235,8 +234,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
 
   # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
   rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
-  batch_axes = config_validation.mesh_shape(config.mesh, num_devices)[:2]
-  rows_per_chip = math.ceil(rows / math.prod(batch_axes))
+  rows_per_chip = math.ceil(rows / math.prod(mesh_shape[:2]))
   for name, graphdef, state, c in (('rollout_teacher', teacher_graphdef, teacher_state, teacher_config),
                                    ('rollout_student', student_graphdef, params, student_config)):
     args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, mesh),
@@ -245,7 +243,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
             _abstract((), jnp.float32, mesh), _abstract((1,), jnp.int32, mesh))
     static = dict(max_new_tokens=new, greedy=False, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
                   pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size)
-    tensor = config_validation.mesh_shape(config.mesh, num_devices)[2]
+    tensor = mesh_shape[2]
     kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
     cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
 

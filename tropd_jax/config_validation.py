@@ -166,10 +166,11 @@ def prefix_enabled(config) -> bool:
     return bool(config.prefix.enabled)
 
 
-def model_runtime_fields(model_config) -> dict:
-    """The `ModelConfig` fields that say how to run the models (attention kernel, rematerialisation)."""
+def model_runtime_fields(model_config, *, trained: bool = True) -> dict:
+    """The `ModelConfig` fields that say how to run a model (attention kernel, rematerialisation); a model that is
+    never trained (the teacher) has nothing to rematerialise."""
     return {'attention': model_config.attention, 'attention_block_size': model_config.attention_block_size,
-            'remat': model_config.remat}
+            'remat': model_config.remat if trained else 'none'}
 
 
 def loss_hyperparameters(loss_config) -> dict:

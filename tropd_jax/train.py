@@ -359,9 +359,9 @@ def load_models(config, mesh):
     teacher, teacher_config = from_pretrained(m.teacher_path, dtype=m.teacher_dtype, param_dtype=m.teacher_dtype,
                                               mesh=mesh)
     # How to run them (attention kernel, rematerialisation) comes from the run's config, not the checkpoints'.
-    runtime = config_validation.model_runtime_fields(m)
-    student.config = student_config = student_config.replace(**runtime)
-    teacher.config = teacher_config = teacher_config.replace(**{**runtime, 'remat': 'none'})  # never trained
+    student.config = student_config = student_config.replace(**config_validation.model_runtime_fields(m))
+    teacher.config = teacher_config = teacher_config.replace(
+        **config_validation.model_runtime_fields(m, trained=False))
     # The losses compare the two distributions id by id, over the ids the tokenizer can produce.
     vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_vocab_size=teacher_config.vocab_size,
                                              student_vocab_size=student_config.vocab_size)

@@ -342,16 +342,15 @@ class Decoder(nnx.Module):
     for layer, block in enumerate(self.layers):
       if remat:
         x = _remat_block(block, x, cos, sin, mask, kernel, config.remat)
-        x = sharding.constrain(x, ('batch', 'length', None))
-        continue
-      if per_layer:
-        layer_cache = (cache.k[layer], cache.v[layer], index)
       else:
-        layer_cache = None if cache is None else (*kv, index)
-      x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel)
-      if per_layer:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        if per_layer:
+          layer_cache = (cache.k[layer], cache.v[layer], index)
+        else:
+          layer_cache = None if cache is None else (*kv, index)
+        x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel)
+        if per_layer:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
       x = sharding.constrain(x, ('batch', 'length', None))
 
     if per_layer:
@@ -364,7 +363,7 @@ class Decoder(nnx.Module):
     return x @ self.lm_head_weight().astype(dt), cache
 
 
-REMAT_POLICIES = {
+_CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
     'full': None,  # keep only the layer's input
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
@@ -377,7 +376,7 @@ def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str):
 
   def run(state, x, cos, sin, mask):
     return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel)[0]
-  return jax.checkpoint(run, policy=REMAT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask)
+  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask)
 
 
 def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
