@@ -73,7 +73,26 @@ def absorb_abandoned_read_reports():
     finally:
         gc.collect()  # the abandoned reads' futures are reference cycles: report (and drop) them now, not later
         asyncio_logger.removeFilter(log_filter)
-        sys.unraisablehook = previous
+        sys.unraisablehook = _drop_closed_loop_reports(previous)
+
+
+def _drop_closed_loop_reports(previous):
+    """`previous` (an unraisable hook) less the reports of callbacks posted to a closed asyncio loop.
+
+    Reads that Orbax abandoned keep running on tensorstore's threads after the restore has returned; each one that
+    finishes later posts to the closed loop and reports `Event loop is closed`, at any later time. Those reports,
+    and only those, stay dropped; the hook is wrapped once however many restores run."""
+    if getattr(previous, '_drops_closed_loop_reports', False):
+        return previous
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+                and _is_abandoned_read_report(unraisable)):
+            previous(unraisable)
+
+    hook._drops_closed_loop_reports = True
+    return hook
 
 
 class Checkpointer:
