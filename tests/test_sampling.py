@@ -293,6 +293,69 @@ def test_bad_arguments(checkpoints):
     sampling.rollout(model, model, tokens, mask, np.ones(3), jax.random.key(0), max_new_tokens=4)
 
 
+# Continuous batching: prompts of different lengths, budgets from 0 to N, forced prefixes (one with an EOS) and an
+# EOS set, so rows stop at different steps and slots are refilled in an order unlike the rows'.
+RAGGED_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20], [30, 31, 32, 33, 34], [40, 41], [50, 51, 52, 53, 54, 55],
+                  [60], [70, 71, 72]]
+RAGGED_BUDGETS = np.array([2, N, 1, 0, 7, N, 3, 5])
+RAGGED_FORCED = np.array([[40 + i, 41 + i, EOS if i == 2 else 42 + i, 43 + i] for i in range(8)])
+RAGGED_FORCED_LENGTHS = np.array([0, 2, 4, 1, 3, 0, 1, 4])
+
+
+def ragged_generate(model, key, settings, **kwargs):
+  tokens, mask = sampling.pad_prompts(RAGGED_PROMPTS, (8,))
+  return sampling.generate(model, tokens, mask, key, max_new_tokens=N, max_lengths=RAGGED_BUDGETS,
+                           forced_tokens=RAGGED_FORCED, forced_lengths=RAGGED_FORCED_LENGTHS, pad_id=PAD, **settings,
+                           **kwargs)
+
+
+def assert_same_rollouts(got, want, rows=slice(None)):
+  for field in ('tokens', 'input_mask', 'response_mask', 'prefix_mask', 'lengths', 'finish_reason'):
+    np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field))[rows], field)
+  for field in ('logprobs', 'model_logprobs'):
+    np.testing.assert_allclose(np.asarray(getattr(got, field)), np.asarray(getattr(want, field))[rows], atol=1e-5,
+                               err_msg=field)
+
+
+@pytest.mark.parametrize('slots', [1, 3])
+def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, slots):
+  model, torch_model, _ = checkpoints['student']
+  sampled = dict(eos_ids=(EOS, 17, 33, 90), **CUT)
+  static = ragged_generate(model, jax.random.key(4), sampled)
+  continuous = ragged_generate(model, jax.random.key(4), sampled, decode_slots=slots)
+  # Not degenerate: rows stop at different steps, by EOS and by budget, and some take forced tokens.
+  lengths = np.asarray(static.lengths)
+  assert len(set(lengths.tolist())) >= 4 and lengths.min() == 0
+  assert set(np.asarray(static.finish_reason).tolist()) == {sampling.FINISH_EOS, sampling.FINISH_LENGTH}
+  assert_same_rollouts(continuous, static)
+  tokens, mask = sampling.pad_prompts(RAGGED_PROMPTS, (8,))
+  check_layout(continuous, mask)
+  # Greedy, against each rollout generated alone (batch 1) and the reference model's log-probs.
+  greedy = ragged_generate(model, jax.random.key(0), dict(temperature=0.0, eos_ids=(EOS, 17, 33, 90)),
+                           decode_slots=slots)
+  assert_logprobs_match(torch_model, greedy)
+  for row in range(len(RAGGED_PROMPTS)):
+    alone = sampling.generate(model, tokens[row:row + 1], mask[row:row + 1], jax.random.key(0), max_new_tokens=N,
+                              max_lengths=RAGGED_BUDGETS[row:row + 1], forced_tokens=RAGGED_FORCED[row:row + 1],
+                              forced_lengths=RAGGED_FORCED_LENGTHS[row:row + 1], pad_id=PAD, temperature=0.0,
+                              eos_ids=(EOS, 17, 33, 90))
+    one = jax.tree.map(lambda x, row=row: x[row:row + 1], greedy)
+    assert_same_rollouts(one, alone)
+
+
+def test_continuous_batching_rollout_with_teacher_prefixes(checkpoints):
+  student, student_torch, _ = checkpoints['student']
+  teacher, _, _ = checkpoints['teacher']
+  tokens, mask = prompts()
+  prefix_lengths = np.array([0, 3, 8, 5, 2, 0, 1, 4])
+  settings = dict(max_new_tokens=8, num_rollouts=2, eos_ids=(EOS, 17), **CUT)
+  static = sampling.rollout(teacher, student, tokens, mask, prefix_lengths, jax.random.key(2), **settings)
+  continuous = sampling.rollout(teacher, student, tokens, mask, prefix_lengths, jax.random.key(2), decode_slots=3,
+                                **settings)
+  assert 0 < int(np.asarray(static.prefix_mask).sum()) < int(np.asarray(static.response_mask).sum())
+  assert_same_rollouts(continuous, static)
+
+
 _SHARDED_SCRIPT = textwrap.dedent('''
     import json, os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
@@ -314,12 +377,20 @@ _SHARDED_SCRIPT = textwrap.dedent('''
         spec = sharding.activation_sharding(mesh, ('batch', 'length'), tokens.shape)
         out = sampling.generate(sharded_model, jax.device_put(tokens, spec), mask, jax.random.key(0),
                                 max_new_tokens=6, max_lengths=max_lengths)
+        # Continuous batching: 4 slots over the shards (one per shard on 2x2x2, whose shards hold two rows each).
+        refilled = sampling.generate(sharded_model, jax.device_put(tokens, spec), mask, jax.random.key(0),
+                                     max_new_tokens=6, max_lengths=max_lengths, decode_slots=4)
       reports.append({
           'same_tokens': bool((np.asarray(out.tokens) == np.asarray(plain.tokens)).all()),
           'same_lengths': bool((np.asarray(out.lengths) == np.minimum(max_lengths, 6)).all()),
           'max_logprob_diff': float(np.abs(np.asarray(out.logprobs) - np.asarray(plain.logprobs)).max()),
           'devices': len(out.tokens.sharding.device_set),
           'shard_rows': out.tokens.addressable_shards[0].data.shape[0],
+          'continuous_same_tokens': bool((np.asarray(refilled.tokens) == np.asarray(plain.tokens)).all()),
+          'continuous_same_lengths': bool((np.asarray(refilled.lengths) == np.minimum(max_lengths, 6)).all()),
+          'continuous_max_logprob_diff': float(np.abs(np.asarray(refilled.logprobs) -
+                                                      np.asarray(plain.logprobs)).max()),
+          'continuous_devices': len(refilled.tokens.sharding.device_set),
       })
     print(json.dumps(reports))
 ''')
@@ -333,6 +404,8 @@ def test_generate_under_a_mesh_splits_the_batch(checkpoints):
   for report in json.loads(result.stdout.strip().splitlines()[-1]):  # data x fsdp x tensor = 4x2x1, 2x2x2
     assert report['same_tokens'] and report['same_lengths'] and report['max_logprob_diff'] < 1e-4
     assert report['devices'] == 8
+    assert report['continuous_same_tokens'] and report['continuous_same_lengths']
+    assert report['continuous_max_logprob_diff'] < 1e-4 and report['continuous_devices'] == 8
   assert [r['shard_rows'] for r in json.loads(result.stdout.strip().splitlines()[-1])] == [1, 2]
 
 

@@ -204,6 +204,30 @@ def _constrain_cache(cache: KVCache) -> KVCache:
                  valid=sharding.constrain(cache.valid, ('batch', 'length')), index=cache.index)
 
 
+def _choose_tokens(logits, uniform, forced_token, forced, temperature, *, greedy, top_k, top_p, vocab_size):
+  """One response token per row: logits [B, V] (its distribution), uniform [B], forced_token [B], forced [B] bool
+  (write forced_token instead of a sample). Returns (token [B] int32, logprob [B], model_logprob [B]) float32: the
+  token's log-probs under the sampled distribution and under the temperature-1 model softmax."""
+  logits = logits.astype(jnp.float32)
+  if vocab_size is not None and vocab_size < logits.shape[-1]:
+    # Padding rows of the LM head beyond the real vocabulary are never sampled and carry no probability.
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+  # Only the chosen token's log-probs are kept, so neither distribution is normalised over the vocabulary: a
+  # log-prob is its logit minus a logsumexp (fewer ops per step than two full log-softmaxes).
+  model_lse = jax.nn.logsumexp(logits, axis=-1)
+  if greedy:
+    sampled, scaled, lse = greedy_token(logits), logits, model_lse
+  else:
+    scaled = sampling_logits(logits, temperature, top_k, top_p)
+    shift = jnp.max(scaled, axis=-1, keepdims=True)
+    sampled, total = _sample_and_total(scaled - shift, uniform)
+    lse = shift[:, 0] + jnp.log(total)
+  token = jnp.where(forced, forced_token, sampled)
+  token_logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  token_scaled = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+  return token, token_scaled - lse, token_logit - model_lse
+
+
 def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
             temperature, eos_ids, *, max_new_tokens, greedy, top_k, top_p, pad_id, segment_length, vocab_size,
             sync_axes=()):
@@ -221,28 +245,15 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
   prompt_count = jnp.sum(prompt_mask, axis=1)  # position of the first response token
   max_lengths = jnp.minimum(max_lengths, max_new_tokens)
 
+  choose = functools.partial(_choose_tokens, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
+                             vocab_size=vocab_size)
+
   def emit(t, logits, state):
     """Chooses response token t of every row from `logits` [B, V] (its distribution) and records it."""
     out_tokens, out_logprobs, out_model_logprobs, done, lengths, finish = state
-    logits = logits.astype(jnp.float32)
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-      # Padding rows of the LM head beyond the real vocabulary are never sampled and carry no probability.
-      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    # Only the chosen token's log-probs are kept, so neither distribution is normalised over the vocabulary: a
-    # log-prob is its logit minus a logsumexp (fewer ops per step than two full log-softmaxes).
-    model_lse = jax.nn.logsumexp(logits, axis=-1)
-    if greedy:
-      sampled, scaled, lse = greedy_token(logits), logits, model_lse
-    else:
-      scaled = sampling_logits(logits, temperature, top_k, top_p)
-      shift = jnp.max(scaled, axis=-1, keepdims=True)
-      sampled, total = _sample_and_total(scaled - shift, uniforms[:, t])
-      lse = shift[:, 0] + jnp.log(total)
-    token = jnp.where(t < forced_lengths, forced_tokens[:, t], sampled)
+    token, token_logprob, token_model_logprob = choose(logits, uniforms[:, t], forced_tokens[:, t],
+                                                       t < forced_lengths)
     active = ~done
-    token_logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
-    token_scaled = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
-    token_logprob, token_model_logprob = token_scaled - lse, token_logit - model_lse
     out_tokens = out_tokens.at[:, t].set(jnp.where(active, token, pad_id))
     out_logprobs = out_logprobs.at[:, t].set(jnp.where(active, token_logprob, 0.0))
     out_model_logprobs = out_model_logprobs.at[:, t].set(jnp.where(active, token_model_logprob, 0.0))
@@ -295,14 +306,22 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
         lambda c, end=end: (c[0] < end) & ~all_done(c[4][3]), step, (t, token, active, cache, records))
 
   out_tokens, out_logprobs, out_model_logprobs, _, lengths, finish = records
-  columns = jnp.arange(max_new_tokens)
+  return jax.tree.map(row_batch, _assemble(prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs,
+                                           lengths, finish, forced_lengths))
+
+
+def _assemble(prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs, lengths, finish,
+              forced_lengths) -> Rollout:
+  """The `Rollout` of prompts [B, P] and per-row response records [B, N] (lengths, finish, forced_lengths: [B])."""
+  batch, prompt_length = prompt_tokens.shape
+  columns = jnp.arange(out_tokens.shape[1])
   response_mask = (columns[None] < lengths[:, None]).astype(jnp.int32)
   prefix_mask = (columns[None] < jnp.minimum(forced_lengths, lengths)[:, None]).astype(jnp.int32)
   prompt_zeros = jnp.zeros((batch, prompt_length), jnp.int32)
   join = lambda prompt_part, response_part: jnp.concatenate([prompt_part, response_part], axis=1)
-  rollout = Rollout(
+  return Rollout(
       tokens=join(prompt_tokens.astype(jnp.int32), out_tokens),
-      input_mask=join(prompt_mask, response_mask),
+      input_mask=join(prompt_mask.astype(jnp.int32), response_mask),
       response_mask=join(prompt_zeros, response_mask),
       prefix_mask=join(prompt_zeros, prefix_mask),
       logprobs=join(prompt_zeros.astype(jnp.float32), out_logprobs),
@@ -311,13 +330,135 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
       finish_reason=finish,
       prompt_length=prompt_length,
   )
-  return jax.tree.map(row_batch, rollout)
+
+
+def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths,
+                       max_lengths, temperature, eos_ids, *, decode_slots, max_new_tokens, greedy, top_k, top_p,
+                       pad_id, vocab_size, segment_length=None, sync_axes=()):
+  """`_decode` with continuous batching: R rollouts through `decode_slots` = S < R decode slots.
+
+  The first S rollouts are prefilled together; every step feeds each busy slot's last token and emits its next one.
+  A slot whose rollout stops (EOS or budget) takes the next pending rollout: its prompt is prefilled on its own and
+  written over the slot's region of the cache, and its first token is emitted in the same step. Each slot is at
+  its own response step, so the cache carries per-row write indices and every step attends to the whole
+  P + N-slot window (no growing segments: `segment_length` is unused). Rollout r draws `uniforms[r, t]` for its
+  token t, as `_decode` does, so its tokens do not depend on which slot or when it ran. Rollouts with no budget
+  are never prefilled.
+  """
+  del segment_length
+  rows, prompt_length = prompt_tokens.shape
+  slots = min(decode_slots, rows)
+  model = nnx.merge(graphdef, state)
+  config = model.config
+  row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
+
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  prompt_count = jnp.sum(prompt_mask, axis=1)
+  max_lengths = jnp.minimum(max_lengths, max_new_tokens)
+  # Rollouts with a budget first (in order), those without last: `runnable` of them are ever decoded.
+  order = jnp.argsort(max_lengths <= 0, stable=True).astype(jnp.int32)
+  runnable = jnp.sum(max_lengths > 0)
+  choose = functools.partial(_choose_tokens, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
+                             vocab_size=vocab_size)
+  lm_head = model.lm_head_weight().astype(jnp.dtype(config.dtype))
+  empty = jnp.int32(rows)  # the rollout id of an empty slot (out of range: its writes are dropped)
+
+  def emit(slot_row, t, logits, records):
+    """Token t [K] of the rollouts slot_row [K] (`empty` for none) from logits [K, V]; records it. Returns the
+    tokens, slot_row with the slots whose rollout stopped emptied, and the records."""
+    out_tokens, out_logprobs, out_model_logprobs, lengths, finish = records
+    row = jnp.minimum(slot_row, rows - 1)
+    token, logprob, model_logprob = choose(logits, uniforms[row, t], forced_tokens[row, t], t < forced_lengths[row])
+    active = (slot_row < rows) & (t < max_lengths[row])
+    target = jnp.where(active, slot_row, empty)
+    out_tokens = out_tokens.at[target, t].set(token, mode='drop')
+    out_logprobs = out_logprobs.at[target, t].set(logprob, mode='drop')
+    out_model_logprobs = out_model_logprobs.at[target, t].set(model_logprob, mode='drop')
+    lengths = lengths.at[target].add(1, mode='drop')
+    hit_eos = active & jnp.isin(token, eos_ids)
+    finish = finish.at[jnp.where(hit_eos, slot_row, empty)].set(FINISH_EOS, mode='drop')
+    stopped = ~active | hit_eos | (t + 1 >= max_lengths[row])
+    slot_row = jnp.where(stopped, empty, slot_row)
+    return token, slot_row, (out_tokens, out_logprobs, out_model_logprobs, lengths, finish)
+
+  records = (
+      row_batch(jnp.full((rows, max_new_tokens), pad_id, jnp.int32)),
+      row_batch(jnp.zeros((rows, max_new_tokens), jnp.float32)),
+      row_batch(jnp.zeros((rows, max_new_tokens), jnp.float32)),
+      row_batch(jnp.zeros((rows,), jnp.int32)),
+      row_batch(jnp.full((rows,), FINISH_LENGTH, jnp.int32)),
+  )
+  # The first S rollouts: one batched prefill into slots [0, P) of every slot, then their first tokens.
+  first = order[:slots]
+  cache = _constrain_cache(init_cache(config, slots, prompt_length + max_new_tokens, per_layer=True))
+  hidden, cache = forward(graphdef, state, prompt_tokens[first], prompt_positions[first], prompt_mask[first], cache,
+                          True)
+  slot_row = jnp.where(jnp.arange(slots) < runnable, first, empty)
+  token, slot_row, records = emit(slot_row, jnp.zeros((slots,), jnp.int32), hidden[:, -1] @ lm_head, records)
+  cache = cache.replace(index=jnp.full((slots,), prompt_length, jnp.int32))
+  slot_t = jnp.ones((slots,), jnp.int32)  # the next token each slot emits
+
+  def can_refill(carry):
+    return (carry[4] < runnable) & jnp.any(carry[0] >= rows)
+
+  def refill_one(carry):
+    """Puts the next pending rollout into the first empty slot: prefill, cache write, first token."""
+    slot_row, slot_t, token, cache, pending, records = carry
+    slot = jnp.min(jnp.where(slot_row >= rows, jnp.arange(slots), slots - 1))
+    row = order[jnp.minimum(pending, rows - 1)]
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1)
+    fresh = init_cache(config, 1, prompt_length, per_layer=True)
+    hidden, fresh = forward(graphdef, state, take(prompt_tokens), take(prompt_positions), take(prompt_mask), fresh,
+                            True)
+    put = lambda big, new: jax.lax.dynamic_update_slice(big, new.astype(big.dtype), (slot, 0, 0, 0))
+    valid = jnp.concatenate([take(prompt_mask).astype(bool), jnp.zeros((1, max_new_tokens), bool)], axis=1)
+    cache = KVCache(k=tuple(map(put, cache.k, fresh.k)), v=tuple(map(put, cache.v, fresh.v)),
+                    valid=jax.lax.dynamic_update_slice(cache.valid, valid, (slot, 0)),
+                    index=cache.index.at[slot].set(prompt_length))
+    new_token, new_row, records = emit(row[None], jnp.zeros((1,), jnp.int32), hidden[:, -1] @ lm_head, records)
+    return (slot_row.at[slot].set(new_row[0]), slot_t.at[slot].set(1), token.at[slot].set(new_token[0]), cache,
+            pending + 1, records)
+
+  def refill(carry):
+    if not sync_axes:
+      return jax.lax.while_loop(can_refill, refill_one, carry)
+    # Shards that must step together (collectives of the automatic axes inside the loop) also refill together: a
+    # shard with nothing to refill runs the body and keeps its old carry.
+    def synced_refill_one(carry):
+      refilled = refill_one(carry)
+      return jax.tree.map(lambda new, old: jnp.where(can_refill(carry), new, old), refilled, carry)
+    any_refill = lambda c: jax.lax.pmax(can_refill(c).astype(jnp.int32), sync_axes).astype(bool)
+    return jax.lax.while_loop(any_refill, synced_refill_one, carry)
+
+  def step(carry):
+    """Feeds each busy slot's last token (at its slot P + t - 1) and emits its token t; then refills."""
+    slot_row, slot_t, token, cache, pending, records = carry
+    busy = slot_row < rows
+    row = jnp.minimum(slot_row, rows - 1)
+    hidden, cache = forward(graphdef, state, token[:, None], (prompt_count[row] + slot_t - 1)[:, None],
+                            busy[:, None], cache, True)
+    token, slot_row, records = emit(slot_row, slot_t, hidden[:, 0] @ lm_head, records)
+    # An emptied slot restarts at step 1, so its (masked, unused) writes stay inside its P + N slots.
+    slot_t = jnp.where(slot_row < rows, slot_t + 1, 1)
+    cache = cache.replace(index=prompt_length + slot_t - 1)
+    return refill((slot_row, slot_t, token, cache, pending, records))
+
+  def busy(carry):
+    done = jnp.all(carry[0] >= rows).astype(jnp.int32)
+    return ~(jax.lax.pmin(done, sync_axes) if sync_axes else done).astype(bool)
+
+  carry = refill((slot_row, slot_t, token, cache, jnp.minimum(runnable, slots), records))
+  records = jax.lax.while_loop(busy, step, carry)[-1]
+  out_tokens, out_logprobs, out_model_logprobs, lengths, finish = records
+  return jax.tree.map(row_batch, _assemble(prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs,
+                                           lengths, finish, forced_lengths))
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'greedy', 'top_k', 'top_p', 'pad_id',
-                                             'segment_length', 'vocab_size'))
+                                             'segment_length', 'vocab_size', 'decode_slots'))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, forced_lengths, max_lengths,
-              temperature, eos_ids, **settings):
+              temperature, eos_ids, decode_slots=0, **settings):
   """The compiled program behind `generate`: one per shapes, model and static settings (the temperature and the
   EOS ids are inputs, so changing them does not recompile).
 
@@ -327,10 +468,12 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, f
   along `fsdp` once per call on entry (inference holds the weights split only along `tensor`, as rollout engines
   do); the `tensor` axis stays automatic. The sampling randomness is drawn for the whole batch first, so the tokens
   do not depend on the mesh.
+
+  `decode_slots` > 0 and below the batch: continuous batching (`_decode_continuous`), each shard with its share of
+  the slots (rounded up) over its own rows.
   """
   batch = prompt_tokens.shape[0]
   uniforms = sharding.constrain(jax.random.uniform(key, (batch, settings['max_new_tokens'])), ('batch', None))
-  decode = functools.partial(_decode, graphdef, **settings)
   mesh = jax.sharding.get_abstract_mesh()
   sizes = {} if mesh.empty else dict(mesh.shape)
   # Manual axes: data, plus fsdp when the batch divides over both (XLA's partitioner also needs the automatic
@@ -342,6 +485,11 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, f
   automatic = [a for a, n in sizes.items() if n > 1 and a not in axes]
   if len(automatic) > 1:
     axes = ()  # all automatic
+  shards = math.prod(sizes[a] for a in axes)
+  if 0 < decode_slots < batch:
+    decode = functools.partial(_decode_continuous, graphdef, decode_slots=-(-decode_slots // shards), **settings)
+  else:
+    decode = functools.partial(_decode, graphdef, **settings)
   if axes:
     if automatic:
       # XLA CPU joins a collective-permute of the automatic (tensor) axis across every device, so shards that
@@ -367,7 +515,7 @@ def default_segment_length(max_new_tokens: int) -> int:
 def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              forced_tokens=None, forced_lengths=None, max_lengths=None, pad_id: int = 0,
-             segment_length: int | None = None, vocab_size: int | None = None) -> Rollout:
+             segment_length: int | None = None, vocab_size: int | None = None, decode_slots: int = 0) -> Rollout:
   """Samples up to `max_new_tokens` response tokens per row in one compiled program.
 
   Args:
@@ -389,6 +537,11 @@ def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, m
     segment_length: decode steps per attention window (see the module docstring); default
       `default_segment_length(N)`.
     vocab_size: the real vocabulary; logits of the LM head's padding rows beyond it are masked out (None = all).
+    decode_slots: 0 (or >= B) decodes the B rows as one static batch until its longest row stops. S in [1, B):
+      continuous batching through S decode slots (split over the batch shards): a row that stops hands its slot
+      (and its KV cache region of P + N slots) to the next pending row, whose prompt is prefilled there. Each
+      row's tokens and log-probs are those of the static batch with the same key; the cache holds S rows instead
+      of B, and rows that stop early no longer hold their compute until the longest one stops.
 
   Returns:
     A `Rollout` with P + N columns.
@@ -409,6 +562,8 @@ def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, m
   segment_length = segment_length or default_segment_length(max_new_tokens)
   if segment_length < 1:
     raise ValueError(f'segment_length must be >= 1, got {segment_length}.')
+  if decode_slots < 0:
+    raise ValueError(f'decode_slots must be >= 0 (0 = one static batch), got {decode_slots}.')
   segment_length = min(segment_length, max_new_tokens)
   if forced_tokens is None:
     if forced_lengths is not None:
@@ -435,7 +590,8 @@ def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, m
   return _generate(graphdef, state, prompt_tokens, prompt_mask, key, forced_tokens, forced_lengths, max_lengths,
                    jnp.float32(temperature if temperature > 0 else 1.0), eos_ids, max_new_tokens=max_new_tokens,
                    greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p), pad_id=int(pad_id),
-                   segment_length=int(segment_length), vocab_size=None if vocab_size is None else int(vocab_size))
+                   segment_length=int(segment_length), vocab_size=None if vocab_size is None else int(vocab_size),
+                   decode_slots=int(decode_slots) if decode_slots < batch else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -445,7 +601,7 @@ def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, m
 def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask, prefix_lengths, key: jax.Array, *,
             max_new_tokens: int, num_rollouts: int = 1, temperature: float = 1.0, top_k: int = 0,
             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-            segment_length: int | None = None, vocab_size: int | None = None) -> Rollout:
+            segment_length: int | None = None, vocab_size: int | None = None, decode_slots: int = 0) -> Rollout:
   """Responses whose first `prefix_lengths[b]` tokens are sampled from the teacher and the rest from the student.
 
   The teacher runs only until every row has its prefix (and not at all when every prefix length is 0: plain
@@ -461,7 +617,8 @@ def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask
     key: PRNG key.
     max_new_tokens: N, response columns.
     num_rollouts: responses per prompt; the rows of prompt i are rows i * num_rollouts ... (i + 1) * num_rollouts - 1.
-    temperature, top_k, top_p, eos_ids, pad_id, segment_length, vocab_size: as `generate`, for both models.
+    temperature, top_k, top_p, eos_ids, pad_id, segment_length, vocab_size, decode_slots: as `generate`, for both
+      models (with continuous batching the teacher decodes only the rows that take a prefix).
 
   Returns:
     A `Rollout` of B * num_rollouts rows.
@@ -477,7 +634,8 @@ def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask
   if prefix_lengths.shape != (rows,):
     raise ValueError(f'prefix_lengths must be [B] or [B * num_rollouts] = [{rows}], got {prefix_lengths.shape}.')
   settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  eos_ids=eos_ids, pad_id=pad_id, segment_length=segment_length, vocab_size=vocab_size)
+                  eos_ids=eos_ids, pad_id=pad_id, segment_length=segment_length, vocab_size=vocab_size,
+                  decode_slots=decode_slots)
   teacher_key, student_key = jax.random.split(key)
   if int(jnp.max(prefix_lengths)) <= 0:
     return generate(student, prompt_tokens, prompt_mask, student_key, **settings)

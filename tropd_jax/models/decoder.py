@@ -39,7 +39,8 @@ class KVCache:
     transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
     a transposed operand made the scores cost twice the values.
   valid: [B, S] bool, the slots that hold a real (non-padding) token.
-  index: [] int32, the next slot to write (shared by every row).
+  index: [] int32, the next slot to write (shared by every row); or [B] int32, each row's own next slot (continuous
+    batching: rows at different steps of their responses), accepted by one-token decode steps only.
   """
   k: jax.Array
   v: jax.Array
@@ -205,19 +206,25 @@ class Attention(nnx.Module):
       k = rms_norm(k, self.k_norm[...], self.eps)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
+    b, n, t, d = q.shape
     new_cache = None
     if cache is not None:
       cache_k, cache_v, index = cache
       stacked = cache_k.ndim == 5
       new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
-      if stacked:
-        new_k, new_v = new_k[None], new_v[None]
-      lead = (layer,) if stacked else ()
-      cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
-      cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
+      if index.ndim:  # per-row slots (one new token per row): a scatter of B columns
+        rows = jnp.arange(b)
+        lead = (layer, rows) if stacked else (rows,)
+        cache_k = cache_k.at[lead + (slice(None), slice(None), index)].set(new_k[..., 0].astype(cache_k.dtype))
+        cache_v = cache_v.at[lead + (slice(None), index)].set(new_v[:, :, 0].astype(cache_v.dtype))
+      else:
+        if stacked:
+          new_k, new_v = new_k[None], new_v[None]
+        lead = (layer,) if stacked else ()
+        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
       new_cache = (cache_k, cache_v)
 
-    b, n, t, d = q.shape
     if allowed is None:
       out = attention_lib.attention(q, k, v, mask, implementation=kernel[0], block_size=kernel[1])
     else:
@@ -325,10 +332,15 @@ class Decoder(nnx.Module):
       index = allowed = None
     else:
       index = cache.index
-      valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+      if index.ndim:  # each row writes its own slot (continuous batching)
+        if t != 1:
+          raise ValueError(f'A cache with per-row indices {index.shape} takes one-token steps only, got T={t}.')
+        valid = cache.valid.at[jnp.arange(tokens.shape[0]), index].set(mask[:, 0])
+      else:
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
       if t == 1:  # a decode step attends to the cache; a prefill (T > 1, empty cache) to its own T tokens
         slots = jnp.arange(valid.shape[1])
-        allowed = valid[:, None, :] & (slots[None, None, :] <= index)  # [B, 1, S]
+        allowed = valid[:, None, :] & (slots[None, None, :] <= index[..., None, None])  # [B, 1, S]
       else:
         allowed = None
     kernel = (config.attention, config.attention_block_size)
