@@ -41,8 +41,10 @@ def get_config(arg=None):
     config.rollout.num_rollouts = 4
     config.rollout.max_new_tokens = 8096
     config.rollout.temperature = 1.0
-    config.rollout.batch_size = 32  # prompts (x 4 rollouts) per generation call: the KV caches of 512 rows of
-    #   9,120 tokens do not fit a v5p-8 at once (ours)
+    # All 512 rollouts of a step in one generation call through 128 decode slots (continuous batching): the KV
+    #   caches of 512 rows of 9,120 tokens do not fit a v5p-8 at once, those of 128 do (ours)
+    config.rollout.batch_size = 0
+    config.rollout.decode_slots = 128
 
     # config.prefix.enabled stays None (default): tropd* methods get teacher prefixes, cosine-annealed 8096 -> 0
     config.prefix.schedule = 'cosine'

@@ -33,7 +33,8 @@ def get_config(arg=None):
     config.rollout.num_rollouts = 4
     config.rollout.max_new_tokens = 8096
     config.rollout.temperature = 1.0
-    config.rollout.batch_size = 32  # prompts per generation call, so the KV caches fit (ours)
+    config.rollout.batch_size = 0  # all prompts in one generation call ...
+    config.rollout.decode_slots = 128  # ... through 128 decode slots (continuous batching), so the KV caches fit (ours)
 
     config.loss.method = 'tropd'
     config.loss.k = 64

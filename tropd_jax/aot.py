@@ -10,6 +10,7 @@ the programs are compiled for the topology on this machine (TPU topologies need 
 `cpu:N` compiles for N CPU devices). Programs, each at the config's shapes and mesh:
 
   rollout_teacher   the teacher writing prefixes: prefill + decode of `rollout.batch_size` prompts x rollouts
+                    (through `rollout.decode_slots` slots when set: continuous batching)
   rollout_student   the student's continuation (same shapes)
   teacher_scoring   the teacher's top-k targets for one micro-batch (no gradient)
   student_grad      the student's forward + backward and loss on one micro-batch (the teacher's targets given)
@@ -234,7 +235,8 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
 
   # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
   rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
-  rows_per_chip = math.ceil(rows / math.prod(mesh_shape[:2]))
+  slots = config.rollout.decode_slots if 0 < config.rollout.decode_slots < rows else rows  # rows decoded at once
+  rows_per_chip = math.ceil(slots / math.prod(mesh_shape[:2]))
   for name, graphdef, state, c in (('rollout_teacher', teacher_graphdef, teacher_state, teacher_config),
                                    ('rollout_student', student_graphdef, params, student_config)):
     args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, mesh),
@@ -242,7 +244,8 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
             _abstract((rows,), jnp.int32, mesh), _abstract((rows,), jnp.int32, mesh),
             _abstract((), jnp.float32, mesh), _abstract((1,), jnp.int32, mesh))
     static = dict(max_new_tokens=new, greedy=False, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
-                  pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size)
+                  pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size,
+                  decode_slots=slots if slots < rows else 0)
     tensor = mesh_shape[2]
     kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
     cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize

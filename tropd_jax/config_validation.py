@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.top_k = 0  # 0 = no top-k cut
     rollout.top_p = 1.0
     rollout.batch_size = 0  # prompts per generation call; 0 = all prompts of the step at once
+    # Continuous batching: rows decoded at once per generation call; a row that stops hands its slot (and KV cache)
+    # to the next pending one. 0 = static batches (every row of a call decoded until its longest stops).
+    rollout.decode_slots = 0
 
     config.prefix = prefix = ml_collections.ConfigDict()
     prefix.enabled = ml_collections.config_dict.placeholder(bool)  # None = the tropd* methods get teacher-prefix guidance, the baselines do not
@@ -222,6 +225,9 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         rb == 0 or (rb >= 1 and t.prompts_per_step % rb == 0),
         f'rollout.batch_size={rb} must be 0 or divide train.prompts_per_step={t.prompts_per_step}',
     )
+
+    _require(c.rollout.decode_slots >= 0,
+             f'rollout.decode_slots={c.rollout.decode_slots} must be >= 0 (0 = static batches)')
 
     # Rollouts and the prefix schedule.
     r = c.rollout

@@ -334,12 +334,14 @@ def _assemble(prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_lo
 
 def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths,
                        max_lengths, temperature, eos_ids, *, decode_slots, max_new_tokens, greedy, top_k, top_p,
-                       pad_id, vocab_size, segment_length=None, sync_axes=()):
+                       pad_id, vocab_size, refill_group_size=0, segment_length=None, sync_axes=()):
   """`_decode` with continuous batching: R rollouts through `decode_slots` = S < R decode slots.
 
   The first S rollouts are prefilled together; every step feeds each busy slot's last token and emits its next one.
-  A slot whose rollout stops (EOS or budget) takes the next pending rollout: its prompt is prefilled on its own and
-  written over the slot's region of the cache, and its first token is emitted in the same step. Each slot is at
+  A slot whose rollout stops (EOS or budget) takes the next pending rollout: once `refill_group_size` slots are
+  empty (default S / 8; fewer at the end), the next pending prompts are prefilled together, written over those
+  slots' regions of the cache, and their first tokens emitted in the same step (a prefill per rollout would cost
+  more than a decode step of all S slots on CPU). Each slot is at
   its own response step, so the cache carries per-row write indices and every step attends to the whole
   P + N-slot window (no growing segments: `segment_length` is unused). Rollout r draws `uniforms[r, t]` for its
   token t, as `_decode` does, so its tokens do not depend on which slot or when it ran. Rollouts with no budget
@@ -363,6 +365,7 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
                              vocab_size=vocab_size)
   lm_head = model.lm_head_weight().astype(jnp.dtype(config.dtype))
   empty = jnp.int32(rows)  # the rollout id of an empty slot (out of range: its writes are dropped)
+  group = min(refill_group_size or max(1, slots // 8), slots)
 
   def emit(slot_row, t, logits, records):
     """Token t [K] of the rollouts slot_row [K] (`empty` for none) from logits [K, V]; records it. Returns the
@@ -400,36 +403,42 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
   slot_t = jnp.ones((slots,), jnp.int32)  # the next token each slot emits
 
   def can_refill(carry):
-    return (carry[4] < runnable) & jnp.any(carry[0] >= rows)
+    """Whether a group can be refilled: `refill_group` empty slots (fewer once fewer rollouts are pending)."""
+    left = runnable - carry[4]
+    return (left > 0) & (jnp.sum(carry[0] >= rows) >= jnp.minimum(group, left))
 
-  def refill_one(carry):
-    """Puts the next pending rollout into the first empty slot: prefill, cache write, first token."""
+  def refill_group(carry):
+    """Puts the next pending rollouts (up to `group`) into empty slots: one prefill of their prompts, their cache
+    regions written, their first tokens emitted."""
     slot_row, slot_t, token, cache, pending, records = carry
-    slot = jnp.min(jnp.where(slot_row >= rows, jnp.arange(slots), slots - 1))
-    row = order[jnp.minimum(pending, rows - 1)]
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1)
-    fresh = init_cache(config, 1, prompt_length, per_layer=True)
-    hidden, fresh = forward(graphdef, state, take(prompt_tokens), take(prompt_positions), take(prompt_mask), fresh,
-                            True)
-    put = lambda big, new: jax.lax.dynamic_update_slice(big, new.astype(big.dtype), (slot, 0, 0, 0))
-    valid = jnp.concatenate([take(prompt_mask).astype(bool), jnp.zeros((1, max_new_tokens), bool)], axis=1)
-    cache = KVCache(k=tuple(map(put, cache.k, fresh.k)), v=tuple(map(put, cache.v, fresh.v)),
-                    valid=jax.lax.dynamic_update_slice(cache.valid, valid, (slot, 0)),
-                    index=cache.index.at[slot].set(prompt_length))
-    new_token, new_row, records = emit(row[None], jnp.zeros((1,), jnp.int32), hidden[:, -1] @ lm_head, records)
-    return (slot_row.at[slot].set(new_row[0]), slot_t.at[slot].set(1), token.at[slot].set(new_token[0]), cache,
-            pending + 1, records)
+    free = slot_row >= rows
+    count = jnp.minimum(jnp.minimum(group, jnp.sum(free)), runnable - pending)
+    taken = jnp.arange(group) < count
+    target = jnp.where(taken, jnp.argsort(~free, stable=True)[:group], slots)  # free slots first; `slots` = none
+    row = order[jnp.minimum(pending + jnp.arange(group), rows - 1)]
+    fresh = init_cache(config, group, prompt_length, per_layer=True)
+    hidden, fresh = forward(graphdef, state, prompt_tokens[row], prompt_positions[row], prompt_mask[row], fresh, True)
+    # Only slots [0, P) of a region are reset: a slot's later entries are attended only after its rollout wrote them.
+    put_k = lambda big, new: big.at[target, :, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
+    put_v = lambda big, new: big.at[target, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
+    cache = KVCache(k=tuple(map(put_k, cache.k, fresh.k)), v=tuple(map(put_v, cache.v, fresh.v)),
+                    valid=cache.valid.at[target, :prompt_length].set(prompt_mask[row].astype(bool), mode='drop'),
+                    index=cache.index.at[target].set(prompt_length, mode='drop'))
+    new_token, new_row, records = emit(jnp.where(taken, row, empty), jnp.zeros((group,), jnp.int32),
+                                       hidden[:, -1] @ lm_head, records)
+    return (slot_row.at[target].set(new_row, mode='drop'), slot_t.at[target].set(1, mode='drop'),
+            token.at[target].set(new_token, mode='drop'), cache, pending + count, records)
 
   def refill(carry):
     if not sync_axes:
-      return jax.lax.while_loop(can_refill, refill_one, carry)
+      return jax.lax.while_loop(can_refill, refill_group, carry)
     # Shards that must step together (collectives of the automatic axes inside the loop) also refill together: a
     # shard with nothing to refill runs the body and keeps its old carry.
-    def synced_refill_one(carry):
-      refilled = refill_one(carry)
+    def synced_refill(carry):
+      refilled = refill_group(carry)
       return jax.tree.map(lambda new, old: jnp.where(can_refill(carry), new, old), refilled, carry)
     any_refill = lambda c: jax.lax.pmax(can_refill(c).astype(jnp.int32), sync_axes).astype(bool)
-    return jax.lax.while_loop(any_refill, synced_refill_one, carry)
+    return jax.lax.while_loop(any_refill, synced_refill, carry)
 
   def step(carry):
     """Feeds each busy slot's last token (at its slot P + t - 1) and emits its token t; then refills."""

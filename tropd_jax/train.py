@@ -270,7 +270,8 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
             _global_array(prefix_lengths[rows], mesh, replicated),
             jax.random.fold_in(sample_key, i),
             max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
-            top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size))
+            top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
+            decode_slots=r.decode_slots))
     if len(parts) == 1:
         return parts[0], l_max
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
