@@ -47,22 +47,29 @@ def targets(tokens, input_mask, response_mask, prefix_mask, logprobs, prompt_len
     )
 
 
-def response_hidden(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int) -> jax.Array:
+def response_hidden(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int,
+                    packed_positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Final hidden states that predict the response tokens: `[B, N, H]` (compute dtype).
 
     tokens, input_mask: `[B, P + N]`. Row b's output at column P - 1 + t predicts `tokens[b, P + t]`.
+    Packed rows (`tropd_jax.packing`): `packed_positions` and `segment_ids` `[B, S]` as `packing.pack` makes them,
+    and prompt_length 1 (every column after the first may be a response token).
     """
     if prompt_length < 1:
         raise ValueError(f'prompt_length={prompt_length} must be >= 1 (the first response token needs a context)')
     inputs, mask = tokens[:, :-1], input_mask[:, :-1]
-    hidden, _ = model(inputs, positions(mask), mask, return_hidden=True)
+    if segment_ids is None:
+        hidden, _ = model(inputs, positions(mask), mask, return_hidden=True)
+    else:
+        hidden, _ = model(inputs, packed_positions[:, :-1], mask, return_hidden=True, segment_ids=segment_ids[:, :-1])
     return hidden[:, prompt_length - 1:]
 
 
-def response_logits(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int) -> jax.Array:
+def response_logits(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int,
+                    packed_positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits of every response token's distribution: `[B, N, V]` (compute dtype); `logits[:, t]` scores
-    `tokens[:, P + t]`."""
-    hidden = response_hidden(model, tokens, input_mask, prompt_length)
+    `tokens[:, P + t]`. Packed rows: as `response_hidden`."""
+    hidden = response_hidden(model, tokens, input_mask, prompt_length, packed_positions, segment_ids)
     return hidden @ model.lm_head_weight().astype(hidden.dtype)
 
 

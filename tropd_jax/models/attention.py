@@ -32,7 +32,7 @@ IMPLEMENTATIONS = ('auto', 'naive', 'blockwise', 'splash', 'cudnn')
 _GPU_BACKENDS = ('gpu', 'cuda')
 
 
-def attention(q, k, v, key_mask, *, implementation: str = 'auto', block_size: int = 512,
+def attention(q, k, v, key_mask, *, segment_ids=None, implementation: str = 'auto', block_size: int = 512,
               interpret: bool = False) -> jax.Array:
   """Causal grouped-query attention.
 
@@ -41,6 +41,10 @@ def attention(q, k, v, key_mask, *, implementation: str = 'auto', block_size: in
   Scores are accumulated in float32 and scaled by 1 / sqrt(D); softmax in float32. Returns [B, N, T, D] in q.dtype.
   Rows with no allowed key (queries on left padding) come out finite (zeros, or uniform over keys for `naive`);
   their values are never used downstream.
+
+  segment_ids: None, or [B, T] int for packed rows (several sequences per row): query t also needs
+  segment_ids[b, s] == segment_ids[b, t], so no sequence sees another. `cudnn` takes one contiguous block per row
+  and falls back to `blockwise` for packed rows.
 
   `block_size` is the query / key block of `blockwise` (and the T up to which `auto` picks `naive` on CPU).
   `interpret=True` runs `splash` in Pallas interpret mode on any backend (for tests; slow).
@@ -52,15 +56,21 @@ def attention(q, k, v, key_mask, *, implementation: str = 'auto', block_size: in
   if implementation == 'auto':
     implementation = _choose(backend, q, block_size)
   key_mask = key_mask.astype(bool)
+  if segment_ids is not None:
+    if segment_ids.shape != key_mask.shape:
+      raise ValueError(f'Expected segment_ids of shape {key_mask.shape}, got {segment_ids.shape}.')
+    segment_ids = segment_ids.astype(jnp.int32)
+    if implementation == 'cudnn':
+      implementation = 'blockwise'
   if implementation == 'naive':
-    return _naive(q, k, v, key_mask)
+    return _naive(q, k, v, key_mask, segment_ids)
   if implementation == 'blockwise':
-    return _blockwise(q, k, v, key_mask, block_size)
+    return _blockwise(q, k, v, key_mask, block_size, segment_ids)
   if implementation == 'splash':
     if backend != 'tpu' and not interpret:
       raise ValueError(f"Attention implementation 'splash' needs a TPU; the backend is {backend!r} "
                        '(interpret=True runs it anywhere, slowly).')
-    return _splash(q, k, v, key_mask, interpret)
+    return _splash(q, k, v, key_mask, interpret, segment_ids)
   if backend not in _GPU_BACKENDS:
     raise ValueError(f"Attention implementation 'cudnn' needs an NVIDIA GPU; the backend is {backend!r}.")
   return _contiguous_dot_product_attention(q, k, v, key_mask, 'cudnn')
@@ -99,7 +109,7 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _naive(q, k, v, key_mask):
+def _naive(q, k, v, key_mask, segment_ids=None):
   """The decoder's original attention: full [B, KV, G, T, T] float32 scores."""
   b, n, t, d = q.shape
   dt = q.dtype
@@ -107,6 +117,8 @@ def _naive(q, k, v, key_mask):
   scores = jnp.einsum('bkgtd,bksd->bkgts', q, k.astype(dt), preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(d)
   allowed = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask[:, None, :]  # [B, T, T]
+  if segment_ids is not None:
+    allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
   # A finite fill keeps rows with no allowed key (left padding) finite: they become uniform, never NaN.
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -115,7 +127,7 @@ def _naive(q, k, v, key_mask):
 
 # --- blockwise (flash attention in plain JAX) ---------------------------------------------------------------------
 
-def _blockwise(q, k, v, key_mask, block_size):
+def _blockwise(q, k, v, key_mask, block_size, segment_ids=None):
   """Pads T to a multiple of the block (padded keys masked), groups query heads by KV head, runs `_flash`."""
   b, n, t, d = q.shape
   kv = k.shape[1]
@@ -123,27 +135,33 @@ def _blockwise(q, k, v, key_mask, block_size):
   pad = _round_up(t, block) - t
   q = q.reshape(b, kv, n // kv, t, d)  # GQA without repeating K / V
   k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(key_mask.shape, jnp.int32)  # one segment per row
   if pad:
     q = jnp.pad(q, [(0, 0)] * 3 + [(0, pad), (0, 0)])
     k = jnp.pad(k, [(0, 0)] * 2 + [(0, pad), (0, 0)])
     v = jnp.pad(v, [(0, 0)] * 2 + [(0, pad), (0, 0)])
     key_mask = jnp.pad(key_mask, [(0, 0), (0, pad)])
-  out = _flash(q, k, v, key_mask, block)
+    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, pad)])
+  out = _flash(q, k, v, key_mask, segment_ids, block)
   return out[:, :, :, :t].reshape(b, n, t, d)
 
 
-def _block_scores(q_block, k, key_mask, i, j, block):
+def _block_scores(q_block, k, key_mask, segment_ids, i, j, block):
   """Scaled float32 scores [B, KV, G, c, c] of query block i (q_block [B, KV, G, c, D]) against key block j of
-  k [B, KV, T, D], -inf where the key is later than the query or masked out."""
+  k [B, KV, T, D], -inf where the key is later than the query, masked out, or in another segment."""
   k_block = lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
   scores = jnp.einsum('bkgtd,bksd->bkgts', q_block, k_block, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / math.sqrt(q_block.shape[-1]))
   causal = (i * block + jnp.arange(block))[:, None] >= (j * block + jnp.arange(block))[None, :]
   allowed = causal[None] & lax.dynamic_slice_in_dim(key_mask, j * block, block, axis=1)[:, None, :]  # [B, c, c]
+  same = (lax.dynamic_slice_in_dim(segment_ids, i * block, block, axis=1)[:, :, None] ==
+          lax.dynamic_slice_in_dim(segment_ids, j * block, block, axis=1)[:, None, :])
+  allowed &= same
   return jnp.where(allowed[:, None, None], scores, -jnp.inf)
 
 
-def _flash_forward(q, k, v, key_mask, block):
+def _flash_forward(q, k, v, key_mask, segment_ids, block):
   """Output [B, KV, G, T, D] (q.dtype) and per-row logsumexp [B, KV, G, T] (float32; 0 on rows with no key)."""
   b, kv, g, t, d = q.shape
 
@@ -152,7 +170,7 @@ def _flash_forward(q, k, v, key_mask, block):
 
     def key_block(j, carry):
       acc, row_max, row_sum = carry
-      scores = _block_scores(q_i, k, key_mask, i, j, block)
+      scores = _block_scores(q_i, k, key_mask, segment_ids, i, j, block)
       new_max = jnp.maximum(row_max, scores.max(-1))
       # -inf (no allowed key yet) is replaced by 0 so that exp(-inf - max) is 0, not NaN.
       safe_max = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
@@ -176,21 +194,22 @@ def _flash_forward(q, k, v, key_mask, block):
   return out, jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, key_mask, block):
-  """q: [B, KV, G, T, D]; k, v: [B, KV, T, D]; key_mask: [B, T]; T a multiple of `block`. Returns [B, KV, G, T, D]."""
-  return _flash_forward(q, k, v, key_mask, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, key_mask, segment_ids, block):
+  """q: [B, KV, G, T, D]; k, v: [B, KV, T, D]; key_mask, segment_ids: [B, T]; T a multiple of `block`.
+  Returns [B, KV, G, T, D]."""
+  return _flash_forward(q, k, v, key_mask, segment_ids, block)[0]
 
 
-def _flash_fwd(q, k, v, key_mask, block):
-  out, lse = _flash_forward(q, k, v, key_mask, block)
-  return out, (q, k, v, key_mask, out, lse)  # O(T * D) residuals: score blocks are recomputed in the backward
+def _flash_fwd(q, k, v, key_mask, segment_ids, block):
+  out, lse = _flash_forward(q, k, v, key_mask, segment_ids, block)
+  return out, (q, k, v, key_mask, segment_ids, out, lse)  # O(T * D) residuals: score blocks are recomputed in the backward
 
 
 def _flash_bwd(block, residuals, d_out):
   """FlashAttention-2 backward: for each key block, visit the query blocks at or after it, recompute
   P = exp(S - lse), and accumulate dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dK += dS^T Q, dQ += dS K."""
-  q, k, v, key_mask, out, lse = residuals
+  q, k, v, key_mask, segment_ids, out, lse = residuals
   b, kv, g, t, d = q.shape
   dt = q.dtype
   scale = 1.0 / math.sqrt(d)
@@ -205,7 +224,7 @@ def _flash_bwd(block, residuals, d_out):
       d_q, d_k, d_v = carry
       rows = lambda x: lax.dynamic_slice_in_dim(x, i * block, block, axis=3)
       q_i, d_out_i, lse_i, delta_i = rows(q), rows(d_out), rows(lse), rows(delta)
-      probs = jnp.exp(_block_scores(q_i, k, key_mask, i, j, block) - lse_i[..., None])  # [B, KV, G, c, c]
+      probs = jnp.exp(_block_scores(q_i, k, key_mask, segment_ids, i, j, block) - lse_i[..., None])  # [B, KV, G, c, c]
       d_v = d_v + jnp.einsum('bkgts,bkgtd->bksd', probs.astype(dt), d_out_i, preferred_element_type=jnp.float32)
       d_probs = jnp.einsum('bkgtd,bksd->bkgts', d_out_i, v_j, preferred_element_type=jnp.float32)
       d_scores = (probs * (d_probs - delta_i[..., None]) * scale).astype(dt)
@@ -221,7 +240,7 @@ def _flash_bwd(block, residuals, d_out):
   d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(num_blocks))
   d_k = jnp.moveaxis(d_k, 0, 2).reshape(b, kv, t, d)
   d_v = jnp.moveaxis(d_v, 0, 2).reshape(b, kv, t, d)
-  return d_q.astype(dt), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+  return d_q.astype(dt), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -229,11 +248,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # --- splash (TPU) ---------------------------------------------------------------------------------------------------
 
-def _splash(q, k, v, key_mask, interpret):
+def _splash(q, k, v, key_mask, interpret, packed_segment_ids=None):
   """Splash attention per row (vmapped over the batch), inside a shard_map over the current mesh if one is set.
 
   key_mask becomes segment ids (real 1, padding 0): real queries see real keys only; padding queries see padding
-  keys only, which always include themselves, so every row is finite. T is padded to a multiple of the kernel's
+  keys only, which always include themselves, so every row is finite. Packed rows: real tokens take their segment id
+  + 1, so sequences see only themselves. T is padded to a multiple of the kernel's
   block (padding is segment 0). The kernel does not scale scores, so q is scaled first (in float32, then cast).
   """
   b, n, t, d = q.shape
@@ -242,6 +262,8 @@ def _splash(q, k, v, key_mask, interpret):
   q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   segment_ids = key_mask.astype(jnp.int32)
+  if packed_segment_ids is not None:
+    segment_ids = jnp.where(key_mask, packed_segment_ids + 1, 0)
   if padded > t:
     q, k, v = (jnp.pad(x, [(0, 0), (0, 0), (0, padded - t), (0, 0)]) for x in (q, k, v))
     segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - t)])

@@ -172,8 +172,9 @@ class Attention(nnx.Module):
     self.num_kv_heads = kv
     self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512)):
-    """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index).
+  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
+    """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index); segment_ids:
+    None or [B, T] int (packed rows: tokens attend within their segment only; cache-free calls).
 
     Without `allowed` the T new tokens attend causally to each other (a plain forward, or a prefill into an empty
     cache) through `attention.attention` with `kernel` = (implementation, block size), which never builds [T, T]
@@ -226,7 +227,8 @@ class Attention(nnx.Module):
       new_cache = (cache_k, cache_v)
 
     if allowed is None:
-      out = attention_lib.attention(q, k, v, mask, implementation=kernel[0], block_size=kernel[1])
+      out = attention_lib.attention(q, k, v, mask, segment_ids=segment_ids, implementation=kernel[0],
+                                    block_size=kernel[1])
     else:
       k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
       q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
@@ -273,9 +275,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, init)
     self.eps = config.rms_norm_eps
 
-  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512)):
+  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
     x_norm = rms_norm(x, self.input_norm[...], self.eps)
-    out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel)
+    out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel, segment_ids)
     x = x + out
     x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
     return x, cache
@@ -300,7 +302,8 @@ class Decoder(nnx.Module):
       return self.embed[...].T
     return self.lm_head[...]
 
-  def __call__(self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False):
+  def __call__(self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False,
+               segment_ids=None):
     """Runs the decoder over T new tokens.
 
     Args:
@@ -312,6 +315,8 @@ class Decoder(nnx.Module):
         valid slots at or before its own slot. A call of T > 1 tokens with a cache is a prefill: the cache must be
         empty (index 0), and the queries attend to the T new tokens only, through the attention kernel.
       return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
+      segment_ids: None, or [B, T] int for packed rows (several sequences per row, cache-free calls only): each
+        token attends only to earlier tokens of its own segment; `positions` restart at 0 in every segment.
 
     Returns:
       (logits [B, T, V] or hidden [B, T, H], both in the compute dtype; the updated cache or None).
@@ -319,6 +324,8 @@ class Decoder(nnx.Module):
     config, dt = self.config, jnp.dtype(self.config.dtype)
     t = tokens.shape[1]
     mask = mask.astype(bool)
+    if segment_ids is not None and cache is not None:
+      raise ValueError('segment_ids (packed rows) are for cache-free calls; got a cache.')
     # Gather from a table whole along `embed` (FSDP gathers weights anyway): a lookup in the fsdp-split table
     # would come out split along the hidden dimension and need an all-to-all to reach the batch split.
     embed = sharding.constrain(self.embed[...], ('vocab', None))
@@ -353,13 +360,13 @@ class Decoder(nnx.Module):
     new_k, new_v = [], []
     for layer, block in enumerate(self.layers):
       if remat:
-        x = _remat_block(block, x, cos, sin, mask, kernel, config.remat)
+        x = _remat_block(block, x, cos, sin, mask, kernel, config.remat, segment_ids)
       else:
         if per_layer:
           layer_cache = (cache.k[layer], cache.v[layer], index)
         else:
           layer_cache = None if cache is None else (*kv, index)
-        x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel)
+        x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel, segment_ids)
         if per_layer:
           new_k.append(kv[0])
           new_v.append(kv[1])
@@ -382,13 +389,14 @@ _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
 }
 
 
-def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str):
+def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
   """`block(x, ...)` whose activations the backward pass recomputes (`jax.checkpoint` with the named policy)."""
   graphdef, state = nnx.split(block)
 
-  def run(state, x, cos, sin, mask):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel)[0]
-  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask)
+  def run(state, x, cos, sin, mask, segment_ids):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
+  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask,
+                                                                                     segment_ids)
 
 
 def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
@@ -404,7 +412,7 @@ def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | N
   return nnx.merge(graphdef, state)
 
 
-def forward(graphdef, state, tokens, positions, mask, cache=None, return_hidden=False):
+def forward(graphdef, state, tokens, positions, mask, cache=None, return_hidden=False, segment_ids=None):
   """Pure form of `Decoder.__call__` on `nnx.split(model)`; jit it with `graphdef` (and `return_hidden`) static."""
   model = nnx.merge(graphdef, state)
-  return model(tokens, positions, mask, cache, return_hidden=return_hidden)
+  return model(tokens, positions, mask, cache, return_hidden=return_hidden, segment_ids=segment_ids)
