@@ -302,11 +302,12 @@ RAGGED_FORCED = np.array([[40 + i, 41 + i, EOS if i == 2 else 42 + i, 43 + i] fo
 RAGGED_FORCED_LENGTHS = np.array([0, 2, 4, 1, 3, 0, 1, 4])
 
 
-def ragged_generate(model, key, settings, **kwargs):
-  tokens, mask = sampling.pad_prompts(RAGGED_PROMPTS, (8,))
-  return sampling.generate(model, tokens, mask, key, max_new_tokens=N, max_lengths=RAGGED_BUDGETS,
-                           forced_tokens=RAGGED_FORCED, forced_lengths=RAGGED_FORCED_LENGTHS, pad_id=PAD, **settings,
-                           **kwargs)
+def ragged_generate(model, key, settings, copies=1, **kwargs):
+  tokens, mask = sampling.pad_prompts(RAGGED_PROMPTS * copies, (8,))
+  tile = lambda x: np.concatenate([x] * copies)
+  return sampling.generate(model, tokens, mask, key, max_new_tokens=N, max_lengths=tile(RAGGED_BUDGETS),
+                           forced_tokens=tile(RAGGED_FORCED), forced_lengths=tile(RAGGED_FORCED_LENGTHS), pad_id=PAD,
+                           **settings, **kwargs)
 
 
 def assert_same_rollouts(got, want, rows=slice(None)):
@@ -319,6 +320,7 @@ def assert_same_rollouts(got, want, rows=slice(None)):
 
 @pytest.mark.parametrize('slots', [1, 3])
 def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, slots):
+  # One slot, and three: refills one rollout at a time (slots / 8 rounds down to 1).
   model, torch_model, _ = checkpoints['student']
   sampled = dict(eos_ids=(EOS, 17, 33, 90), **CUT)
   static = ragged_generate(model, jax.random.key(4), sampled)
@@ -341,6 +343,14 @@ def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, s
                               eos_ids=(EOS, 17, 33, 90))
     one = jax.tree.map(lambda x, row=row: x[row:row + 1], greedy)
     assert_same_rollouts(one, alone)
+
+
+def test_continuous_batching_refills_in_groups(checkpoints):
+  # 16 slots refill in groups of 2 (slots / 8) over 24 rollouts.
+  model, _, _ = checkpoints['student']
+  sampled = dict(eos_ids=(EOS, 17, 33, 90), **CUT)
+  static = ragged_generate(model, jax.random.key(6), sampled, copies=3)
+  assert_same_rollouts(ragged_generate(model, jax.random.key(6), sampled, copies=3, decode_slots=16), static)
 
 
 def test_continuous_batching_rollout_with_teacher_prefixes(checkpoints):

@@ -341,11 +341,10 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
   A slot whose rollout stops (EOS or budget) takes the next pending rollout: once `refill_group_size` slots are
   empty (default S / 8; fewer at the end), the next pending prompts are prefilled together, written over those
   slots' regions of the cache, and their first tokens emitted in the same step (a prefill per rollout would cost
-  more than a decode step of all S slots on CPU). Each slot is at
-  its own response step, so the cache carries per-row write indices and every step attends to the whole
-  P + N-slot window (no growing segments: `segment_length` is unused). Rollout r draws `uniforms[r, t]` for its
-  token t, as `_decode` does, so its tokens do not depend on which slot or when it ran. Rollouts with no budget
-  are never prefilled.
+  more than a decode step of all S slots on CPU). Each slot is at its own response step, so the cache carries
+  per-row write indices and every step attends to the whole P + N-slot window (no growing segments:
+  `segment_length` is unused). Rollout r draws `uniforms[r, t]` for its token t, as `_decode` does, so its tokens
+  do not depend on which slot it ran in or when. Rollouts with no budget are never prefilled.
   """
   del segment_length
   rows, prompt_length = prompt_tokens.shape
