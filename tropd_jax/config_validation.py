@@ -18,6 +18,7 @@ from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 DTYPES = ('float32', 'bfloat16')
 TEACHER_PLACEMENTS = ('colocated', 'separate')
 TEACHER_QUANTIZATIONS = ('none', 'int8')
+TEACHER_TEMPLATES = ('auto', 'student', 'teacher')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,6 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     d.prompt_template = '{prompt}'  # formats a string prompt before the chat template
     d.chat_template = True  # wrap the prompt as a user turn with the tokenizer's chat template
     d.max_prompt_length = 1024  # longer prompts are over-long records
+    d.teacher_template = 'auto'  # what the teacher scores responses after: 'student' (the student's rendered
+    #   prompt), 'teacher' (the prompt rendered with the teacher's chat template and system prompt, re-tokenised),
+    #   'auto' (the student's; warns once, with the teacher's measured log-prob difference, when the two differ)
+    d.teacher_chat_template = ''  # a Jinja chat template replacing the teacher tokenizer's own; '' = its own
+    d.teacher_system_prompt = ''  # a system turn that only the teacher's rendering gets
     d.on_bad_record = 'skip'  # 'skip' (count, report) or 'fail' (stop at the first one)
     d.seed = 0  # shuffling seed
 
@@ -291,6 +297,10 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(c.data.on_bad_record in data.BAD_RECORD_POLICIES,
              f'data.on_bad_record={c.data.on_bad_record!r} is not one of {data.BAD_RECORD_POLICIES}')
     _require(c.data.max_prompt_length >= 1, f'data.max_prompt_length={c.data.max_prompt_length} must be >= 1')
+    _require(c.data.teacher_template in TEACHER_TEMPLATES,
+             f'data.teacher_template={c.data.teacher_template!r} is not one of {TEACHER_TEMPLATES}')
+    _require(c.data.chat_template or not c.data.teacher_system_prompt,
+             'data.teacher_system_prompt needs data.chat_template=True (a system turn is part of a chat)')
     try:
         filled = c.data.prompt_template.format(prompt='\0')
     except (KeyError, IndexError, ValueError) as e:

@@ -89,6 +89,7 @@ class StepSettings:
     chunk_size: int
     optimizer: OptimizerSettings
     separate_teacher: bool = False  # the teacher's targets come scored (`teacher_scores`), not its parameters
+    teacher_prompt_length: int = 0  # P_T of the batch's `teacher_tokens` (the teacher's own template); 0 = none
 
 
 def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettings:
@@ -112,13 +113,16 @@ def micro_batches(batch: dict, micro_batch_size: int) -> dict:
 def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
     """The teacher's targets for one micro-batch (`[m, S]` arrays): top-k statistics for the fused loss, else its
     full response logits; no gradient."""
-    p = s.prompt_length
+    if s.teacher_prompt_length:  # the same responses after the prompts as the teacher renders them
+        tokens, input_mask, p = micro['teacher_tokens'], micro['teacher_input_mask'], s.teacher_prompt_length
+    else:
+        tokens, input_mask, p = micro['tokens'], micro['input_mask'], s.prompt_length
     teacher = nnx.merge(teacher_graphdef, teacher_state)
     if s.fused:
-        return scoring.teacher_targets(teacher, micro['tokens'], micro['input_mask'], p,
+        return scoring.teacher_targets(teacher, tokens, input_mask, p,
                                        k=losses.topk_size(s.method, dict(s.hyperparameters)),
                                        vocab_size=s.vocab_size, chunk_size=s.chunk_size)
-    return jax.lax.stop_gradient(scoring.response_logits(teacher, micro['tokens'], micro['input_mask'], p))
+    return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p))
 
 
 def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, s: StepSettings):
@@ -149,9 +153,10 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
 
 
 def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
-    """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`), one micro-batch at a
-    time as the train step takes them: every leaf of `teacher_outputs` with a leading `[n]` micro-batch axis."""
-    micro = micro_batches({k: batch[k] for k in ('tokens', 'input_mask')}, s.micro_batch_size)
+    """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
+    `teacher_input_mask`), one micro-batch at a time as the train step takes them: every leaf of `teacher_outputs`
+    with a leading `[n]` micro-batch axis."""
+    micro = micro_batches(dict(batch), s.micro_batch_size)
 
     def score(mb):
         mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
@@ -372,6 +377,11 @@ def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings,
 
 BATCH_KEYS = ('tokens', 'input_mask', 'response_mask', 'prefix_mask', 'logprobs', 'finish_reason')
 TEACHER_INPUT_KEYS = ('tokens', 'input_mask')  # what a separate teacher needs of a rollout to score it
+TEACHER_TEMPLATE_KEYS = ('teacher_tokens', 'teacher_input_mask')  # the same, after the teacher's own template
+
+
+def teacher_input_keys(settings: StepSettings) -> tuple[str, ...]:
+    return TEACHER_TEMPLATE_KEYS if settings.teacher_prompt_length else TEACHER_INPUT_KEYS
 
 
 def make_meshes(config, devices=None):
@@ -400,14 +410,15 @@ def jit_teacher_scores(teacher_mesh, student_mesh, teacher_state, teacher_graphd
     back = NamedSharding(student_mesh, PartitionSpec(None, ('data', 'fsdp')))
 
     def score(teacher_state, batch, settings):
-        inputs = {k: jax.device_put(batch[k], rows(teacher_mesh)) for k in TEACHER_INPUT_KEYS}
+        inputs = {k: jax.device_put(batch[k], rows(teacher_mesh)) for k in teacher_input_keys(settings)}
         with jax.set_mesh(teacher_mesh):
             out = jitted(teacher_state, inputs, teacher_graphdef, settings)
         return jax.device_put(out, back)
 
     def lower(teacher_state, batch, settings):
         with jax.set_mesh(teacher_mesh):
-            return jitted.lower(teacher_state, {k: batch[k] for k in TEACHER_INPUT_KEYS}, teacher_graphdef, settings)
+            return jitted.lower(teacher_state, {k: batch[k] for k in teacher_input_keys(settings)}, teacher_graphdef,
+                                settings)
     score.lower = lower
     return score
 
@@ -442,6 +453,46 @@ def export_student(student_graphdef, params, mesh, path: str, tokenizer) -> None
         params = jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda _: replicated, params))(params)
     if jax.process_index() == 0:
         save_pretrained(nnx.merge(student_graphdef, params), path, tokenizer)
+
+
+def with_teacher_rows(batch, rollout, prompt_batch, settings, batch_shardings, num_rollouts, pad_id):
+    """`batch` plus `teacher_tokens` / `teacher_input_mask`: its responses after the prompts as the teacher renders
+    them (`scoring.teacher_rows`), and the settings with their prompt length."""
+    tokens, input_mask = scoring.teacher_rows(rollout.tokens, rollout.input_mask, rollout.prompt_length,
+                                              [p['teacher_prompt_tokens'] for p in prompt_batch], num_rollouts, pad_id)
+    batch = {**batch, 'teacher_tokens': jax.device_put(tokens, batch_shardings['teacher_tokens']),
+             'teacher_input_mask': jax.device_put(input_mask, batch_shardings['teacher_input_mask'])}
+    response_columns = rollout.tokens.shape[1] - rollout.prompt_length
+    return batch, dataclasses.replace(settings, teacher_prompt_length=tokens.shape[1] - response_columns)
+
+
+def warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, *, pad_id, eos, vocab_size, key,
+                              count=4, max_new_tokens=32):
+    """`data.teacher_template=auto`: when the teacher's rendering of some prompts differs from the student's, one
+    warning saying how many, and how far the teacher's log-probs move between the two renderings on the student's
+    greedy responses (`max_new_tokens`) to `count` of them. Returns that measurement (None when all agree)."""
+    differ = [p for p in prompts if not np.array_equal(p['prompt_tokens'], p['teacher_prompt_tokens'])]
+    if not differ:
+        return None
+    message = (f"data.teacher_template='auto': the teacher's chat template renders {len(differ)} of {len(prompts)} "
+               f"prompts differently from the student's")
+    measured = None
+    if jax.process_count() == 1:  # the measurement reads the samples back to the host
+        sample = differ[:count]
+        tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in sample], pad_id=pad_id)
+        with jax.set_mesh(mesh):
+            rollout = jax.device_get(sampling.generate(student, tokens, mask, key, max_new_tokens=max_new_tokens,
+                                                       temperature=0.0, eos_ids=eos, pad_id=pad_id,
+                                                       vocab_size=vocab_size))
+        with jax.set_mesh(teacher_mesh):
+            measured = scoring.template_logprob_difference(
+                teacher, rollout, [p['teacher_prompt_tokens'] for p in sample], vocab_size, pad_id)
+        message += (f"; on the student's {measured['tokens']} greedy response tokens to {measured['prompts']} of them, "
+                    f"the teacher's log-probs after its own rendering differ from those after the student's by "
+                    f"{measured['mean']:+.3f} nats/token on average ({measured['mean_abs']:.3f} in absolute value)")
+    logging.warning(message + ". The teacher scores after the student's rendering: set data.teacher_template="
+                    "'teacher' to score after its own, or 'student' to keep the student's and silence this warning.")
+    return measured
 
 
 def load_models(config, mesh, teacher_mesh=None):
@@ -489,11 +540,22 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh, teacher_mesh)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = sampling.eos_ids(tokenizer, student_config)
+    teacher_tokenizer = None
+    if d.teacher_template != 'student':  # render every prompt as the teacher would too, to use it or to compare
+        teacher_tokenizer = load_tokenizer(config.model.teacher_tokenizer_path or config.model.teacher_path,
+                                           chat_template=d.teacher_chat_template or None)
     prompts, report = data.load_prompts(
         d.train_path, tokenizer, prompt_field=d.prompt_field, answer_field=d.answer_field,
         prompt_template=d.prompt_template, chat_template=d.chat_template, max_prompt_length=d.max_prompt_length,
-        on_bad_record=d.on_bad_record, data_format=d.format)
+        on_bad_record=d.on_bad_record, data_format=d.format, teacher_tokenizer=teacher_tokenizer,
+        teacher_system_prompt=d.teacher_system_prompt)
     logging.info('training data: %s', report.summary())
+    if d.teacher_template == 'auto':
+        warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, pad_id=pad_id, eos=eos,
+                                  vocab_size=vocab_size, key=jax.random.key(config.train.seed))
+        for p in prompts:
+            del p['teacher_prompt_tokens']
+    batch_keys = BATCH_KEYS + (TEACHER_TEMPLATE_KEYS if d.teacher_template == 'teacher' else ())
 
     # From here on the student lives as (graphdef, params): params and opt_state are the train state.
     student_graphdef, params = nnx.split(student)
@@ -501,7 +563,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     settings = step_settings(config, vocab_size)
     optimizer = make_optimizer(settings.optimizer)
     step_fn, batch_shardings, param_shardings, opt_shardings = jit_train_step(
-        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, BATCH_KEYS, settings, student_graphdef,
+        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, batch_keys, settings, student_graphdef,
         teacher_graphdef)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     score_fn = (jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
@@ -572,6 +634,9 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                                                for k in BATCH_KEYS})
                 t1 = time.perf_counter()
                 step_settings_now = dataclasses.replace(settings, prompt_length=rollout.prompt_length)
+                if d.teacher_template == 'teacher':
+                    batch, step_settings_now = with_teacher_rows(batch, rollout, prompt_batch, step_settings_now,
+                                                                 batch_shardings, config.rollout.num_rollouts, pad_id)
                 # A separate teacher scores the whole batch on its devices first; its targets replace its state.
                 teacher_in = (teacher_state if score_fn is None
                               else score_fn(teacher_state, batch, step_settings_now))
