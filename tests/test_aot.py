@@ -35,6 +35,8 @@ PUBLISHED_PARAMETERS = {
     'Skywork-OR1-7B': (7.62e9, None),
     'Qwen3-SFT-1.7B': (1.7e9, 1.4e9),  # Qwen3-1.7B's shape
     'Qwen3-Nemotron-4B': (4.0e9, 3.6e9),  # Qwen3-4B's shape
+    'Qwen3-8B': (8.2e9, 6.95e9),  # 8B- and 32B-shaped teachers for the placement benchmarks
+    'Qwen3-32B': (32.8e9, 31.2e9),
 }
 
 
