@@ -9,7 +9,9 @@ line with GiB per chip for each program:
   after        configs/math.py on a v5p-8 with its defaults, every program;
   multidomain  configs/multidomain.py on a v5p-8, every program;
   growth       the student's fwd + bwd on one micro-batch at 4k / 16k / 32k tokens per sequence;
-  32k          configs/math.py at 32k-token rollouts (8 prompts per generation call), every program.
+  32k          configs/math.py at 32k-token rollouts (8 prompts per generation call), every program;
+  teacher8b_colocated, teacher8b_separate, teacher32b_colocated, teacher32b_separate (not run by default)
+               configs/math.py with a Qwen3-8B- or Qwen3-32B-shaped teacher, `model.teacher_placement` as named.
 `student_grad_ratio` is before / after for the student's fwd + bwd at the paper's micro-batch. Each program is a
 full XLA TPU compile of a 1.5B-7B model: the whole set takes hours on 2 CPU cores, minutes on a TPU VM's host.
 """
@@ -34,6 +36,15 @@ RUNS = {
     'growth_32k': ('configs/math.py', ['--programs=student_grad', '--config.rollout.max_new_tokens=31744']),
     '32k': ('configs/math.py', ['--config.rollout.max_new_tokens=31744', '--config.rollout.batch_size=8']),
 }
+DEFAULT_RUNS = tuple(RUNS)
+# The math recipe with an 8B- and a 32B-shaped teacher (Qwen3-8B, Qwen3-32B), colocated with the student or on its
+# own half of the chips (`--runs` names them; run each on --topology=v5p-8 and v5p-16). The 32B teacher's KV cache
+# (256 KiB per token) takes 8 prompts x 4 rollouts per generation call.
+for _size, _extra in (('8b', []), ('32b', ['--config.rollout.batch_size=8'])):
+  for _placement in ('colocated', 'separate'):
+    RUNS[f'teacher{_size}_{_placement}'] = ('configs/math.py', [
+        f'--config.model.teacher_path=models/Qwen3-{_size[:-1]}B', f'--config.model.teacher_placement={_placement}',
+        *_extra])
 
 
 def run(name: str, topology: str) -> dict:
@@ -58,7 +69,7 @@ def run(name: str, topology: str) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--topology', default='v5p-8')
-  parser.add_argument('--runs', default=','.join(RUNS), help=f'comma-separated, from {", ".join(RUNS)}')
+  parser.add_argument('--runs', default=','.join(DEFAULT_RUNS), help=f'comma-separated, from {", ".join(RUNS)}')
   args = parser.parse_args()
   result = {'benchmark': 'paper_scale', 'date': datetime.date.today().isoformat(), 'machine': platform.machine(),
             'topology': args.topology}

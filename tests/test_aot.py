@@ -35,6 +35,8 @@ PUBLISHED_PARAMETERS = {
     'Skywork-OR1-7B': (7.62e9, None),
     'Qwen3-SFT-1.7B': (1.7e9, 1.4e9),  # Qwen3-1.7B's shape
     'Qwen3-Nemotron-4B': (4.0e9, 3.6e9),  # Qwen3-4B's shape
+    'Qwen3-8B': (8.2e9, 6.95e9),  # 8B- and 32B-shaped teachers for the placement benchmarks
+    'Qwen3-32B': (32.8e9, 31.2e9),
 }
 
 
@@ -102,3 +104,26 @@ def test_a_program_over_the_limit_fails_and_is_named():
   assert result.returncode == 1, result.stdout + result.stderr
   assert 'teacher_scoring:  DOES NOT FIT' in result.stdout
   assert 'does not fit on cpu:4: teacher_scoring' in result.stderr
+
+
+@pytest.mark.slow
+def test_a_separate_int8_teacher_compiles_on_its_own_devices(tmp_path):
+  out = tmp_path / 'aot.json'
+  result = run_aot('--topology=cpu:8', f'--json={out}', '--config.model.teacher_placement=separate',
+                   '--config.model.teacher_devices=2', '--config.model.teacher_quantization=int8',
+                   '--config.train.prompts_per_step=48', '--config.train.micro_batch_size=24')  # 24 rows: 6 + 2 chips
+  check_every_program_fits(result, 'cpu:8')
+  programs = {p['program']: p for p in json.loads(out.read_text())['programs']}
+  for name in ('rollout_teacher', 'teacher_scoring'):
+    assert programs[name]['where'] == "the teacher's 2 of 8 chips"
+  for name in ('rollout_student', 'student_grad', 'train_step'):
+    assert programs[name]['where'] == "the student's 6 of 8 chips"
+  # The step holds the teacher's targets, not its parameters; the teacher holds one byte per weight (plus a float32
+  # scale per output channel), split over its 2 chips.
+  assert 'teacher parameters' not in programs['train_step']['rows']
+  assert programs['train_step']['rows']['teacher targets'] > 0
+  with open(os.path.join(ROOT, 'tropd_jax', 'assets', 'tiny', 'teacher', 'config.json')) as f:
+    teacher = ModelConfig.from_hf(json.load(f))
+  weights = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Decoder(teacher,
+                                                                                          rngs=nnx.Rngs(0))))))
+  assert weights / 2 < programs['teacher_scoring']['rows']['teacher parameters'] < 1.1 * weights / 2

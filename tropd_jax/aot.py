@@ -12,9 +12,11 @@ the programs are compiled for the topology on this machine (TPU topologies need 
   rollout_teacher   the teacher writing prefixes: prefill + decode of `rollout.batch_size` prompts x rollouts
                     (through `rollout.decode_slots` slots when set: continuous batching)
   rollout_student   the student's continuation (same shapes)
-  teacher_scoring   the teacher's top-k targets for one micro-batch (no gradient)
+  teacher_scoring   the teacher's top-k targets for one micro-batch (no gradient); a separate teacher's for the whole
+                    batch, on its own devices (`model.teacher_placement=separate`)
   student_grad      the student's forward + backward and loss on one micro-batch (the teacher's targets given)
-  train_step        the whole step: every micro-batch's scoring and gradient, clipping, AdamW
+  train_step        the whole step: every micro-batch's scoring and gradient, clipping, AdamW (with a separate
+                    teacher: its targets are an input, its parameters are not)
 
 For each, one table: the per-chip bytes of the student's parameters, optimizer state, teacher parameters, other
 inputs, the KV cache (rollouts), the compiler's temporaries, and the total against the chip's HBM, plus the model
@@ -39,6 +41,7 @@ from ml_collections import config_flags
 from tropd_jax import config_validation, sampling, sharding, train
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
+from tropd_jax.models.quantize import quantize_int8
 
 
 GIB = 1024 ** 3
@@ -125,9 +128,13 @@ def model_config(path: str, *, dtype: str, param_dtype: str, runtime: dict) -> M
   return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(**runtime)
 
 
-def abstract_model(model_config: ModelConfig, mesh):
-  """(graphdef, state of ShapeDtypeStructs placed by the logical rules) of a `Decoder`; nothing is allocated."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+def abstract_model(model_config: ModelConfig, mesh, quantization: str = 'none'):
+  """(graphdef, state of ShapeDtypeStructs placed by the logical rules) of a `Decoder` (int8 weights with
+  `quantization='int8'`); nothing is allocated."""
+  model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+  if quantization == 'int8':
+    model = quantize_int8(model)
+  graphdef, state = nnx.split(model)
   shardings = sharding.state_shardings(state, mesh)
   return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
@@ -168,9 +175,11 @@ class Result:
   total: float | None
   flops: float
   error: str = ''
+  where: str = ''  # the devices it runs on, when not all of them (a separate teacher)
 
 
-def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: float, extra_rows=None) -> Result:
+def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: float, extra_rows=None,
+                        where: str = '') -> Result:
   """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree)."""
   rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
   rows.update(extra_rows or {})
@@ -184,7 +193,7 @@ def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: flo
     if needed:
       rows['temporaries'] = float(needed.group(1)) * 1024 ** ' KMGT'.index(needed.group(2))
     first = text.strip().splitlines()[0]
-    return Result(name, False, rows, None, flops, error=first[:400])
+    return Result(name, False, rows, None, flops, error=first[:400], where=where)
   memory = compiled.memory_analysis()
   rows['outputs (not donated)'] = float(max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0))
   rows['temporaries'] = float(memory.temp_size_in_bytes)
@@ -192,15 +201,21 @@ def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: flo
   total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
   fits = hbm is None or total <= hbm
-  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM')
+  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where)
 
 
 def build_programs(config, topology: Topology, config_file: str) -> dict:
-  """Name -> (lower function, input groups, model FLOPs, extra rows) for every program of `config`."""
+  """Name -> (lower function, input groups, model FLOPs, extra rows, where) for every program of `config`.
+
+  With `model.teacher_placement=separate` the teacher's programs (its rollouts, its scoring of the whole batch)
+  run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
+  """
   num_devices = len(topology.devices)
   config_validation.validate_config(config, num_devices=num_devices, check_paths=False)
-  mesh_shape = config_validation.mesh_shape(config.mesh, num_devices)
-  mesh = sharding.make_mesh(*mesh_shape, devices=topology.devices)
+  mesh, teacher_mesh = train.make_meshes(config, topology.devices)
+  separate = teacher_mesh is not mesh
+  where = {'student': f'the student\'s {mesh.size} of {num_devices} chips' if separate else '',
+           'teacher': f'the teacher\'s {teacher_mesh.size} of {num_devices} chips' if separate else ''}
   m = config.model
   student_config = model_config(model_config_path(m.student_path, config_file), dtype=m.dtype,
                                 param_dtype=m.param_dtype, runtime=config_validation.model_runtime_fields(m))
@@ -209,7 +224,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
                                 runtime=config_validation.model_runtime_fields(m, trained=False))
   vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
   student_graphdef, params = abstract_model(student_config, mesh)
-  teacher_graphdef, teacher_state = abstract_model(teacher_config, mesh)
+  teacher_graphdef, teacher_state = abstract_model(teacher_config, teacher_mesh, m.teacher_quantization)
 
   prompt_length = sampling.bucket_length(config.data.max_prompt_length)
   new = config.rollout.max_new_tokens
@@ -229,46 +244,59 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     return {k: _abstract((rows,) if k == 'finish_reason' else (rows, length), dtypes.get(k, jnp.int32), mesh,
                          batch_shardings[k].spec) for k in train.BATCH_KEYS}
 
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=NamedSharding(mesh, PartitionSpec()))
+  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+  key_on = lambda on: jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(on, PartitionSpec()))
+  key = key_on(mesh)
   programs = {}
 
   # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
   rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
   slots = config.rollout.decode_slots if 0 < config.rollout.decode_slots < rows else rows  # rows decoded at once
-  rows_per_chip = math.ceil(slots / math.prod(mesh_shape[:2]))
-  for name, graphdef, state, c in (('rollout_teacher', teacher_graphdef, teacher_state, teacher_config),
-                                   ('rollout_student', student_graphdef, params, student_config)):
-    args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, mesh),
-            _abstract((rows, prompt_length), jnp.int32, mesh), key, _abstract((rows, new), jnp.int32, mesh),
-            _abstract((rows,), jnp.int32, mesh), _abstract((rows,), jnp.int32, mesh),
-            _abstract((), jnp.float32, mesh), _abstract((1,), jnp.int32, mesh))
+  for name, graphdef, state, c, on in (
+      ('rollout_teacher', teacher_graphdef, teacher_state, teacher_config, teacher_mesh),
+      ('rollout_student', student_graphdef, params, student_config, mesh)):
+    args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, on),
+            _abstract((rows, prompt_length), jnp.int32, on), key_on(on), _abstract((rows, new), jnp.int32, on),
+            _abstract((rows,), jnp.int32, on), _abstract((rows,), jnp.int32, on),
+            _abstract((), jnp.float32, on), _abstract((1,), jnp.int32, on))
     static = dict(max_new_tokens=new, greedy=False, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
                   pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size,
                   decode_slots=slots if slots < rows else 0)
-    tensor = mesh_shape[2]
+    rows_per_chip = math.ceil(slots / (on.shape['data'] * on.shape['fsdp']))
+    tensor = on.shape['tensor']
     kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
     cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
 
-    def lower(args=args, static=static):
-      with jax.set_mesh(mesh):
+    def lower(args=args, static=static, on=on):
+      with jax.set_mesh(on):
         return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
     label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
     flops = forward_flops(c, rows, prompt_length, new)
-    programs[name] = (lower, {label: state, 'other inputs': args[2:]}, flops, {'KV cache (estimate)': cache})
+    programs[name] = (lower, {label: state, 'other inputs': args[2:]}, flops, {'KV cache (estimate)': cache},
+                      where['teacher' if name == 'rollout_teacher' else 'student'])
 
   micro_batch = batch_of(micro)
   micro_batch.pop('finish_reason')
+  full_batch = batch_of(batch)
 
   def teacher_scoring(teacher_state, micro):
     return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
 
-  def lower_scoring():
-    with jax.set_mesh(mesh):
-      return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
-  programs['teacher_scoring'] = (lower_scoring, {'teacher parameters': teacher_state,
-                                                 'other inputs': micro_batch},
-                                 forward_flops(teacher_config, micro, 0, length - 1), {})
+  teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
+  if separate:
+    # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
+    score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
+    teacher_batch = {k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh,
+                                  PartitionSpec(('data', 'fsdp'))) for k in train.TEACHER_INPUT_KEYS}
+    programs['teacher_scoring'] = (lambda: score.lower(teacher_state, teacher_batch, settings),
+                                   {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
+                                   (batch // micro) * teacher_flops, {}, where['teacher'])
+  else:
+    def lower_scoring():
+      with jax.set_mesh(mesh):
+        return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
+    programs['teacher_scoring'] = (lower_scoring, {'teacher parameters': teacher_state,
+                                                   'other inputs': micro_batch}, teacher_flops, {}, '')
 
   teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
   teacher_out = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))),
@@ -287,17 +315,26 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
       return jax.jit(student_grad).lower(params, micro_batch, teacher_out, key)
   student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
   programs['student_grad'] = (lower_student, {'student parameters': params,
-                                              'other inputs': (micro_batch, teacher_out)}, student_flops, {})
+                                              'other inputs': (micro_batch, teacher_out)}, student_flops, {},
+                              where['student'])
 
-  full_batch = batch_of(batch)
+  if separate:  # the step takes the teacher's targets for the batch, [n, m, ...], split along m
+    teacher_in = jax.tree.map(
+        lambda x: _abstract((batch // micro, *x.shape), x.dtype, mesh, PartitionSpec(None, ('data', 'fsdp'))),
+        jax.eval_shape(teacher_scoring, teacher_state, micro_batch))
+    teacher_group = {'teacher targets': teacher_in}
+    step_flops = (batch // micro) * student_flops
+  else:
+    teacher_in = teacher_state
+    teacher_group = {'teacher parameters': teacher_state}
+    step_flops = (batch // micro) * (student_flops + teacher_flops)
 
   def lower_step():
     with jax.set_mesh(mesh):
-      return step.lower(params, opt_state, teacher_state, full_batch, key, settings)
-  step_flops = (batch // micro) * (student_flops + forward_flops(teacher_config, micro, 0, length - 1))
+      return step.lower(params, opt_state, teacher_in, full_batch, key, settings)
   programs['train_step'] = (lower_step, {'student parameters': params, 'optimizer state': opt_state,
-                                         'teacher parameters': teacher_state, 'other inputs': full_batch},
-                            step_flops, {})
+                                         **teacher_group, 'other inputs': full_batch},
+                            step_flops, {}, where['student'])
   return programs
 
 
@@ -315,6 +352,8 @@ def format_result(r: Result, hbm: float | None) -> str:
   lines.append(f'  {"total":<24}{show(r.total) if r.total is not None else "> HBM":>10}'
                + ('' if hbm is None or r.total is None else f'   ({100 * r.total / hbm:.0f}% of {_gib(hbm)} GiB HBM)'))
   lines.append(f'  {"model FLOPs":<24}{r.flops:>10.3g}')
+  if r.where:
+    lines.append(f'  runs on {r.where}')
   if r.error:
     lines.append(f'  {r.error}')
   return '\n'.join(lines)
@@ -327,8 +366,8 @@ def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list
   built = build_programs(config, topology, config_file)
   results = []
   for name in programs:
-    lower, groups, flops, extra = built[name]
-    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra)
+    lower, groups, flops, extra, where = built[name]
+    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where)
     print(format_result(result, topology.hbm_bytes), flush=True)
     results.append(result)
   return results

@@ -16,6 +16,9 @@ from tropd_jax import data, losses, schedules
 from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16')
+TEACHER_PLACEMENTS = ('colocated', 'separate')
+TEACHER_QUANTIZATIONS = ('none', 'int8')
+TEACHER_TEMPLATES = ('auto', 'student', 'teacher')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,6 +33,12 @@ def default_config() -> ml_collections.ConfigDict:
     model.dtype = 'float32'  # student compute dtype
     model.param_dtype = 'float32'  # student parameter (and optimizer moment) dtype
     model.teacher_dtype = 'float32'  # teacher compute and parameter dtype ('bfloat16' halves its memory)
+    model.teacher_quantization = 'none'  # 'int8': teacher weights stored as int8 with a float scale per output
+    #   channel (weight-only; computed in teacher_dtype), half of bfloat16's memory
+    model.teacher_placement = 'colocated'  # 'colocated': the teacher sharded over the student's mesh;
+    #   'separate': the teacher on its own devices (the last model.teacher_devices of them), scoring rollouts moved
+    #   to it; only its top-k / chosen-token targets move back
+    model.teacher_devices = 0  # devices of a separate teacher; 0 = half of them
     model.attention = 'auto'  # attention kernel: 'auto' (splash on TPU, cuDNN on GPU where it applies, else
     #   blockwise; naive for sequences of one block), 'naive' ([T, T] scores), 'blockwise', 'splash', 'cudnn'
     model.attention_block_size = 512  # query / key block of the blockwise kernel (ours)
@@ -43,6 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     d.prompt_template = '{prompt}'  # formats a string prompt before the chat template
     d.chat_template = True  # wrap the prompt as a user turn with the tokenizer's chat template
     d.max_prompt_length = 1024  # longer prompts are over-long records
+    d.teacher_template = 'auto'  # what the teacher scores responses after: 'student' (the student's rendered
+    #   prompt), 'teacher' (the prompt rendered with the teacher's chat template and system prompt, re-tokenised),
+    #   'auto' (the student's; warns once, with the teacher's measured log-prob difference, when the two differ)
+    d.teacher_chat_template = ''  # a Jinja chat template replacing the teacher tokenizer's own; '' = its own
+    d.teacher_system_prompt = ''  # a system turn that only the teacher's rendering gets
     d.on_bad_record = 'skip'  # 'skip' (count, report) or 'fail' (stop at the first one)
     d.seed = 0  # shuffling seed
 
@@ -162,6 +176,21 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def placement_devices(model_config, num_devices: int) -> tuple[int, int]:
+    """(student devices, teacher devices) of `model.teacher_placement`: (num_devices, 0) when colocated; a separate
+    teacher takes the last `model.teacher_devices` devices (0 = half), the student the rest."""
+    placement = model_config.teacher_placement
+    _require(placement in TEACHER_PLACEMENTS,
+             f'model.teacher_placement={placement!r} is not one of {TEACHER_PLACEMENTS}')
+    if placement == 'colocated':
+        return num_devices, 0
+    teacher = model_config.teacher_devices or num_devices // 2
+    _require(isinstance(teacher, int) and 1 <= teacher < num_devices,
+             f'model.teacher_devices={model_config.teacher_devices} must leave the separate teacher at least one of '
+             f'the {num_devices} devices and the student at least one (0 = half)')
+    return num_devices - teacher, teacher
+
+
 def prefix_enabled(config) -> bool:
     """Whether rollouts get teacher prefixes: the config's choice, else the tropd* methods (as in the paper)."""
     if config.prefix.enabled is None:
@@ -214,11 +243,17 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         f'train.micro_batch_size={t.micro_batch_size} does not divide the batch of {batch} sequences '
         f'(train.prompts_per_step={t.prompts_per_step} x rollout.num_rollouts={c.rollout.num_rollouts})',
     )
-    data_axes, fsdp_axes, _ = mesh_shape(c.mesh, num_devices)
+    student_devices, teacher_devices = placement_devices(c.model, num_devices)
+    data_axes, fsdp_axes, _ = mesh_shape(c.mesh, student_devices)
     _require(
         t.micro_batch_size % (data_axes * fsdp_axes) == 0,
         f'train.micro_batch_size={t.micro_batch_size} must be a multiple of mesh data x fsdp = '
         f'{data_axes * fsdp_axes} (each device needs whole sequences)',
+    )
+    _require(
+        not teacher_devices or t.micro_batch_size % teacher_devices == 0,
+        f'train.micro_batch_size={t.micro_batch_size} must be a multiple of model.teacher_devices='
+        f'{teacher_devices} (the separate teacher splits each micro-batch over its devices)',
     )
     rb = c.rollout.batch_size
     _require(
@@ -256,6 +291,8 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     # Models, data, checkpoints, logging.
     for field in ('dtype', 'param_dtype', 'teacher_dtype'):
         _require(c.model[field] in DTYPES, f'model.{field}={c.model[field]!r} is not one of {DTYPES}')
+    _require(c.model.teacher_quantization in TEACHER_QUANTIZATIONS,
+             f'model.teacher_quantization={c.model.teacher_quantization!r} is not one of {TEACHER_QUANTIZATIONS}')
     _require(c.model.attention in ATTENTION_IMPLEMENTATIONS,
              f'model.attention={c.model.attention!r} is not one of {", ".join(ATTENTION_IMPLEMENTATIONS)}')
     _require(c.model.attention_block_size >= 8,
@@ -266,6 +303,10 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(c.data.on_bad_record in data.BAD_RECORD_POLICIES,
              f'data.on_bad_record={c.data.on_bad_record!r} is not one of {data.BAD_RECORD_POLICIES}')
     _require(c.data.max_prompt_length >= 1, f'data.max_prompt_length={c.data.max_prompt_length} must be >= 1')
+    _require(c.data.teacher_template in TEACHER_TEMPLATES,
+             f'data.teacher_template={c.data.teacher_template!r} is not one of {TEACHER_TEMPLATES}')
+    _require(c.data.chat_template or not c.data.teacher_system_prompt,
+             'data.teacher_system_prompt needs data.chat_template=True (a system turn is part of a chat)')
     try:
         filled = c.data.prompt_template.format(prompt='\0')
     except (KeyError, IndexError, ValueError) as e:

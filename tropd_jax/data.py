@@ -80,11 +80,13 @@ def read_records(path: str, data_format: str = 'auto') -> list[tuple[str, Any]]:
     return records
 
 
-def prompt_text(prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', chat_template: bool = True) -> str:
+def prompt_text(prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', chat_template: bool = True,
+                system_prompt: str = '') -> str:
     """The text the model is conditioned on.
 
     `prompt` is a string (formatted with `prompt_template`, then wrapped as one user turn when `chat_template`) or
-    a list of `{'role', 'content'}` messages (used as is with the chat template).
+    a list of `{'role', 'content'}` messages (used as is with the chat template). A `system_prompt` goes first as a
+    system turn (chat template only), unless the messages already start with one.
     """
     if isinstance(prompt, str):
         content = prompt_template.format(prompt=prompt)
@@ -93,6 +95,8 @@ def prompt_text(prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', ch
         messages = [{'role': 'user', 'content': content}]
     else:
         messages = prompt
+    if system_prompt and messages[0].get('role') != 'system':
+        messages = [{'role': 'system', 'content': system_prompt}] + list(messages)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -118,10 +122,14 @@ def load_prompts(
     max_prompt_length: int = 1024,
     on_bad_record: str = 'skip',
     data_format: str = 'auto',
+    teacher_tokenizer=None,
+    teacher_system_prompt: str = '',
 ) -> tuple[list[dict], DataReport]:
     """Reads and tokenizes every record; returns the usable prompts and a report of what was dropped.
 
-    Each prompt is `{'prompt_tokens': int32 [n], 'answer': str | None, 'index': int}` (index in file order).
+    Each prompt is `{'prompt_tokens': int32 [n], 'answer': str | None, 'index': int}` (index in file order). With a
+    `teacher_tokenizer`, each also has `teacher_prompt_tokens`: the prompt rendered with the teacher's chat template
+    (and `teacher_system_prompt`), tokenized with the shared vocabulary.
     A record is malformed when it is not valid JSON, not an object, or its `prompt_field` is missing / empty / of
     the wrong type; it is over-long when its tokenized prompt exceeds `max_prompt_length`. `on_bad_record='fail'`
     raises a ValueError at the first such record; `'skip'` drops it, counts it, and logs a warning.
@@ -147,8 +155,14 @@ def load_prompts(
             )
             # The chat template already holds any special tokens; a bare prompt gets the tokenizer's own (e.g. BOS).
             tokens = tokenizer.encode(text, add_special_tokens=not chat_template)
-            if len(tokens) > max_prompt_length:
-                problem, kind = f'prompt has {len(tokens)} tokens > max_prompt_length={max_prompt_length}', 'too_long'
+            teacher_tokens = None
+            if teacher_tokenizer is not None:
+                teacher_text = prompt_text(record[prompt_field], teacher_tokenizer, prompt_template=prompt_template,
+                                           chat_template=chat_template, system_prompt=teacher_system_prompt)
+                teacher_tokens = teacher_tokenizer.encode(teacher_text, add_special_tokens=not chat_template)
+            longest = max(len(tokens), len(teacher_tokens or ()))
+            if longest > max_prompt_length:
+                problem, kind = f'prompt has {longest} tokens > max_prompt_length={max_prompt_length}', 'too_long'
         if problem is not None:
             if on_bad_record == 'fail':
                 raise ValueError(f'bad record at {location}: {problem} (set data.on_bad_record="skip" to drop it)')
@@ -162,6 +176,8 @@ def load_prompts(
             'answer': None if answer is None else str(answer),
             'index': report.total - 1,
         })
+        if teacher_tokens is not None:
+            prompts[-1]['teacher_prompt_tokens'] = np.asarray(teacher_tokens, np.int32)
     report.kept = len(prompts)
     if report.malformed or report.too_long:
         logging.warning('data %s: %s', path, report.summary())

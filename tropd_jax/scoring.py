@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tropd_jax import fused_loss
+from tropd_jax import fused_loss, sampling
 
 
 class Targets(NamedTuple):
@@ -89,3 +89,45 @@ def teacher_targets(
     return fused_loss.teacher_pass(
         hidden, teacher.lm_head_weight(), response_tokens, k=k, vocab_size=vocab_size, chunk_size=chunk_size
     )
+
+
+def teacher_rows(tokens, input_mask, prompt_length: int, teacher_prompts, num_rollouts: int, pad_id: int = 0):
+    """The rollout's responses after the prompts as the teacher renders them: `(tokens, input_mask)`, each
+    `[B, P_T + N]` (P_T: the teacher prompts' bucket length), the response columns `[:, P_T:]` equal to the
+    rollout's `[:, P:]`, so the teacher's scores line up with the student's.
+
+    tokens, input_mask: `[B, P + N]` rollout arrays; teacher_prompts: one token array per prompt, whose rows are
+    prompt i's `num_rollouts` consecutive rows.
+    """
+    prompt_tokens, prompt_mask = sampling.pad_prompts(list(teacher_prompts), pad_id=pad_id)
+    prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), num_rollouts, axis=0)
+    prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), num_rollouts, axis=0)
+    return (jnp.concatenate([prompt_tokens, jnp.asarray(tokens)[:, prompt_length:]], axis=1),
+            jnp.concatenate([prompt_mask, jnp.asarray(input_mask)[:, prompt_length:]], axis=1))
+
+
+def response_logprobs(model: nnx.Module, tokens, input_mask, prompt_length: int, vocab_size: int) -> jax.Array:
+    """`[B, N]` float32 log-probs of the response tokens `tokens[:, P:]` (over the shared vocabulary)."""
+    logits = response_logits(model, tokens, input_mask, prompt_length)[..., :vocab_size].astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logprobs, tokens[:, prompt_length:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def template_logprob_difference(teacher: nnx.Module, rollout, teacher_prompts, vocab_size: int,
+                                pad_id: int = 0) -> dict:
+    """How much the teacher's log-probs of the same response tokens move when it reads the prompts as it renders
+    them instead of as the student does.
+
+    rollout: a `sampling.Rollout` of one row per prompt (the student's prompts); teacher_prompts: those prompts as
+    the teacher renders them. Returns float `mean` (teacher's rendering minus the student's, nats per response token),
+    `mean_abs`, `tokens` (how many response tokens) and `prompts`.
+    """
+    mask = rollout.response_mask[:, rollout.prompt_length:].astype(jnp.float32)
+    as_student = response_logprobs(teacher, rollout.tokens, rollout.input_mask, rollout.prompt_length, vocab_size)
+    t_tokens, t_mask = teacher_rows(rollout.tokens, rollout.input_mask, rollout.prompt_length, teacher_prompts, 1,
+                                    pad_id)
+    as_teacher = response_logprobs(teacher, t_tokens, t_mask, t_tokens.shape[1] - mask.shape[1], vocab_size)
+    diff = (as_teacher - as_student) * mask
+    count = jnp.maximum(mask.sum(), 1.0)
+    return {'mean': float(diff.sum() / count), 'mean_abs': float(jnp.abs(diff).sum() / count),
+            'tokens': int(mask.sum()), 'prompts': int(mask.shape[0])}

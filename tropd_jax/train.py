@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, sampling, scoring, schedules
 from tropd_jax import sharding
 from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
+from tropd_jax.models.quantize import quantize_int8
 
 # Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
 # response tokens); micro-batch values are combined with these token counts as weights.
@@ -87,6 +88,8 @@ class StepSettings:
     fused: bool
     chunk_size: int
     optimizer: OptimizerSettings
+    separate_teacher: bool = False  # the teacher's targets come scored (`teacher_scores`), not its parameters
+    teacher_prompt_length: int = 0  # P_T of the batch's `teacher_tokens` (the teacher's own template); 0 = none
 
 
 def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettings:
@@ -96,19 +99,30 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
         hyperparameters=tuple(sorted(config_validation.loss_hyperparameters(config.loss).items())),
         vocab_size=vocab_size, prompt_length=prompt_length, micro_batch_size=config.train.micro_batch_size,
         importance_ratio=config.loss.importance_ratio, fused=config.loss.fused, chunk_size=config.loss.chunk_size,
-        optimizer=OptimizerSettings.from_config(config))
+        optimizer=OptimizerSettings.from_config(config),
+        separate_teacher=config.model.teacher_placement == 'separate')
+
+
+def micro_batches(batch: dict, micro_batch_size: int) -> dict:
+    """`[B, ...]` arrays as `[n, m, ...]` micro-batches (m = micro_batch_size): micro-batch j holds rows i * n + j, so
+    the reshape keeps each device's rows on that device."""
+    m = micro_batch_size
+    return {k: v.reshape(m, v.shape[0] // m, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
 def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
     """The teacher's targets for one micro-batch (`[m, S]` arrays): top-k statistics for the fused loss, else its
     full response logits; no gradient."""
-    p = s.prompt_length
+    if s.teacher_prompt_length:  # the same responses after the prompts as the teacher renders them
+        tokens, input_mask, p = micro['teacher_tokens'], micro['teacher_input_mask'], s.teacher_prompt_length
+    else:
+        tokens, input_mask, p = micro['tokens'], micro['input_mask'], s.prompt_length
     teacher = nnx.merge(teacher_graphdef, teacher_state)
     if s.fused:
-        return scoring.teacher_targets(teacher, micro['tokens'], micro['input_mask'], p,
+        return scoring.teacher_targets(teacher, tokens, input_mask, p,
                                        k=losses.topk_size(s.method, dict(s.hyperparameters)),
                                        vocab_size=s.vocab_size, chunk_size=s.chunk_size)
-    return jax.lax.stop_gradient(scoring.response_logits(teacher, micro['tokens'], micro['input_mask'], p))
+    return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p))
 
 
 def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, s: StepSettings):
@@ -138,10 +152,26 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
     return grads, stats, t
 
 
-def _micro_batch_grads(params, teacher_state, micro, key, weight, *, student_graphdef, teacher_graphdef,
+def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
+    """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
+    `teacher_input_mask`), one micro-batch at a time as the train step takes them: every leaf of `teacher_outputs`
+    with a leading `[n]` micro-batch axis."""
+    micro = micro_batches(dict(batch), s.micro_batch_size)
+
+    def score(mb):
+        mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+        return teacher_outputs(teacher_state, mb, teacher_graphdef=teacher_graphdef, s=s)
+    return jax.lax.map(score, micro)
+
+
+def _micro_batch_grads(params, teacher, micro, key, weight, *, student_graphdef, teacher_graphdef,
                        s: StepSettings):
-    """`student_grads` after the teacher's pass over the same micro-batch."""
-    teacher_out = teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=s)
+    """`student_grads` after the teacher's pass over the same micro-batch (`teacher` is its state), or with the
+    targets a separate teacher scored (`teacher` is this micro-batch's slice of `teacher_scores`)."""
+    if s.separate_teacher:
+        teacher_out = teacher
+    else:
+        teacher_out = teacher_outputs(teacher, micro, teacher_graphdef=teacher_graphdef, s=s)
     return student_grads(params, micro, teacher_out, key, weight, student_graphdef=student_graphdef, s=s)
 
 
@@ -150,7 +180,8 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     """One optimizer step on a batch of rollouts.
 
     Args:
-      params: the student's `nnx.State`; opt_state: its optimizer state; teacher_state: the teacher's.
+      params: the student's `nnx.State`; opt_state: its optimizer state; teacher_state: the teacher's, or with
+        `settings.separate_teacher` its targets for this batch (`teacher_scores`, moved to the student's devices).
       batch: dict of `[B, P + N]` arrays `tokens`, `input_mask`, `response_mask`, `prefix_mask`, `logprobs` and the
         `[B]` int `finish_reason` (see `sampling.Rollout`).
       key: PRNG key of the trust-region draws.
@@ -165,8 +196,7 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
     prefix = batch['prefix_mask'][:, s.prompt_length:].astype(jnp.float32) * response
     aggregation = dict(s.hyperparameters)['aggregation']
-    # Row i * n + j goes to micro-batch j: the reshape keeps each device's rows on that device.
-    micro = {k: v.reshape(m, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items() if k != 'finish_reason'}
+    micro = micro_batches({k: v for k, v in batch.items() if k != 'finish_reason'}, m)
     if aggregation == 'token_mean':
         counts = response.reshape(m, n, -1).sum(axis=(0, 2))  # response tokens per micro-batch
     else:  # seq_mean_token_mean: sequences with at least one response token
@@ -178,9 +208,11 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
 
     def body(carry, xs):
         grads_sum, sums = carry
-        j, weight, mb = xs
+        j, weight, mb, scored = xs
         mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-        grads, stats, t = grads_fn(params, teacher_state, mb, jax.random.fold_in(key, j), weight)
+        teacher = teacher_state if scored is None else jax.tree.map(
+            lambda v: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)), scored)
+        grads, stats, t = grads_fn(params, teacher, mb, jax.random.fold_in(key, j), weight)
         n_response = t.response_mask.sum()
         n_prefix = (t.prefix_mask * t.response_mask).sum()
         denominators = {'loss': weight}
@@ -198,7 +230,8 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     stat_names = _loss_metric_names(s)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     init = (zeros, {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in stat_names})
-    (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(n), weights, micro))
+    scored = teacher_state if s.separate_teacher else None  # [n, m, ...] targets, scanned along with the micro-batches
+    (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(n), weights, micro, scored))
     out = {name: total if name in ('loss', 'num_tokens') else total / jnp.maximum(count, 1.0)
            for name, (total, count) in sums.items()}
 
@@ -244,10 +277,33 @@ def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
 
-def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size):
+def separate_rollout(teacher, student, prompt_tokens, prompt_mask, prefix_lengths, key, *, mesh, teacher_mesh,
+                     num_rollouts, **settings):
+    """`sampling.rollout` (same arguments, as host arrays, and the same samples) with the teacher on its own mesh:
+    the teacher writes the prefixes on its devices, only the prefix tokens and lengths move to the student's."""
+    put = lambda x, on: _global_array(np.asarray(x), on, PartitionSpec())
+    tokens = np.repeat(prompt_tokens, num_rollouts, axis=0)
+    mask = np.repeat(prompt_mask, num_rollouts, axis=0)
+    teacher_key, student_key = jax.random.split(key)
+    if int(np.max(prefix_lengths)) <= 0:
+        return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key, **settings)
+    with jax.set_mesh(teacher_mesh):
+        teacher_key = jax.device_put(teacher_key, NamedSharding(teacher_mesh, PartitionSpec()))
+        prefix = sampling.generate(teacher, put(tokens, teacher_mesh), put(mask, teacher_mesh), teacher_key,
+                                   max_lengths=put(prefix_lengths, teacher_mesh), **settings)
+        written = prefix.responses
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key,
+                             forced_tokens=jax.device_put(written, replicated),
+                             forced_lengths=jax.device_put(prefix.lengths, replicated), **settings)
+
+
+def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size,
+                  teacher_mesh=None):
     """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
 
     Returns `(rollout, max_prefix_length)`; prompts are generated `rollout.batch_size` at a time (0 = all at once).
+    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices.
     """
     r = config.rollout
     tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in prompt_batch], pad_id=pad_id)
@@ -263,15 +319,20 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     parts = []
     for i, start in enumerate(range(0, num_prompts, chunk)):
         rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
+        settings = dict(max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
+                        top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
+                        decode_slots=r.decode_slots)
+        if teacher_mesh is not None and teacher_mesh is not mesh:
+            parts.append(separate_rollout(
+                teacher, student, tokens[start:start + chunk], mask[start:start + chunk], prefix_lengths[rows],
+                jax.random.fold_in(sample_key, i), mesh=mesh, teacher_mesh=teacher_mesh, **settings))
+            continue
         parts.append(sampling.rollout(
             teacher, student,
             _global_array(tokens[start:start + chunk], mesh, replicated),
             _global_array(mask[start:start + chunk], mesh, replicated),
             _global_array(prefix_lengths[rows], mesh, replicated),
-            jax.random.fold_in(sample_key, i),
-            max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
-            top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
-            decode_slots=r.decode_slots))
+            jax.random.fold_in(sample_key, i), **settings))
     if len(parts) == 1:
         return parts[0], l_max
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
@@ -291,7 +352,10 @@ def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings,
     opt_shardings = optax.tree_utils.tree_map_params(
         make_optimizer(settings.optimizer), lambda _, s: s, opt_state, param_shardings,
         transform_non_params=lambda _: replicated)
-    teacher_shardings = sharding.state_shardings(teacher_state, mesh)
+    if settings.separate_teacher:  # the scored targets [n, m, ...], split along m as the micro-batches are
+        teacher_shardings = NamedSharding(mesh, PartitionSpec(None, ('data', 'fsdp')))
+    else:
+        teacher_shardings = sharding.state_shardings(teacher_state, mesh)
     # Rollouts split along the batch over data x fsdp (validation made the batch divisible by it).
     batch_shardings = {k: NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))) for k in batch_keys}
     # `train_step` itself (not a closure) is jitted, with the static settings as arguments, so that a second run in
@@ -313,6 +377,51 @@ def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings,
 
 
 BATCH_KEYS = ('tokens', 'input_mask', 'response_mask', 'prefix_mask', 'logprobs', 'finish_reason')
+TEACHER_INPUT_KEYS = ('tokens', 'input_mask')  # what a separate teacher needs of a rollout to score it
+TEACHER_TEMPLATE_KEYS = ('teacher_tokens', 'teacher_input_mask')  # the same, after the teacher's own template
+
+
+def teacher_input_keys(settings: StepSettings) -> tuple[str, ...]:
+    return TEACHER_TEMPLATE_KEYS if settings.teacher_prompt_length else TEACHER_INPUT_KEYS
+
+
+def make_meshes(config, devices=None):
+    """(student mesh, teacher mesh) for `model.teacher_placement`: the same mesh twice when colocated; when
+    separate, the student's mesh (`config.mesh`) over the first devices and an FSDP mesh over the teacher's last
+    `model.teacher_devices` (in process order, so a teacher of whole hosts gets its own hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n_student, n_teacher = config_validation.placement_devices(config.model, len(devices))
+    student_mesh = sharding.make_mesh(*config_validation.mesh_shape(config.mesh, n_student),
+                                      devices=devices[:n_student])
+    if not n_teacher:
+        return student_mesh, student_mesh
+    return student_mesh, sharding.make_mesh(1, n_teacher, 1, devices=devices[n_student:])
+
+
+def jit_teacher_scores(teacher_mesh, student_mesh, teacher_state, teacher_graphdef):
+    """`teacher_scores` on a separate teacher's mesh: `score(teacher_state, batch, settings)` moves the batch's
+    `tokens` and `input_mask` to the teacher's devices, scores them there, and moves only the targets (top-k ids and
+    log-probs, chosen-token log-probs, entropy: O(k) per token with the fused loss) back to the student's devices,
+    split along the micro-batch rows as `jit_train_step` takes them. `score.lower(teacher_state, batch, settings)`
+    lowers the teacher's program (abstract inputs allowed)."""
+    rows = lambda mesh: NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
+    jitted = jax.jit(teacher_scores, static_argnums=(2, 3),
+                     in_shardings=(sharding.state_shardings(teacher_state, teacher_mesh), rows(teacher_mesh)),
+                     out_shardings=NamedSharding(teacher_mesh, PartitionSpec(None, ('data', 'fsdp'))))
+    back = NamedSharding(student_mesh, PartitionSpec(None, ('data', 'fsdp')))
+
+    def score(teacher_state, batch, settings):
+        inputs = {k: jax.device_put(batch[k], rows(teacher_mesh)) for k in teacher_input_keys(settings)}
+        with jax.set_mesh(teacher_mesh):
+            out = jitted(teacher_state, inputs, teacher_graphdef, settings)
+        return jax.device_put(out, back)
+
+    def lower(teacher_state, batch, settings):
+        with jax.set_mesh(teacher_mesh):
+            return jitted.lower(teacher_state, {k: batch[k] for k in teacher_input_keys(settings)}, teacher_graphdef,
+                                settings)
+    score.lower = lower
+    return score
 
 
 def load_eval_records(config) -> list[dict]:
@@ -347,8 +456,49 @@ def export_student(student_graphdef, params, mesh, path: str, tokenizer) -> None
         save_pretrained(nnx.merge(student_graphdef, params), path, tokenizer)
 
 
-def load_models(config, mesh):
-    """Tokenizer, student and teacher on `mesh`, after checking that the two models share the tokenizer.
+def with_teacher_rows(batch, rollout, prompt_batch, settings, batch_shardings, num_rollouts, pad_id):
+    """`batch` plus `teacher_tokens` / `teacher_input_mask`: its responses after the prompts as the teacher renders
+    them (`scoring.teacher_rows`), and the settings with their prompt length."""
+    tokens, input_mask = scoring.teacher_rows(rollout.tokens, rollout.input_mask, rollout.prompt_length,
+                                              [p['teacher_prompt_tokens'] for p in prompt_batch], num_rollouts, pad_id)
+    batch = {**batch, 'teacher_tokens': jax.device_put(tokens, batch_shardings['teacher_tokens']),
+             'teacher_input_mask': jax.device_put(input_mask, batch_shardings['teacher_input_mask'])}
+    response_columns = rollout.tokens.shape[1] - rollout.prompt_length
+    return batch, dataclasses.replace(settings, teacher_prompt_length=tokens.shape[1] - response_columns)
+
+
+def warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, *, pad_id, eos, vocab_size, key,
+                              count=4, max_new_tokens=32):
+    """`data.teacher_template=auto`: when the teacher's rendering of some prompts differs from the student's, one
+    warning saying how many, and how far the teacher's log-probs move between the two renderings on the student's
+    greedy responses (`max_new_tokens`) to `count` of them. Returns that measurement (None when all agree)."""
+    differ = [p for p in prompts if not np.array_equal(p['prompt_tokens'], p['teacher_prompt_tokens'])]
+    if not differ:
+        return None
+    message = (f"data.teacher_template='auto': the teacher's chat template renders {len(differ)} of {len(prompts)} "
+               f"prompts differently from the student's")
+    measured = None
+    if jax.process_count() == 1:  # the measurement reads the samples back to the host
+        sample = differ[:count]
+        tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in sample], pad_id=pad_id)
+        with jax.set_mesh(mesh):
+            rollout = jax.device_get(sampling.generate(student, tokens, mask, key, max_new_tokens=max_new_tokens,
+                                                       temperature=0.0, eos_ids=eos, pad_id=pad_id,
+                                                       vocab_size=vocab_size))
+        with jax.set_mesh(teacher_mesh):
+            measured = scoring.template_logprob_difference(
+                teacher, rollout, [p['teacher_prompt_tokens'] for p in sample], vocab_size, pad_id)
+        message += (f"; on the student's {measured['tokens']} greedy response tokens to {measured['prompts']} of them, "
+                    f"the teacher's log-probs after its own rendering differ from those after the student's by "
+                    f"{measured['mean']:+.3f} nats/token on average ({measured['mean_abs']:.3f} in absolute value)")
+    logging.warning(message + ". The teacher scores after the student's rendering: set data.teacher_template="
+                    "'teacher' to score after its own, or 'student' to keep the student's and silence this warning.")
+    return measured
+
+
+def load_models(config, mesh, teacher_mesh=None):
+    """Tokenizer, student on `mesh` and teacher on `teacher_mesh` (default: `mesh`; int8 when
+    `model.teacher_quantization` says so), after checking that the two models share the tokenizer.
 
     Returns `(tokenizer, student, student_config, teacher, vocab_size)`; `vocab_size` is the shared real vocabulary
     every loss and every sample is restricted to.
@@ -357,8 +507,11 @@ def load_models(config, mesh):
     tokenizer = load_tokenizer(m.tokenizer_path or m.student_path)
     teacher_tokenizer = load_tokenizer(m.teacher_tokenizer_path or m.teacher_path)
     student, student_config = from_pretrained(m.student_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+    teacher_mesh = mesh if teacher_mesh is None else teacher_mesh
     teacher, teacher_config = from_pretrained(m.teacher_path, dtype=m.teacher_dtype, param_dtype=m.teacher_dtype,
-                                              mesh=mesh)
+                                              mesh=teacher_mesh)
+    if m.teacher_quantization == 'int8':
+        teacher = quantize_int8(teacher, teacher_mesh)
     # How to run them (attention kernel, rematerialisation) comes from the run's config, not the checkpoints'.
     student.config = student_config = student_config.replace(**config_validation.model_runtime_fields(m))
     teacher.config = teacher_config = teacher_config.replace(
@@ -382,17 +535,28 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     """
     num_devices = jax.device_count()
     config_validation.validate_config(config, num_devices=num_devices)
-    mesh = sharding.make_mesh(*config_validation.mesh_shape(config.mesh, num_devices))
+    mesh, teacher_mesh = make_meshes(config)
     total_steps, d = config.train.steps, config.data
 
-    tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh)
+    tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh, teacher_mesh)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = sampling.eos_ids(tokenizer, student_config)
+    teacher_tokenizer = None
+    if d.teacher_template != 'student':  # render every prompt as the teacher would too, to use it or to compare
+        teacher_tokenizer = load_tokenizer(config.model.teacher_tokenizer_path or config.model.teacher_path,
+                                           chat_template=d.teacher_chat_template or None)
     prompts, report = data.load_prompts(
         d.train_path, tokenizer, prompt_field=d.prompt_field, answer_field=d.answer_field,
         prompt_template=d.prompt_template, chat_template=d.chat_template, max_prompt_length=d.max_prompt_length,
-        on_bad_record=d.on_bad_record, data_format=d.format)
+        on_bad_record=d.on_bad_record, data_format=d.format, teacher_tokenizer=teacher_tokenizer,
+        teacher_system_prompt=d.teacher_system_prompt)
     logging.info('training data: %s', report.summary())
+    if d.teacher_template == 'auto':
+        warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, pad_id=pad_id, eos=eos,
+                                  vocab_size=vocab_size, key=jax.random.key(config.train.seed))
+        for p in prompts:
+            del p['teacher_prompt_tokens']
+    batch_keys = BATCH_KEYS + (TEACHER_TEMPLATE_KEYS if d.teacher_template == 'teacher' else ())
 
     # From here on the student lives as (graphdef, params): params and opt_state are the train state.
     student_graphdef, params = nnx.split(student)
@@ -400,9 +564,11 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     settings = step_settings(config, vocab_size)
     optimizer = make_optimizer(settings.optimizer)
     step_fn, batch_shardings, param_shardings, opt_shardings = jit_train_step(
-        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, BATCH_KEYS, settings, student_graphdef,
+        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, batch_keys, settings, student_graphdef,
         teacher_graphdef)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    score_fn = (jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
+                if settings.separate_teacher else None)
 
     # Checkpointed state; the step's keys are fold_in(train_key, step), so a resumed run draws the same numbers.
     train_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
@@ -464,13 +630,19 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
             with jax.set_mesh(mesh):
                 rollout, l_max = make_rollouts(teacher, nnx.merge(student_graphdef, params), prompt_batch,
                                                rollout_key, step, config, mesh, pad_id=pad_id, eos=eos,
-                                               vocab_size=vocab_size)
+                                               vocab_size=vocab_size, teacher_mesh=teacher_mesh)
                 batch = jax.block_until_ready({k: jax.device_put(getattr(rollout, k), batch_shardings[k])
                                                for k in BATCH_KEYS})
                 t1 = time.perf_counter()
-                params, opt_state, step_metrics = step_fn(
-                    params, opt_state, teacher_state, batch, loss_key,
-                    dataclasses.replace(settings, prompt_length=rollout.prompt_length))
+                step_settings_now = dataclasses.replace(settings, prompt_length=rollout.prompt_length)
+                if d.teacher_template == 'teacher':
+                    batch, step_settings_now = with_teacher_rows(batch, rollout, prompt_batch, step_settings_now,
+                                                                 batch_shardings, config.rollout.num_rollouts, pad_id)
+                # A separate teacher scores the whole batch on its devices first; its targets replace its state.
+                teacher_in = (teacher_state if score_fn is None
+                              else score_fn(teacher_state, batch, step_settings_now))
+                params, opt_state, step_metrics = step_fn(params, opt_state, teacher_in, batch, loss_key,
+                                                          step_settings_now)
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             t2 = time.perf_counter()
             if step_metrics['skipped']:

@@ -140,6 +140,13 @@ def _fuse_projections(x) -> bool:
   return x.shape[1] == 1 and not sharding.tensor_parallel()
 
 
+def _weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+  """`module.<name>` in `dtype`; an int8 weight (`quantize.quantize_int8`) times its per-channel `<name>_scale`."""
+  w = getattr(module, name)[...].astype(dtype)
+  scale = getattr(module, name + '_scale', None)
+  return w if scale is None else w * scale[...].astype(dtype)
+
+
 def apply_rope(x, cos, sin):
   """Rotate-half RoPE as in HF. x: [B, N, T, D]; cos, sin: [B, 1, T, D / 2] float32."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -190,14 +197,15 @@ class Attention(nnx.Module):
       # One matmul for q, k and v (the weights are loop-invariant, so XLA concatenates them once per decode loop).
       h, n, d = self.q_proj[...].shape
       kv = self.num_kv_heads
-      w = jnp.concatenate([self.q_proj[...].reshape(h, n * d), self.k_proj[...].reshape(h, kv * d),
-                           self.v_proj[...].reshape(h, kv * d)], axis=1)
-      qkv = (x @ w.astype(dt)).reshape(x.shape[0], x.shape[1], n + 2 * kv, d).transpose(0, 2, 1, 3)
+      w = jnp.concatenate([_weight(self, 'q_proj', dt).reshape(h, n * d),
+                           _weight(self, 'k_proj', dt).reshape(h, kv * d),
+                           _weight(self, 'v_proj', dt).reshape(h, kv * d)], axis=1)
+      qkv = (x @ w).reshape(x.shape[0], x.shape[1], n + 2 * kv, d).transpose(0, 2, 1, 3)
       q, k, v = qkv[:, :n], qkv[:, n:n + kv], qkv[:, n + kv:]
     else:
-      q = jnp.einsum('bth,hnd->bntd', x, self.q_proj[...].astype(dt))
-      k = jnp.einsum('bth,hkd->bktd', x, self.k_proj[...].astype(dt))
-      v = jnp.einsum('bth,hkd->bktd', x, self.v_proj[...].astype(dt))
+      q = jnp.einsum('bth,hnd->bntd', x, _weight(self, 'q_proj', dt))
+      k = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'k_proj', dt))
+      v = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'v_proj', dt))
     if self.use_bias:
       q = q + self.q_bias[...].astype(dt)[None, :, None, :]
       k = k + self.k_bias[...].astype(dt)[None, :, None, :]
@@ -238,7 +246,7 @@ class Attention(nnx.Module):
       scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
       out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
-    out = jnp.einsum('bntd,ndh->bth', out, self.o_proj[...].astype(dt))
+    out = jnp.einsum('bntd,ndh->bth', out, _weight(self, 'o_proj', dt))
     if self.use_o_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, new_cache
@@ -258,11 +266,11 @@ class MLP(nnx.Module):
     dt = self.dtype
     if _fuse_projections(x):
       m = self.gate_proj[...].shape[1]
-      gate_up = x @ jnp.concatenate([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
+      gate_up = x @ jnp.concatenate([_weight(self, 'gate_proj', dt), _weight(self, 'up_proj', dt)], axis=1)
       gate, up = gate_up[..., :m], gate_up[..., m:]
     else:
-      gate, up = x @ self.gate_proj[...].astype(dt), x @ self.up_proj[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+      gate, up = x @ _weight(self, 'gate_proj', dt), x @ _weight(self, 'up_proj', dt)
+    return (jax.nn.silu(gate) * up) @ _weight(self, 'down_proj', dt)
 
 
 class Block(nnx.Module):
@@ -297,10 +305,14 @@ class Decoder(nnx.Module):
     init.finish()
 
   def lm_head_weight(self) -> jax.Array:
-    """The output projection [H, V] in the parameter dtype (the transposed embedding when tied)."""
-    if self.config.tie_word_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
+    """The output projection [H, V] in the parameter dtype (the transposed embedding when tied); an int8 model's
+    (`quantize.quantize_int8`) scaled back, in the compute dtype."""
+    name = 'embed' if self.config.tie_word_embeddings else 'lm_head'
+    if getattr(self, name + '_scale', None) is not None:
+      w = _weight(self, name, self.config.dtype)
+    else:
+      w = getattr(self, name)[...]
+    return w.T if self.config.tie_word_embeddings else w
 
   def __call__(self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False,
                segment_ids=None):
@@ -330,6 +342,8 @@ class Decoder(nnx.Module):
     # would come out split along the hidden dimension and need an all-to-all to reach the batch split.
     embed = sharding.constrain(self.embed[...], ('vocab', None))
     x = jnp.take(embed, tokens, axis=0).astype(dt)
+    if getattr(self, 'embed_scale', None) is not None:  # int8 rows, one scale per token (`quantize`)
+      x = x * jnp.take(self.embed_scale[...][:, 0], tokens, axis=0).astype(dt)[..., None]
     x = sharding.constrain(x, ('batch', 'length', None))
 
     freqs = positions.astype(jnp.float32)[:, None, :, None] * rope_frequencies(config)  # [B, 1, T, D/2]

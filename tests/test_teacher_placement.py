@@ -1,0 +1,91 @@
+"""Teacher placement: a separate teacher (its own devices) gives the colocated teacher's rollouts, loss and
+gradients, on 8 fake CPU devices."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CHECK = r'''
+import dataclasses, importlib.util, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from tropd_jax import data, sampling, train
+
+spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+fused = sys.argv[1] == 'fused'
+
+
+def run(placement):
+  config = tiny.get_config()
+  config.unlock()
+  config.model.teacher_placement = placement
+  config.loss.fused = fused
+  config.rollout.max_new_tokens = 24
+  config.prefix.max_length = 12  # step 0: prefixes of 0..12 teacher tokens
+  config.train.prompts_per_step = 16
+  config.train.micro_batch_size = 8  # two micro-batches of rows with different lengths
+  # AdamW's first update is lr * g / (|g| + eps): with eps far above |g| it is -g * lr / eps, so the parameters'
+  # change is the gradient itself (the sign-like step of a small eps would hide its size).
+  config.optim.eps, config.optim.learning_rate, config.optim.clip_norm = 1e3, 1e3, 0.0
+  config.optim.warmup_steps, config.optim.schedule = 0, 'constant'
+  mesh, teacher_mesh = train.make_meshes(config)
+  tokenizer, student, student_config, teacher, vocab = train.load_models(config, mesh, teacher_mesh)
+  prompts, _ = data.load_prompts(config.data.train_path, tokenizer, chat_template=False, max_prompt_length=64)
+  graphdef, params = nnx.split(student)
+  teacher_graphdef, teacher_state = nnx.split(teacher)
+  settings = train.step_settings(config, vocab)
+  optimizer = train.make_optimizer(settings.optimizer)
+  step, batch_shardings, _, opt_shardings = train.jit_train_step(
+      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, train.BATCH_KEYS, settings, graphdef,
+      teacher_graphdef)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  before = jax.tree.map(np.asarray, params)
+  with jax.set_mesh(mesh):
+    rollout, l_max = train.make_rollouts(teacher, student, prompts[:16], jax.random.key(3), 0, config, mesh,
+                                         pad_id=0, eos=sampling.eos_ids(tokenizer, student_config),
+                                         vocab_size=vocab, teacher_mesh=teacher_mesh)
+    batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in train.BATCH_KEYS}
+    settings = dataclasses.replace(settings, prompt_length=rollout.prompt_length)
+    teacher_in = teacher_state
+    if placement == 'separate':
+      teacher_in = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)(
+          teacher_state, batch, settings)
+      devices = {d for x in jax.tree.leaves(teacher_state) for d in x.sharding.device_set}
+      assert devices == set(teacher_mesh.devices.flat) and not devices & set(mesh.devices.flat)
+      assert all(x.sharding.device_set == set(mesh.devices.flat) for x in jax.tree.leaves(teacher_in))
+    params, _, metrics = step(params, opt_state, teacher_in, batch, jax.random.key(4), settings)
+  grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, params)  # before - after = g
+  lengths = np.asarray(rollout.lengths)
+  return np.asarray(rollout.tokens), np.asarray(rollout.prefix_mask).sum(1), lengths, metrics, grads
+
+
+tokens_c, prefix_c, lengths, metrics_c, grads_c = run('colocated')
+tokens_s, prefix_s, _, metrics_s, grads_s = run('separate')
+assert len(set(lengths.tolist())) > 2 and len(set(prefix_c.tolist())) > 2, (lengths, prefix_c)  # rows differ
+np.testing.assert_array_equal(tokens_c, tokens_s)
+np.testing.assert_array_equal(prefix_c, prefix_s)
+for name in metrics_c:
+  np.testing.assert_allclose(float(metrics_s[name]), float(metrics_c[name]), rtol=2e-5, atol=1e-6, err_msg=name)
+assert float(metrics_c['grad_norm']) > 0
+flat_c, flat_s = jax.tree.leaves(grads_c), jax.tree.leaves(grads_s)
+scale = max(float(np.abs(g).max()) for g in flat_c)
+for a, b in zip(flat_c, flat_s):
+  np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * scale)
+# The change of the parameters is the gradient: its norm is the step's gradient norm.
+norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in flat_c)))
+np.testing.assert_allclose(norm, float(metrics_c['grad_norm']), rtol=1e-3)
+print('OK', float(metrics_c['loss']), float(metrics_s['loss']), norm)
+'''
+
+
+@pytest.mark.parametrize('loss', ['fused', pytest.param('logits', marks=pytest.mark.slow)])
+def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(loss):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _CHECK, loss], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]
