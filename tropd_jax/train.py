@@ -24,7 +24,6 @@ likewise, and rollouts are split along the batch over data x fsdp.
 import dataclasses
 import functools
 import logging
-import os
 import time
 
 import jax
@@ -35,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, sampling, scoring, schedules
-from tropd_jax import preemption, sharding
+from tropd_jax import paths, preemption, sharding
 from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
 
 # Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
@@ -375,7 +374,8 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     """Trains the student of `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
 
     Writes `workdir/metrics.jsonl` (one row per logged step), `workdir/tensorboard/`, `workdir/checkpoints/` and,
-    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). Only process 0 writes logs and the export.
+    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). `workdir` may be a `gs://` URL.
+    Only process 0 writes logs and the export.
     With `export_only`, nothing is trained: the latest checkpoint (or the initial student) is exported to
     `workdir/hf` and the function returns `{'step': its step}`. On SIGTERM (`tropd_jax.preemption`) every process
     stops after the same step, writes its checkpoint and returns the last metrics with `preempted=True`, without
@@ -413,7 +413,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': replicated,
                  'skipped_steps': replicated, 'rng': replicated}
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+    ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'),
                                    every_steps=config.checkpoint.every_steps or total_steps,
                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     restored = ckpt.restore_latest(
@@ -428,7 +428,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     train_key = jax.random.wrap_key_data(np.asarray(state['rng']))
     if export_only:
         ckpt.close()
-        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
         return {'step': start_step}
     iterator = data.prompt_iterator(prompts, batch_size=config.train.prompts_per_step, seed=d.seed, state=data_state)
 
@@ -507,6 +507,6 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     if eval_records is not None and config.eval.at_end and start_step < total_steps:
         row.update(evaluate_now(total_steps))
     if config.checkpoint.export_hf_at_end:
-        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
     writer.close()
     return row
