@@ -1,4 +1,5 @@
-"""Prompt data: JSONL / Parquet files (local or `gs://`, `tropd_jax.paths`) -> tokenized prompts -> a shuffled, checkpointable grain iterator.
+"""Prompt data: JSONL / Parquet files (local or `gs://`, through `tropd_jax.paths`) -> tokenized prompts -> a
+shuffled, checkpointable grain iterator.
 
 Records are read and tokenized once, up front, so that every malformed or over-long record is counted before
 training starts (and, with `on_bad_record='fail'`, stops it with the record's location). The surviving prompts are
