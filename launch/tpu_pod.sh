@@ -10,8 +10,14 @@
 # STUDENT, TEACHER, TRAIN_DATA, EVAL_DATA: as in launch/single_gpu.sh. Every worker needs the repository at
 # ~/REPO_DIR, and the checkpoints, data and WORKDIR at the same paths (e.g. a Filestore or gcsfuse mount):
 # checkpoints are written by every worker, logs by worker 0. PROJECT selects the Google Cloud project.
-# SETUP=1 first copies this checkout to every worker and installs it with the TPU build of JAX.
+# SETUP=1 first copies this checkout to every worker and installs it with the TPU build of JAX (and gs:// support).
 # DRY_RUN=1 prints the gcloud commands instead of running them.
+#
+# Preemption: a spot / preemptible slice is reclaimed with SIGTERM; every worker stops after the same step, writes
+# its checkpoint and exits 0. To resume, recreate the slice and run this script again with the same WORKDIR (SETUP=1
+# on a new slice): training continues from that checkpoint. WORKDIR must outlive the slice, so use a bucket
+# (WORKDIR=gs://BUCKET/runs/math) or a Filestore mount, never a worker's own disk. A worker that dies or hangs makes
+# the others exit within --heartbeat_timeout_seconds (default 100) instead of waiting in a collective.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root: what SETUP copies, and where configs/ lives
 
@@ -37,7 +43,7 @@ run() {
 if [[ "${SETUP:-0}" == 1 ]]; then
   run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="mkdir -p ~/${REPO_DIR}"
   run "${tpu_vm[@]}" scp --recurse pyproject.toml README.md tropd_jax configs "${TPU_NAME}:${REPO_DIR}/" "${where[@]}"
-  run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && $PYTHON -m pip install -q -e '.[tpu]'"
+  run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && $PYTHON -m pip install -q -e '.[tpu,gcs]'"
 fi
 
 main=(

@@ -3,12 +3,22 @@
 Each process owns one CPU device; the mesh spans both (fsdp=2), so parameters, optimizer state and rollouts are
 split across processes and every step needs cross-process collectives. Process 0 alone writes the metrics and the
 exported student; both take part in the checkpoints.
+
+Interrupted runs: a SIGTERM to one process stops both after the same step with a checkpoint (JAX's preemption
+service), a worker that stops responding makes the other exit (jax.distributed's heartbeat timeout) instead of
+waiting in a collective, and in both cases the same command resumes and ends bit-identical to the uninterrupted run.
 """
 
 import os
+import re
 import socket
+import subprocess
+import sys
 
-from test_train import curve, make_tiny_pair, params_of, run_args, run_main
+import numpy as np
+import pytest
+
+from test_train import ROOT, curve, make_tiny_pair, params_of, run_args, run_main
 
 
 def free_port() -> int:
@@ -17,24 +27,119 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_complete_a_short_run(tmp_path):
-    pair = make_tiny_pair(str(tmp_path / 'pair'))
-    workdir = str(tmp_path / 'run')
+STEPS = 6  # enough that a preemption notice is agreed on before the run ends
+
+# `tropd_jax.main` in a process that sends itself SIGNAL when it reaches step index STEP (before its rollouts).
+SIGNAL_AT_STEP = '''
+import os, signal, sys
+from absl import app
+from tropd_jax import main, train
+rollouts = train.make_rollouts
+def make_rollouts(*args, **kwargs):
+    if args[4] == {step}:
+        os.kill(os.getpid(), signal.{signal})
+    return rollouts(*args, **kwargs)
+train.make_rollouts = make_rollouts
+sys.argv[0] = 'tropd_jax.main'
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+def start_processes(pair, workdir, cache, *, extra=(), signal_in_process_1=None):
+    """Starts the two processes of a run; `signal_in_process_1=(signal name, step index)` makes process 1 send
+    itself that signal at that step."""
     port = free_port()
-    env = {'XLA_FLAGS': '', 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'cache')}
-    processes = [
-        run_main(run_args(pair, workdir) + [f'--coordinator_address=localhost:{port}', '--num_processes=2',
-                                           f'--process_id={i}'], env=env)
-        for i in range(2)
-    ]
+    env = {'XLA_FLAGS': '', 'JAX_COMPILATION_CACHE_DIR': cache}
+    processes = []
+    for i in range(2):
+        flags = run_args(pair, workdir, train__steps=STEPS) + list(extra) + [
+            f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+        if i == 1 and signal_in_process_1 is not None:
+            name, step = signal_in_process_1
+            code = SIGNAL_AT_STEP.format(signal=name, step=step)
+            processes.append(subprocess.Popen([sys.executable, '-c', code, *flags], cwd=ROOT,
+                                              env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        else:
+            processes.append(run_main(flags, env=env))
+    return processes
+
+
+def finish(processes):
+    """Waits for both processes; asserts they exited 0 and returns their outputs."""
     outputs = [p.communicate()[0] for p in processes]
     for i, (p, out) in enumerate(zip(processes, outputs)):
         assert p.returncode == 0, f'process {i}:\n{out[-3000:]}'
+    return outputs
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory):
+    return make_tiny_pair(str(tmp_path_factory.mktemp('pair')))
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('compile_cache'))
+
+
+@pytest.fixture(scope='module')
+def two_process_run(pair, cache, tmp_path_factory):
+    """An uninterrupted run of two processes; its workdir."""
+    workdir = str(tmp_path_factory.mktemp('two_processes'))
+    finish(start_processes(pair, workdir, cache))
+    return workdir
+
+
+def assert_same_run(workdir, reference):
+    assert curve(workdir) == curve(reference)
+    for a, b in zip(params_of(os.path.join(workdir, 'hf')), params_of(os.path.join(reference, 'hf'))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_processes_complete_a_short_run(two_process_run, pair):
+    workdir = two_process_run
     steps = curve(workdir)
-    assert [r['step'] for r in steps] == [1, 2, 3]  # one writer: every step logged once
+    assert [r['step'] for r in steps] == list(range(1, STEPS + 1))  # one writer: every step logged once
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        assert sum(1 for line in f) == 4  # the data report and 3 steps, nothing from process 1
+        assert sum(1 for line in f) == STEPS + 1  # the data report and the steps, nothing from process 1
     assert all(r['skipped'] == 0 and r['num_tokens'] > 0 for r in steps)
-    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
+    kept = sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int)
+    assert kept == [str(s) for s in range(STEPS - 2, STEPS + 1)]  # the last 3 (checkpoint.keep)
     exported = params_of(os.path.join(workdir, 'hf'))
     assert any((a != b).any() for a, b in zip(exported, params_of(pair['student'])))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_process_run, pair, cache, tmp_path):
+    workdir = str(tmp_path / 'run')
+    # Only process 1 is signalled, as it enters step 2; checkpoints otherwise only at the end. The notice reaches
+    # process 0 through the coordination service, and the two agree on a step to stop after: the first one after
+    # the notice that neither has passed.
+    outputs = finish(start_processes(pair, workdir, cache, extra=['--config.checkpoint.every_steps=0'],
+                                     signal_in_process_1=('SIGTERM', 1)))
+    stops = [re.findall(r'preempted: checkpoint of step (\d+) written', out) for out in outputs]
+    assert stops[0] and stops[0] == stops[1], '\n\n'.join(out[-3000:] for out in outputs)
+    stop = int(stops[0][0])
+    assert 2 <= stop < STEPS  # stopped early, and not before the signal
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(stop)]  # written by the preemption alone
+    assert not os.path.exists(os.path.join(workdir, 'hf'))
+    outputs = finish(start_processes(pair, workdir, cache, extra=['--config.checkpoint.every_steps=0']))
+    assert all(f'resuming from checkpoint step {stop}' in out for out in outputs)
+    assert_same_run(workdir, two_process_run)
+
+
+def test_a_hung_worker_ends_the_run_and_the_restart_resumes(two_process_run, pair, cache, tmp_path):
+    workdir = str(tmp_path / 'run')
+    # Process 1 freezes as it enters step 3 (SIGSTOP: alive, connections open, silent, like a hung host), so
+    # process 0 waits in a collective that never completes; the 5 s heartbeat timeout ends it.
+    processes = start_processes(pair, workdir, cache, extra=['--heartbeat_timeout_seconds=5'],
+                                signal_in_process_1=('SIGSTOP', 2))
+    out = processes[0].communicate()[0]
+    processes[1].kill()
+    processes[1].communicate()
+    assert processes[0].returncode != 0
+    assert 'stopped sending heartbeats' in out and 'Terminating process' in out, out[-3000:]
+    assert '1' in os.listdir(os.path.join(workdir, 'checkpoints'))  # written before step 3 started
+    outputs = finish(start_processes(pair, workdir, cache))  # the same command, both processes
+    assert 'resuming from checkpoint step' in outputs[0]
+    assert_same_run(workdir, two_process_run)

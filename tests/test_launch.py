@@ -32,7 +32,8 @@ print(json.dumps(dict(workdir=flags.FLAGS.workdir, student=config.model.student_
                       teacher=config.model.teacher_path, train=config.data.train_path, method=config.loss.method,
                       steps=config.train.steps, micro_batch_size=config.train.micro_batch_size,
                       distributed=flags.FLAGS.distributed, coordinator=flags.FLAGS.coordinator_address,
-                      num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)))
+                      num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id,
+                      heartbeat_timeout=flags.FLAGS.heartbeat_timeout_seconds)))
 """
 
 
@@ -86,6 +87,14 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
     assert "--worker=all" in shlex.split(lines[1])  # the copy goes to every worker too
 
 
+def test_slurm_asks_for_sigterm_before_the_time_limit():
+    text = (ROOT / "launch" / "slurm_gpu.sbatch").read_text()
+    (warning,) = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("#SBATCH --signal=")]
+    signal_name, seconds = warning.split("@")
+    assert signal_name == "TERM" and int(seconds) >= 60  # without B:, every task is signalled, not the batch shell
+    assert "--heartbeat_timeout_seconds" in text
+
+
 def test_slurm_gives_every_task_its_process_index(tmp_path):
     # Stand-ins: `scontrol` names the nodes, `srun` starts 4 tasks (2 nodes x 2) the way SLURM sets their variables,
     # and "python" records its arguments and the JAX variables it was started with.
@@ -108,7 +117,8 @@ def test_slurm_gives_every_task_its_process_index(tmp_path):
     env = {**os.environ, **ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "fake_python",
            "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
            "SLURM_SUBMIT_DIR": str(ROOT)}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--config.loss.method=tropd_clip"],
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), "--config.loss.method=tropd_clip",
+                             "--heartbeat_timeout_seconds=60"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     tasks = [json.loads(line) for line in record.read_text().splitlines()]
@@ -119,3 +129,4 @@ def test_slurm_gives_every_task_its_process_index(tmp_path):
             parsed = parse_main_flags(task["argv"][2:], num_devices=16)
             assert parsed["process_id"] == task_id and parsed["num_processes"] == 4
             assert parsed["coordinator"] == "node-a:12355" and parsed["method"] == "tropd_clip"
+            assert parsed["heartbeat_timeout"] == 60

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -250,6 +251,33 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
     train.train_and_evaluate(make_config(pair), workdir)
     assert resumed_steps == [2]  # only the missing step ran again
     # Same data order, RNG and optimizer moments: metrics and parameters are bit-identical.
+    assert curve(workdir) == curve(reference_run)
+    for a, b in zip(params_of(os.path.join(workdir, 'hf')), params_of(os.path.join(reference_run, 'hf'))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path,
+                                                                                    monkeypatch):
+    # Checkpoints only at the end: the checkpoint of step 2 can only come from the SIGTERM.
+    workdir = str(tmp_path)
+    original = train.make_rollouts
+
+    def make_rollouts(*args, **kwargs):
+        if args[4] == 1:  # during step 2, as a preemption notice arrives at any time
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, 'make_rollouts', make_rollouts)
+        result = train.train_and_evaluate(make_config(pair, checkpoint__every_steps=0), workdir)
+    assert result['preempted'] and result['loss'] == curve(reference_run)[1]['loss']
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
+    assert not os.path.exists(os.path.join(workdir, 'hf'))  # no export of an unfinished run
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    resumed_steps = []
+    monkeypatch.setattr(train, 'make_rollouts', lambda *a, **k: resumed_steps.append(a[4]) or original(*a, **k))
+    train.train_and_evaluate(make_config(pair, checkpoint__every_steps=0), workdir)
+    assert resumed_steps == [2]
     assert curve(workdir) == curve(reference_run)
     for a, b in zip(params_of(os.path.join(workdir, 'hf')), params_of(os.path.join(reference_run, 'hf'))):
         np.testing.assert_array_equal(a, b)

@@ -22,7 +22,10 @@ import warnings
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from tropd_jax import paths
 
 
 def _is_abandoned_read_report(unraisable) -> bool:
@@ -99,7 +102,7 @@ class Checkpointer:
     """Saves every `every_steps` steps, keeps the last `keep`, restores the latest readable one."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = os.path.abspath(directory) if paths.is_local(directory) else directory  # or gs://...
         self.every_steps = max(every_steps, 1)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # `save` decides; Orbax would also save the first step it sees
@@ -158,17 +161,17 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Renames an unreadable step so that a later save of the same step number does not collide with it."""
-        path = os.path.join(self.directory, str(step))
+        path = paths.join(self.directory, str(step))
         target, suffix = path + '.corrupt', 0
-        while os.path.exists(target):
+        while paths.exists(target):
             suffix += 1
             target = f'{path}.corrupt{suffix}'
         if jax.process_index() == 0:
-            os.rename(path, target)
+            epath.Path(path).rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
         self.manager.reload()
-        return os.path.basename(target)
+        return epath.Path(target).name
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

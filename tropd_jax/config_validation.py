@@ -8,11 +8,10 @@ bad field and value; it runs before any model is loaded or any program compiled.
 import json
 import logging
 import math
-import os
 
 import ml_collections
 
-from tropd_jax import data, losses, schedules
+from tropd_jax import data, losses, paths, schedules
 from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16')
@@ -152,10 +151,10 @@ def _checkpoint_vocab(path: str, field: str) -> int | None:
     """The vocabulary size in a HF checkpoint directory's config.json; a missing directory is an error."""
     if not path:
         raise FileNotFoundError(f'{field} is empty: set it to a local Hugging Face checkpoint directory')
-    config_file = os.path.join(path, 'config.json')
-    if not os.path.isfile(config_file):
+    config_file = paths.join(path, 'config.json')
+    if not paths.exists(config_file):
         raise FileNotFoundError(f'{field}={path!r} is not a checkpoint directory (no config.json there)')
-    with open(config_file) as f:
+    with paths.open_file(config_file) as f:
         hf = json.load(f)
     vocab = hf.get('vocab_size', hf.get('text_config', {}).get('vocab_size'))
     return int(vocab) if vocab is not None else None
@@ -326,7 +325,7 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     for field in ('student_path', 'teacher_path'):
         vocabs[field] = _checkpoint_vocab(c.model[field], f'model.{field}')
     for field in ('tokenizer_path', 'teacher_tokenizer_path'):
-        if c.model[field] and not os.path.isdir(c.model[field]):
+        if c.model[field] and not paths.isdir(c.model[field]):
             raise FileNotFoundError(f'model.{field}={c.model[field]!r} does not exist')
     known = [v for v in vocabs.values() if v is not None]
     if known:
@@ -335,7 +334,7 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         for field in fields:
             _require(c.loss[field] <= vocab,
                      f'loss.{field}={c.loss[field]} is larger than the vocabulary ({vocab} tokens)')
-    if not c.data.train_path or not os.path.exists(c.data.train_path):
+    if not c.data.train_path or not paths.exists(c.data.train_path):
         raise FileNotFoundError(f'data.train_path={c.data.train_path!r} does not exist')
-    if c.eval.path and not os.path.exists(c.eval.path):
+    if c.eval.path and not paths.exists(c.eval.path):
         raise FileNotFoundError(f'eval.path={c.eval.path!r} does not exist')

@@ -1,4 +1,5 @@
-"""Prompt data: local JSONL / Parquet files -> tokenized prompts -> a shuffled, checkpointable grain iterator.
+"""Prompt data: JSONL / Parquet files (local or `gs://`, through `tropd_jax.paths`) -> tokenized prompts -> a
+shuffled, checkpointable grain iterator.
 
 Records are read and tokenized once, up front, so that every malformed or over-long record is counted before
 training starts (and, with `on_bad_record='fail'`, stops it with the record's location). The surviving prompts are
@@ -12,12 +13,14 @@ process's shard on its devices.
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
+
+from tropd_jax import paths
 
 FORMATS = ('auto', 'jsonl', 'parquet')
 BAD_RECORD_POLICIES = ('skip', 'fail')
@@ -44,9 +47,12 @@ def data_files(path: str, data_format: str = 'auto') -> list[tuple[str, str]]:
     """`[(file, format)]` for a file or a directory of `.jsonl` / `.parquet` files (sorted)."""
     if data_format not in FORMATS:
         raise ValueError(f'data format {data_format!r} must be one of {FORMATS}')
-    if not path or not os.path.exists(path):
+    if not path or not paths.exists(path):
         raise FileNotFoundError(f'data path {path!r} does not exist')
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    if paths.isdir(path):
+        files = sorted(paths.join(path, f.name) for f in epath.Path(path).iterdir())
+    else:
+        files = [path]
     out = []
     for f in files:
         fmt = data_format
@@ -66,10 +72,12 @@ def read_records(path: str, data_format: str = 'auto') -> list[tuple[str, Any]]:
         if fmt == 'parquet':
             import pyarrow.parquet as pq
 
-            for i, row in enumerate(pq.read_table(file).to_pylist()):
+            with paths.open_file(file, 'rb') as f:
+                table = pq.read_table(f)
+            for i, row in enumerate(table.to_pylist()):
                 records.append((f'{file}:row {i}', row))
             continue
-        with open(file, encoding='utf-8') as f:
+        with paths.open_file(file, encoding='utf-8') as f:
             for i, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

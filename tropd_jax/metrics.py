@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from tropd_jax import paths
+
 
 def _plain(value):
     """A JSON-friendly Python scalar (NaN / inf become strings so the file stays valid JSON)."""
@@ -23,29 +25,42 @@ def _plain(value):
 
 class MetricsWriter:
     """Appends `{"step": s, **metrics}` to `workdir/metrics.jsonl` and, optionally, TensorBoard events under
-    `workdir/tensorboard`. Scalars only; non-numeric values go to the JSONL file alone."""
+    `workdir/tensorboard`. Scalars only; non-numeric values go to the JSONL file alone. `workdir` may be a
+    `gs://` URL: object stores cannot append, so there the JSONL file is rewritten with every row."""
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True,
                  filename: str = 'metrics.jsonl'):
         self.enabled = enabled
         self._file = None
         self._tensorboard = None
+        self._remote_text = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, filename)
-        self._file = open(self.path, 'a', encoding='utf-8')
+        self.path = paths.join(workdir, filename)
+        if paths.is_local(workdir):
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(self.path, 'a', encoding='utf-8')
+        else:
+            self._remote_text = ''
+            if paths.exists(self.path):
+                with paths.open_file(self.path, encoding='utf-8') as f:
+                    self._remote_text = f.read()
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            self._tensorboard = SummaryWriter(paths.join(workdir, 'tensorboard'))
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
             return
         row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + '\n')
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + '\n')
+            self._file.flush()
+        else:
+            self._remote_text += json.dumps(row) + '\n'
+            with paths.open_file(self.path, 'w', encoding='utf-8') as f:
+                f.write(self._remote_text)
         if self._tensorboard is not None:
             for name, value in row.items():
                 if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -65,7 +80,7 @@ def read_metrics(path: str) -> list[dict]:
     """One dict per step, in step order. Rows of the same step are merged, later values winning: a resumed run
     rewrites the steps after its checkpoint, and evaluation results join the training row of their step."""
     rows = {}
-    with open(path, encoding='utf-8') as f:
+    with paths.open_file(path, encoding='utf-8') as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)

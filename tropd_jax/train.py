@@ -24,7 +24,6 @@ likewise, and rollouts are split along the batch over data x fsdp.
 import dataclasses
 import functools
 import logging
-import os
 import time
 
 import jax
@@ -35,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, sampling, scoring, schedules
-from tropd_jax import sharding
+from tropd_jax import paths, preemption, sharding
 from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.models.quantize import quantize_int8
 
@@ -529,9 +528,12 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     """Trains the student of `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
 
     Writes `workdir/metrics.jsonl` (one row per logged step), `workdir/tensorboard/`, `workdir/checkpoints/` and,
-    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). Only process 0 writes logs and the export.
+    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). `workdir` may be a `gs://` URL.
+    Only process 0 writes logs and the export.
     With `export_only`, nothing is trained: the latest checkpoint (or the initial student) is exported to
-    `workdir/hf` and the function returns `{'step': its step}`.
+    `workdir/hf` and the function returns `{'step': its step}`. On SIGTERM (`tropd_jax.preemption`) every process
+    stops after the same step, writes its checkpoint and returns the last metrics with `preempted=True`, without
+    the final evaluation or export.
     """
     num_devices = jax.device_count()
     config_validation.validate_config(config, num_devices=num_devices)
@@ -578,7 +580,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': replicated,
                  'skipped_steps': replicated, 'rng': replicated}
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+    ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'),
                                    every_steps=config.checkpoint.every_steps or total_steps,
                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     restored = ckpt.restore_latest(
@@ -593,7 +595,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     train_key = jax.random.wrap_key_data(np.asarray(state['rng']))
     if export_only:
         ckpt.close()
-        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
         return {'step': start_step}
     iterator = data.prompt_iterator(prompts, batch_size=config.train.prompts_per_step, seed=d.seed, state=data_state)
 
@@ -622,6 +624,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     if eval_records is not None and config.eval.at_start and start_step == 0:
         evaluate_now(0)
     row = {}
+    watch, preempted = preemption.PreemptionWatch().start(), False  # SIGTERM: save the step reached, then stop
     try:
         for step in range(start_step, total_steps):
             prompt_batch = next(iterator)
@@ -657,16 +660,26 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
             bar.update(row)
             state = {'params': params, 'opt_state': opt_state, 'step': scalar(step + 1),
                      'skipped_steps': scalar(skipped), 'rng': np.asarray(jax.random.key_data(train_key))}
-            ckpt.save(step + 1, state, {'iterator': iterator.get_state()}, force=step + 1 == total_steps)
+            preempted = watch.reached(step + 1)
+            ckpt.save(step + 1, state, {'iterator': iterator.get_state()}, force=step + 1 == total_steps or preempted)
+            if preempted:
+                logging.warning('preempted: stopping after step %d and writing its checkpoint', step + 1)
+                break
             every = config.eval.every_steps
             if eval_records is not None and every and (step + 1) % every == 0 and step + 1 != total_steps:
                 evaluate_now(step + 1)
     finally:
+        watch.stop()
         bar.close()
-        ckpt.close()
+        ckpt.close()  # waits for the checkpoint being written
+    if preempted:
+        logging.warning('preempted: checkpoint of step %d written to %s; run the same command to resume', step + 1,
+                        ckpt.directory)
+        writer.close()
+        return {**row, 'preempted': True}
     if eval_records is not None and config.eval.at_end and start_step < total_steps:
         row.update(evaluate_now(total_steps))
     if config.checkpoint.export_hf_at_end:
-        export_student(student_graphdef, params, mesh, os.path.join(workdir, 'hf'), tokenizer)
+        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
     writer.close()
     return row

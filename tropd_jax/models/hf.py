@@ -20,7 +20,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tropd_jax import sharding
+from tropd_jax import paths, sharding
 from tropd_jax.models.config import ModelConfig, dtype_name
 from tropd_jax.models.decoder import Decoder
 
@@ -138,7 +138,7 @@ def _get(tree, path):
 
 def from_pretrained(path: str, *, dtype=None, param_dtype=None,
                     mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, ModelConfig]:
-  """Loads a local HF checkpoint directory into a `Decoder`.
+  """Loads a HF checkpoint directory (local, or a `gs://` URL copied to a local cache) into a `Decoder`.
 
   Args:
     path: directory with config.json and model.safetensors (or model.safetensors.index.json and its shards).
@@ -150,6 +150,7 @@ def from_pretrained(path: str, *, dtype=None, param_dtype=None,
   Returns:
     (model, config). Missing, unexpected or wrongly shaped tensors raise a ValueError naming the key.
   """
+  path = paths.local_copy(path)  # safetensors maps local files: a gs:// checkpoint is copied once
   config = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype)
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -219,13 +220,16 @@ def save_pretrained(model: Decoder, path: str, tokenizer=None, *, max_shard_size
   Args:
     model: a `Decoder` (sharded or not). Tensors are gathered to the host one file at a time, so host memory
       holds at most one file's worth. On multi-host meshes every process must call this; process 0 writes.
-    path: output directory (created).
+    path: output directory (created): local, or a `gs://` URL (`tropd_jax.paths`).
     tokenizer: optional HF tokenizer saved alongside (tokenizer files, chat template).
     max_shard_size: bytes per safetensors file; above it the weights are split into
       model-0000i-of-0000n.safetensors with model.safetensors.index.json.
     dtype: storage dtype of the tensors, 'float32' or 'bfloat16' by name or as the NumPy / JAX dtype (default:
       the config's param_dtype).
   """
+  if not paths.is_local(path):  # written to a local directory, then copied (gs://...)
+    with paths.local_dir_for(path) as local:
+      return save_pretrained(model, local, tokenizer, max_shard_size=max_shard_size, dtype=dtype)
   config = model.config
   dtype = dtype_name(dtype or config.param_dtype, 'save_pretrained dtype')
   np_dtype = ml_dtypes.bfloat16 if dtype == 'bfloat16' else np.dtype(dtype)

@@ -8,6 +8,8 @@ vocabulary (every id the tokenizer can produce) is ever compared.
 
 import transformers
 
+from tropd_jax import paths
+
 
 def load_tokenizer(path: str, *, chat_template: str | None = None):
   """The tokenizer of a local HF checkpoint directory, set up for left-padded batches.
@@ -20,7 +22,7 @@ def load_tokenizer(path: str, *, chat_template: str | None = None):
     The `transformers` tokenizer with `padding_side='left'` and a pad token (the EOS token when the checkpoint
     defines none). Raises ValueError when there is no chat template at all, since prompts are formatted with it.
   """
-  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(paths.local_copy(path))
   tokenizer.padding_side = 'left'
   if chat_template is not None:
     tokenizer.chat_template = chat_template
