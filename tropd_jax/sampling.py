@@ -262,7 +262,8 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
   # outside the loop: a tied head is the transposed embedding, which the loop would otherwise re-layout per step.
   hidden, cache = forward(graphdef, state, prompt_tokens, prompt_positions, prompt_mask, cache, True)
   lm_head = nnx.merge(graphdef, state).lm_head_weight().astype(hidden.dtype)
-  logits = hidden[:, -1] @ lm_head
+  # float32 logits (bf16 inputs, float32 accumulation, as the learner's loss): the sampler's log-probs enter rho_t.
+  logits = jnp.dot(hidden[:, -1], lm_head, preferred_element_type=jnp.float32)
 
   records = (
       row_batch(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
@@ -279,7 +280,7 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
     t, token, active, cache, records = carry
     hidden, cache = forward(graphdef, state, token[:, None], (prompt_count + t - 1)[:, None], active[:, None],
                             cache, True)
-    token, active, records = emit(t, hidden[:, 0] @ lm_head, records)
+    token, active, records = emit(t, jnp.dot(hidden[:, 0], lm_head, preferred_element_type=jnp.float32), records)
     return t + 1, token, active, cache, records
 
   def all_done(done):
