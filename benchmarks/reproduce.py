@@ -68,6 +68,10 @@ def run_config(args, method: str, seed: int):
         "checkpoint.export_hf_at_end": False,
         "log.progress_bar": False,
         "log.tensorboard": False,
+        # The fused loss's jsd is a top-k-plus-tail lower bound; the plain loss computes the exact divergence (the
+        # tiny vocabulary makes full logits cheap).
+        "loss.fused": method != "jsd",
+        **args.set,
     }
     return load_config(args.config, overrides)  # validate_config clamps the recipe's warm-up to a short run
 
@@ -84,10 +88,15 @@ def summarize(records: list[dict]) -> dict:
     """The numbers of one run from its metrics records."""
     out = {}
     for name, key in (("grad_norm", "grad_norm"), ("student_entropy", "student_entropy"),
-                      ("trust_fraction", "trust_fraction"), ("outlier_fraction", "outlier_fraction")):
+                      ("trust_fraction", "trust_fraction"), ("outlier_fraction", "outlier_fraction"),
+                      ("logprob_mismatch", "logprob_mismatch"), ("logprob_mismatch_max", "logprob_mismatch_max")):
         steps, values = plotting.series(records, key)
         out[f"final_{name}"] = tail_mean(steps, values)
         out[f"mean_{name}"] = float(np.mean(values)) if len(values) else float("nan")
+    # Prefix entropy only where the step had prefix tokens (the metric is 0 on steps without).
+    with_prefix = [r for r in records if r.get("prefix_fraction", 0) > 0]
+    steps, values = plotting.series(with_prefix, "prefix_student_entropy")
+    out["mean_prefix_student_entropy"] = float(np.mean(values)) if len(values) else float("nan")
     steps, grad = plotting.series(records, "grad_norm")
     out["max_grad_norm"] = float(np.max(grad)) if len(grad) else float("nan")
     steps, accuracy = plotting.series(records, "eval_avg_at_k")
@@ -235,12 +244,18 @@ def write_report(args, summaries: list[dict], base: dict) -> None:
         f"Before training: student avg@{k} = {base.get('student', float('nan')):.3f}, "
         f"teacher avg@{k} = {base.get('teacher', float('nan')):.3f}.",
         "",
+        *([f"Overrides of every run: `{' '.join(f'{k}={v}' for k, v in args.set.items())}`.", ""]
+          if args.set else []),
         "Numbers are mean ± standard deviation over seeds. \"End\" = the mean over the last 20% of steps; the",
         "gradient norm is the global norm before clipping. Trust fraction = mean M_t on on-policy tokens over training",
-        "(1 for methods without a trust region).",
+        "(1 for methods without a trust region). Entropies are over the student's own (on-policy) tokens; the prefix",
+        "column is over teacher-written prefix tokens (– where a method has none). |log ρ| = |log π_sampler − log",
+        "π_learner| on on-policy tokens, the per-step mean and max averaged over training (one update per batch: ρ",
+        "should be 1).",
         "",
-        f"| method | seeds | avg@{k} | grad norm (end) | grad norm (max) | student entropy (end) | trust fraction |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | seeds | avg@{k} | grad norm (end) | grad norm (max) | student entropy, on-policy (end) "
+        "| student entropy, prefix (mean) | trust fraction | \\|log ρ\\| mean | \\|log ρ\\| max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in [m for m in losses.METHODS if m in by_method]:
         group = by_method[method]
@@ -248,7 +263,10 @@ def write_report(args, summaries: list[dict], base: dict) -> None:
             f"| `{method}` | {len(group)} | {_fmt([s['avg_at_k'] for s in group])} "
             f"| {_fmt([s['final_grad_norm'] for s in group], 4)} | {_fmt([s['max_grad_norm'] for s in group], 4)} "
             f"| {_fmt([s['final_student_entropy'] for s in group])} "
-            f"| {_fmt([s['mean_trust_fraction'] for s in group])} |"
+            f"| {_fmt([s.get('mean_prefix_student_entropy', np.nan) for s in group])} "
+            f"| {_fmt([s['mean_trust_fraction'] for s in group])} "
+            f"| {_fmt([s.get('mean_logprob_mismatch', np.nan) for s in group], 5)} "
+            f"| {_fmt([s.get('mean_logprob_mismatch_max', np.nan) for s in group], 5)} |"
         )
     lines += ["", "## The paper's claims, here", "", *claims(by_method, base), "",
               "\"Within seed spread\" means the two means differ by less than the sum of their standard deviations.",
@@ -296,7 +314,11 @@ def main(argv=None) -> None:
     parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="config overrides for every run, e.g. optim.learning_rate=1.5e-3 (another regime: "
+                             "give it its own --workdir)")
     args = parser.parse_args(argv)
+    args.set = dict(_parse_override(item) for item in args.set)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.seeds < 1 or args.steps < 1:
         raise SystemExit(f"--seeds={args.seeds} and --steps={args.steps} must be >= 1")
@@ -321,6 +343,19 @@ def main(argv=None) -> None:
     if not summaries:
         raise SystemExit(f"no finished runs under {args.workdir}")
     write_report(args, summaries, base)
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    """`NAME=VALUE` -> (NAME, VALUE as int, float, bool or str)."""
+    name, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+    for parse in (int, float):
+        try:
+            return name, parse(text)
+        except ValueError:
+            pass
+    return name, {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _backend() -> str:

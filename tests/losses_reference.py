@@ -21,7 +21,8 @@ TRUST_METHODS = ("fkl_outlier", "tropd", "tropd_mask", "tropd_clip", "tropd_aopd
 
 DEFAULTS = dict(
     k=64, beta=0.001, renormalize=False, jsd_beta=0.5, entropy_top_q=0.2, reward_floor=-2.0, eopd_k=16,
-    eopd_entropy_threshold=0.8, reopold_entropy_top_q=None, aggregation="token_mean",
+    eopd_entropy_threshold=0.8, reopold_mixture_weight=0.9, reopold_entropy_top_q=0.2,
+    reopold_exploration_fraction=0.5, importance_ratio_cap=None, aggregation="token_mean",
 )
 
 
@@ -73,6 +74,41 @@ def topk_forward_kl(student_logits, teacher_logits, k, renormalize=False, ids=No
         return np.sum(np.where(pt > 0, pt * (log_pt - log_ps), 0.0), axis=-1)
 
 
+def _kl_sum(log_p, log_q):
+    """sum_v p(v) (log p(v) - log q(v)) over the last axis, 0 log 0 = 0."""
+    p = np.exp(log_p)
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def generalized_jsd(student_logits, teacher_logits, beta):
+    """beta KL(p_T || p_M) + (1 - beta) KL(p_S || p_M), p_M = beta p_T + (1 - beta) p_S, over the full vocabulary."""
+    p_s, p_t = np.exp(log_softmax(student_logits)), np.exp(log_softmax(teacher_logits))
+    p_m = beta * p_t + (1.0 - beta) * p_s
+    with np.errstate(divide="ignore"):
+        log_s, log_t, log_m = np.log(p_s), np.log(p_t), np.log(p_m)
+    return beta * _kl_sum(log_t, log_m) + (1.0 - beta) * _kl_sum(log_s, log_m)
+
+
+def topk_tail_jsd(student_logits, teacher_logits, k, beta, ids=None):
+    """The generalised JSD of the two distributions merged to k + 1 outcomes: the teacher's top-k ids and the rest."""
+    ids = teacher_topk(teacher_logits, k) if ids is None else ids
+
+    def merged(logits):
+        p = np.take_along_axis(np.exp(log_softmax(logits)), ids, axis=-1)
+        return np.concatenate([p, np.maximum(1.0 - p.sum(-1, keepdims=True), 0.0)], axis=-1)
+
+    p_s, p_t = merged(student_logits), merged(teacher_logits)
+    p_m = beta * p_t + (1.0 - beta) * p_s
+    with np.errstate(divide="ignore"):
+        return beta * _kl_sum(np.log(p_t), np.log(p_m)) + (1.0 - beta) * _kl_sum(np.log(p_s), np.log(p_m))
+
+
+def mixture_reward(r, weight):
+    """REOPOLD's reward: r where r >= 0, else log(weight exp(r) + 1 - weight) (the mixture teacher's log-ratio)."""
+    return np.where(r >= 0, r, np.log(weight * np.exp(np.minimum(r, 0.0)) + 1.0 - weight))
+
+
 def top_q_selection(values, eligible, q):
     """Keeps the eligible entries at least as large as the ceil(q n)-th largest of the n eligible ones."""
     n = int(eligible.sum())
@@ -84,7 +120,7 @@ def top_q_selection(values, eligible, q):
 
 
 def _constants(student_logits, teacher_logits, tokens, response_mask, prefix_mask, trust_mask, rollout_logprobs,
-               hp):
+               hp, progress=None, use_importance_ratio=True):
     """Every stop-gradient quantity, evaluated once on the unperturbed student logits."""
     response = np.asarray(response_mask) > 0
     prefix = response & (np.asarray(prefix_mask) > 0)
@@ -95,13 +131,15 @@ def _constants(student_logits, teacher_logits, tokens, response_mask, prefix_mas
     c = dict(
         response=response, prefix=prefix, on_policy=on_policy, s=s, tau=tau, r=tau - s,
         P=trust_probability(s, tau), M=np.asarray(trust_mask, bool),
-        s_rollout=s if rollout_logprobs is None else np.asarray(rollout_logprobs, np.float64),
+        s_rollout=(s if rollout_logprobs is None or not use_importance_ratio
+                   else np.asarray(rollout_logprobs, np.float64)),
         student_entropy=student_entropy, teacher_entropy=entropy(teacher_logits),
         topk=teacher_topk(teacher_logits, hp["k"]), eopd_topk=teacher_topk(teacher_logits, hp["eopd_k"]),
         entropy_selected=top_q_selection(student_entropy, on_policy, hp["entropy_top_q"]),
     )
-    q = hp["reopold_entropy_top_q"]
-    c["reopold_selected"] = on_policy if q is None else top_q_selection(student_entropy, on_policy, q)
+    exploring = (0.0 if progress is None else progress) < hp["reopold_exploration_fraction"]
+    c["reopold_selected"] = (top_q_selection(student_entropy, on_policy, hp["reopold_entropy_top_q"]) if exploring
+                             else on_policy)
     return c
 
 
@@ -110,6 +148,9 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
     s = token_logprobs(student_logits, tokens)
     r, M, floor = c["r"], c["M"], hp["reward_floor"]
     rho = np.exp(s - c["s_rollout"])
+    cap = hp["importance_ratio_cap"]
+    if cap is not None:  # truncated importance weight: value min(rho, C); the cap factor is frozen
+        rho = rho * np.minimum(c["rho"], cap) / c["rho"]
     k1 = -r * rho
 
     def fkl():
@@ -121,16 +162,11 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
     elif method == "topk_fkl":
         pg, fk = zero, fkl()
     elif method == "jsd":
-        b = hp["jsd_beta"]
-        log_pt, log_ps = log_softmax(teacher_logits), log_softmax(student_logits)
-        with np.errstate(divide="ignore"):
-            log_pm = np.logaddexp(np.log(b) + log_pt, np.log(1.0 - b) + log_ps)
-        ids = c["topk"]
-        lt, lm = np.take_along_axis(log_pt, ids, -1), np.take_along_axis(log_pm, ids, -1)
-        with np.errstate(invalid="ignore"):
-            teacher_term = np.sum(np.where(lt > -np.inf, np.exp(lt) * (lt - lm), 0.0), axis=-1)
-        pm_at_token = np.take_along_axis(log_pm, np.asarray(tokens)[..., None], -1)[..., 0]
-        pg, fk = zero, b * teacher_term + (1.0 - b) * (s - pm_at_token)  # a divergence: reported as fkl_loss
+        if hp.get("jsd_topk_tail"):  # the fused loss's approximation
+            fk = topk_tail_jsd(student_logits, teacher_logits, hp["k"], hp["jsd_beta"], ids=c["topk"])
+        else:
+            fk = generalized_jsd(student_logits, teacher_logits, hp["jsd_beta"])
+        pg = zero  # a divergence: reported as fkl_loss
     elif method == "entropy_opd":
         pg, fk = np.where(c["entropy_selected"], k1, 0.0), zero
     elif method == "clip_outlier":
@@ -147,7 +183,8 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
         f16 = topk_forward_kl(student_logits, teacher_logits, hp["eopd_k"], hp["renormalize"], ids=c["eopd_topk"])
         pg, fk = k1, np.where(c["teacher_entropy"] > hp["eopd_entropy_threshold"], f16, 0.0)
     elif method == "reopold":
-        pg, fk = np.where(c["reopold_selected"], -np.maximum(r, floor) * rho, 0.0), zero
+        reward = mixture_reward(r, hp["reopold_mixture_weight"])
+        pg, fk = np.where(c["reopold_selected"], -reward * rho, 0.0), zero
     elif method == "aopd":
         pg, fk = np.where(r > 0, k1, 0.0), np.where(r > 0, 0.0, fkl())
     elif method == "tropd_aopd":
@@ -183,13 +220,19 @@ def outlier_indicator(method, c, hp):
 
 
 def distillation_loss(method, student_logits, teacher_logits, tokens, response_mask, prefix_mask, trust_mask, *,
-                      rollout_logprobs=None, vocab_size=None, fd_step=1e-5, **hyperparameters):
-    """Returns (loss, grad [B, T, V] w.r.t. the student logits, metrics dict) in float64."""
+                      rollout_logprobs=None, use_importance_ratio=True, progress=None, vocab_size=None,
+                      fd_step=1e-5, **hyperparameters):
+    """Returns (loss, grad [B, T, V] w.r.t. the student logits, metrics dict) in float64.
+
+    `jsd_topk_tail=True` (a reference-only switch) gives the fused loss's top-k-plus-tail `jsd`.
+    """
     hp = dict(DEFAULTS, **hyperparameters)
     zs, zt = np.asarray(student_logits, np.float64), np.asarray(teacher_logits, np.float64)
     if vocab_size is not None:
         zs, zt = zs[..., :vocab_size], zt[..., :vocab_size]
-    c = _constants(zs, zt, tokens, response_mask, prefix_mask, trust_mask, rollout_logprobs, hp)
+    c = _constants(zs, zt, tokens, response_mask, prefix_mask, trust_mask, rollout_logprobs, hp, progress,
+                   use_importance_ratio)
+    c["rho"] = np.exp(token_logprobs(zs, tokens) - c["s_rollout"])
     weights = aggregation_weights(response_mask, hp["aggregation"])
 
     def per_token(z):
@@ -215,6 +258,14 @@ def distillation_loss(method, student_logits, teacher_logits, tokens, response_m
     def mean_on(x):
         return float(np.sum(np.where(c["on_policy"], x, 0.0)) / max(n_on, 1))
 
+    def mean_prefix(x):
+        return float(np.sum(np.where(c["prefix"], x, 0.0)) / max(c["prefix"].sum(), 1))
+
+    mismatch = np.zeros_like(c["s"])
+    if rollout_logprobs is not None:
+        mismatch = np.abs(np.asarray(rollout_logprobs, np.float64) - c["s"])
+    cap = hp["importance_ratio_cap"]
+
     outliers = outlier_indicator(method, c, hp)
     metrics = dict(
         loss=loss,
@@ -224,6 +275,10 @@ def distillation_loss(method, student_logits, teacher_logits, tokens, response_m
         trust_fraction=mean_on(c["M"]), trust_probability=mean_on(c["P"]), reward=mean_on(c["r"]),
         outlier_fraction=None if outliers is None else mean_on(outliers),
         student_entropy=mean_on(c["student_entropy"]), teacher_entropy=mean_on(c["teacher_entropy"]),
+        prefix_student_entropy=mean_prefix(c["student_entropy"]),
+        prefix_teacher_entropy=mean_prefix(c["teacher_entropy"]),
+        logprob_mismatch=mean_on(mismatch), logprob_mismatch_max=float(np.max(np.where(c["on_policy"], mismatch, 0))),
+        ratio_truncated_fraction=0.0 if cap is None else mean_on(c["rho"] > cap),
         prefix_fraction=float(c["prefix"].sum() / max(n_resp, 1)), num_tokens=float(n_resp),
     )
     return loss, grad, metrics
@@ -273,7 +328,7 @@ def distance_to_thresholds(method, student_logits, teacher_logits, tokens, respo
     if method in TRUST_METHODS:
         u = np.asarray(uniforms, np.float64)[on]
         gaps += list(np.abs(u - p)[p < 1])
-    if method in ("clip_outlier", "mask_outlier", "tropd_clip", "reopold"):
+    if method in ("clip_outlier", "mask_outlier", "tropd_clip"):
         gaps += list(np.abs(r - hp["reward_floor"]))
     if method in ("aopd", "tropd_aopd"):
         gaps += list(np.abs(r))

@@ -65,6 +65,11 @@ def reference(methods, d, hp, key):
     """{method: (loss, metrics, (d hidden, d head))} of `losses.distillation_loss` on full logits."""
 
     def run(method, hidden, head):
+        if method == "jsd":  # the fused jsd is the top-k-plus-tail JSD (test_losses checks it against the exact one)
+            teacher_logits = (d["teacher_hidden"] @ d["teacher_head"])[..., :VOCAB]
+            stats = losses.token_statistics((hidden @ head)[..., :VOCAB], teacher_logits, d["tokens"], K)
+            return losses.loss_from_stats(method, stats, d["response_mask"], d["prefix_mask"], key,
+                                          rollout_logprobs=d["rollout_logprobs"], **hp)
         return losses.distillation_loss(
             method, hidden @ head, d["teacher_hidden"] @ d["teacher_head"], d["tokens"], d["response_mask"],
             d["prefix_mask"], key, rollout_logprobs=d["rollout_logprobs"], vocab_size=VOCAB, **hp)

@@ -20,7 +20,12 @@ HP = dict(k=6, eopd_k=4, beta=0.05, jsd_beta=0.3, entropy_top_q=0.3, reward_floo
           eopd_entropy_threshold=1.5)
 VALUE_TOL = dict(rtol=1e-4, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-3, atol=2e-5)
-CASES = [(m, {}) for m in losses.METHODS] + [("reopold", dict(reopold_entropy_top_q=0.45))]
+CASES = [(m, {}) for m in losses.METHODS] + [
+    ("reopold", dict(reopold_entropy_top_q=0.45)),
+    ("reopold", dict(progress=0.8)),  # refinement: every on-policy token
+    ("opd", dict(importance_ratio_cap=1.05)),  # truncated importance weights (token_mean runs with rho != 1)
+    ("tropd", dict(importance_ratio_cap=1.05)),
+]
 
 
 def batch(seed=2, batch_size=4, length=8, vocab=24, **kwargs):
@@ -136,6 +141,94 @@ def test_topk_forward_kl(k, renormalize):
         assert (np.asarray(per_token) > -1e-5).all()
 
 
+def _fd_gradient(f, z, h=1e-5):
+    """Central differences of a per-position float64 function f([B, T, V]) -> [B, T], one vocabulary column at a
+    time (each position's value depends on its own logits only)."""
+    grad = np.zeros(z.shape)
+    for v in range(z.shape[-1]):
+        up, down = z.astype(np.float64), z.astype(np.float64)
+        up[..., v] += h
+        down[..., v] -= h
+        grad[..., v] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_value_and_gradient_are_exact(beta):
+    # Independent of losses_reference's loss: the divergence written with probabilities, then finite differences.
+    data = batch()
+    zs, zt = data["student_logits"], data["teacher_logits"]
+
+    def exact(z):
+        p_s, p_t = np.exp(ref.log_softmax(z)), np.exp(ref.log_softmax(zt))
+        p_m = beta * p_t + (1 - beta) * p_s
+        return beta * np.sum(p_t * np.log(p_t / p_m), -1) + (1 - beta) * np.sum(p_s * np.log(p_s / p_m), -1)
+
+    value, grad = jax.value_and_grad(lambda z: losses.generalized_jsd(z, jnp.asarray(zt), beta).sum())(
+        jnp.asarray(zs))
+    per_token = losses.generalized_jsd(jnp.asarray(zs), jnp.asarray(zt), beta)
+    np.testing.assert_allclose(per_token, exact(zs), **VALUE_TOL)
+    assert (np.asarray(per_token) >= -1e-6).all()
+    np.testing.assert_allclose(grad, _fd_gradient(exact, zs), **GRAD_TOL)
+    # The teacher equal to the student is the minimum: value 0, gradient 0.
+    same = jax.grad(lambda z: losses.generalized_jsd(z, jnp.asarray(zs), beta).sum())(jnp.asarray(zs))
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 6, 24])
+def test_topk_tail_jsd_is_the_coarse_grained_jsd(k):
+    # The fused loss's jsd: the JSD over the teacher's top-k ids plus one tail outcome. It never exceeds the exact
+    # JSD (coarse-graining cannot increase a KL) and equals it, with the same gradient, when k = V.
+    data = batch()
+    zs, zt = data["student_logits"], data["teacher_logits"]
+    ids = ref.teacher_topk(zt, k)
+
+    def f(z):
+        logp = losses.log_softmax(z)
+        top_ids, teacher_lp = losses.teacher_topk(jnp.asarray(zt), k)
+        return losses.topk_tail_jsd(jnp.take_along_axis(logp, top_ids, -1), teacher_lp, 0.3)
+
+    per_token = f(jnp.asarray(zs))
+    grad = jax.grad(lambda z: f(z).sum())(jnp.asarray(zs))
+    want = ref.topk_tail_jsd(zs, zt, k, 0.3, ids=ids)
+    np.testing.assert_allclose(per_token, want, **VALUE_TOL)
+    np.testing.assert_allclose(grad, _fd_gradient(lambda z: ref.topk_tail_jsd(z, zt, k, 0.3, ids=ids), zs),
+                               **GRAD_TOL)
+    exact = ref.generalized_jsd(zs, zt, 0.3)
+    assert (want <= exact + 1e-12).all()
+    if k == 24:
+        np.testing.assert_allclose(per_token, exact, **VALUE_TOL)
+    else:
+        assert (want < exact - 1e-6).any()
+
+
+def test_jsd_gradient_is_not_the_sampled_token_estimate():
+    # The old loss differentiated beta KL_topk(p_T || p_M) + (1 - beta) (s_t - log p_M(y_t)) at the sampled token;
+    # its gradient, averaged over y_t ~ p_S, is not the exact one. The expected gradient of the exact loss, here
+    # summed over y_t weighted by p_S(y_t), must be the exact gradient (it does not depend on y_t).
+    rng = np.random.default_rng(0)
+    zs = (rng.normal(size=(1, 1, 12)) * 2).astype(np.float32)
+    zt = (rng.normal(size=(1, 1, 12)) * 2).astype(np.float32)
+    beta = 0.5
+
+    def sampled_estimate(z, y):
+        logp_s, logp_t = jax.nn.log_softmax(z), jax.lax.stop_gradient(jax.nn.log_softmax(jnp.asarray(zt)))
+        log_pm = jnp.logaddexp(jnp.log(beta) + logp_t, jnp.log(1 - beta) + logp_s)
+        teacher = jnp.sum(jnp.exp(logp_t) * (logp_t - log_pm))
+        return beta * teacher + (1 - beta) * (logp_s[..., y] - log_pm[..., y]).sum()
+
+    p_s = np.exp(ref.log_softmax(zs))[0, 0]
+    expected_old = sum(p_s[y] * np.asarray(jax.grad(sampled_estimate)(jnp.asarray(zs), y)) for y in range(12))
+    exact = np.asarray(jax.grad(lambda z: losses.generalized_jsd(z, jnp.asarray(zt), beta).sum())(jnp.asarray(zs)))
+    cosine = float(np.sum(expected_old * exact) / np.linalg.norm(expected_old) / np.linalg.norm(exact))
+    assert cosine < 0.9, cosine  # the estimate's gradient points elsewhere
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1), jnp.float32)
+    loss_grad = jax.grad(lambda z: losses.distillation_loss(
+        "jsd", z, jnp.asarray(zt), tokens, mask, 0 * mask, None, jsd_beta=beta, k=12)[0])(jnp.asarray(zs))
+    np.testing.assert_allclose(loss_grad, exact, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("method,extra", CASES)
 def test_distillation_loss_matches_reference(method, extra, aggregation):
@@ -158,7 +251,8 @@ def test_distillation_loss_matches_reference(method, extra, aggregation):
     for name, value in metrics.items():
         assert value.shape == () and value.dtype == np.float32, name
     for name in ("loss", "prefix_loss", "pg_loss", "fkl_loss", "prefix_fraction", "num_tokens", "reward",
-                 "trust_probability"):
+                 "trust_probability", "student_entropy", "teacher_entropy", "prefix_student_entropy",
+                 "prefix_teacher_entropy", "logprob_mismatch", "logprob_mismatch_max", "ratio_truncated_fraction"):
         np.testing.assert_allclose(metrics[name], want[name], err_msg=name, **VALUE_TOL)
     if method in ref.TRUST_METHODS:
         np.testing.assert_allclose(metrics["trust_fraction"], want["trust_fraction"], **VALUE_TOL)

@@ -35,7 +35,9 @@ def cases(draw, methods=losses.METHODS):
         renormalize=draw(st.booleans()), jsd_beta=draw(st.sampled_from([0.1, 0.5, 0.9])),
         entropy_top_q=draw(st.sampled_from([0.3, 0.7, 1.0])), reward_floor=draw(st.sampled_from([-2.0, -0.5])),
         eopd_entropy_threshold=draw(st.sampled_from([0.3, 0.8, 1.5])),
-        reopold_entropy_top_q=draw(st.sampled_from([None, 0.45])),
+        reopold_entropy_top_q=draw(st.sampled_from([0.2, 0.45])),
+        reopold_mixture_weight=draw(st.sampled_from([0.5, 0.9])), progress=draw(st.sampled_from([None, 0.7])),
+        importance_ratio_cap=draw(st.sampled_from([None, 1.1])),  # continuous in rho: no margin needed
         aggregation=draw(st.sampled_from(["token_mean", "seq_mean_token_mean"])))
     return method, data, hp, jax.random.key(draw(st.integers(0, 2**31 - 1)))
 

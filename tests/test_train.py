@@ -33,7 +33,8 @@ SPEC_METRICS = ('loss', 'pg_loss', 'fkl_loss', 'prefix_loss', 'trust_fraction', 
                 'outlier_fraction', 'student_entropy', 'teacher_entropy', 'prefix_fraction', 'max_prefix_length',
                 'grad_norm', 'response_length', 'learning_rate')
 TRAINER_METRICS = ('skipped', 'skipped_steps', 'rollout_time', 'train_time', 'tokens_per_second', 'prefix_length',
-                   'truncated_fraction', 'num_tokens')
+                   'truncated_fraction', 'num_tokens', 'prefix_student_entropy', 'prefix_teacher_entropy',
+                   'logprob_mismatch', 'logprob_mismatch_max', 'ratio_truncated_fraction')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +207,8 @@ def test_run_logs_every_metric_and_exports_the_student(reference_run, pair):
         assert 0 <= row['trust_fraction'] <= 1 and 0 < row['trust_probability'] <= 1
         assert 0 <= row['prefix_length'] <= row['max_prefix_length']
         assert row['skipped'] == 0 and row['skipped_steps'] == 0
+        # One update per batch: the sampler's log-probs are the learner's up to rounding (float32 on both sides).
+        assert 0 <= row['logprob_mismatch'] <= row['logprob_mismatch_max'] < 1e-3, row
     # L_max(step) = 8 * (1 + cos(pi * step / 3)) / 2 for steps 0, 1, 2.
     assert [r['max_prefix_length'] for r in steps] == [8, 6, 2]
     assert steps[0]['prefix_fraction'] > 0

@@ -78,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.loss = loss = ml_collections.ConfigDict()
     loss.method = 'tropd'
     for name, value in losses.DEFAULT_HYPERPARAMETERS.items():
-        loss[name] = value
+        # A None default (importance_ratio_cap) is a float placeholder, so `--config.loss.NAME=2.0` can set it.
+        loss[name] = ml_collections.config_dict.placeholder(float) if value is None else value
     loss.importance_ratio = True  # rho_t against the sampler's log-probs (False: rho_t = 1 in value)
     loss.fused = True  # chunked loss from hidden states + LM head (never holds [tokens, vocab] logits); False: the
     #   readable reference loss on full logits (same values; for debugging)

@@ -43,10 +43,13 @@ DEFAULT_HYPERPARAMETERS = dict(
     renormalize=False,  # renormalise p_T and p_S over the top-k set (ours)
     jsd_beta=0.5,  # GKD generalised-JSD interpolation
     entropy_top_q=0.2,  # entropy_opd: fraction of on-policy tokens kept, by student entropy
-    reward_floor=-2.0,  # tau_c for clip / mask / reopold variants (ours)
+    reward_floor=-2.0,  # tau_c for clip / mask variants (ours)
     eopd_k=16,  # EOPD's top-k FKL size
     eopd_entropy_threshold=0.8,  # EOPD: FKL where teacher entropy exceeds this
-    reopold_entropy_top_q=None,  # REOPOLD: optional entropy-based token selection
+    reopold_mixture_weight=0.9,  # REOPOLD: mixture teacher weight lambda; rewards floor at log(1 - lambda) (ours)
+    reopold_entropy_top_q=0.2,  # REOPOLD: on-policy tokens kept while exploring, by student entropy (ours)
+    reopold_exploration_fraction=0.5,  # REOPOLD: fraction of training in the exploration phase (ours)
+    importance_ratio_cap=None,  # truncated importance weight: rho_t capped at this value (None = no cap)
     aggregation="token_mean",  # or "seq_mean_token_mean"
 )
 
@@ -61,6 +64,8 @@ class TokenStats(NamedTuple):
     student_topk_logprobs: [B, T, k] log p_S at the teacher's top-k ids (carries gradient).
     teacher_topk_logprobs: [B, T, k] log p_T at its top-k ids, sorted descending.
     student_entropy, teacher_entropy: full shared-vocabulary entropies (no gradient).
+    generalized_jsd: the exact per-token generalised JSD over the full vocabulary (carries gradient), or None where
+      only top-k statistics exist (the fused loss); `jsd` then uses `topk_tail_jsd`.
     """
 
     student_logprobs: jax.Array
@@ -69,6 +74,7 @@ class TokenStats(NamedTuple):
     teacher_topk_logprobs: jax.Array
     student_entropy: jax.Array
     teacher_entropy: jax.Array
+    generalized_jsd: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,10 +164,50 @@ def _check_k(k: int, vocab: int) -> None:
         raise ValueError(f"k={k!r} must be an integer in [1, vocab size {vocab}]")
 
 
+def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, beta_j: float) -> jax.Array:
+    """GKD generalised JSD over the full vocabulary, [B, T, V] x 2 -> [B, T]:
+
+    beta_j KL(p_T || p_M) + (1 - beta_j) KL(p_S || p_M),  p_M = beta_j p_T + (1 - beta_j) p_S.
+
+    Differentiated exactly through p_S (both terms depend on it); the teacher carries no gradient.
+    """
+    log_ps = _finite_logprobs(log_softmax(student_logits))
+    log_pt = jax.lax.stop_gradient(_finite_logprobs(log_softmax(teacher_logits)))
+    log_pm = jnp.logaddexp(jnp.log(beta_j) + log_pt, jnp.log1p(-beta_j) + log_ps)
+    p_t, p_s = jnp.exp(log_pt), jnp.exp(log_ps)
+    teacher_term = jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_pm), 0.0), axis=-1)
+    student_term = jnp.sum(jnp.where(p_s > 0, p_s * (log_ps - log_pm), 0.0), axis=-1)
+    return beta_j * teacher_term + (1.0 - beta_j) * student_term
+
+
+def topk_tail_jsd(student_topk_logprobs: jax.Array, teacher_topk_logprobs: jax.Array, beta_j: float) -> jax.Array:
+    """The generalised JSD between p_T and p_S coarse-grained to k + 1 outcomes: the teacher's top-k ids and one
+    "tail" holding the rest of each distribution's mass. [B, T, k] x 2 -> [B, T].
+
+    A lower bound of `generalized_jsd` (coarse-graining never increases a KL), equal to it when the top-k set holds
+    all of both distributions' mass. The fused loss uses it: it needs O(k) numbers per token.
+    """
+    log_ps = _finite_logprobs(student_topk_logprobs.astype(jnp.float32))
+    log_pt = jax.lax.stop_gradient(_finite_logprobs(teacher_topk_logprobs.astype(jnp.float32)))
+
+    def with_tail(logp):
+        tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(logp), axis=-1, keepdims=True), 0.0)
+        log_tail = jnp.log(jnp.maximum(tail, jnp.finfo(jnp.float32).tiny))
+        return jnp.concatenate([logp, log_tail], axis=-1)
+
+    log_ps, log_pt = with_tail(log_ps), with_tail(log_pt)
+    log_pm = jnp.logaddexp(jnp.log(beta_j) + log_pt, jnp.log1p(-beta_j) + log_ps)
+    p_t, p_s = jnp.exp(log_pt), jnp.exp(log_ps)
+    teacher_term = jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_pm), 0.0), axis=-1)
+    student_term = jnp.sum(jnp.where(p_s > 0, p_s * (log_ps - log_pm), 0.0), axis=-1)
+    return beta_j * teacher_term + (1.0 - beta_j) * student_term
+
+
 def token_statistics(
-    student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, k: int
+    student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, k: int, jsd_beta: float | None = None
 ) -> TokenStats:
-    """Full logits [B, T, V] (same V) + tokens [B, T] -> TokenStats with top-k size k."""
+    """Full logits [B, T, V] (same V) + tokens [B, T] -> TokenStats with top-k size k (and the exact generalised
+    JSD when `jsd_beta` is given)."""
     _check_k(k, student_logits.shape[-1])
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     student_logp = log_softmax(student_logits)
@@ -175,6 +221,7 @@ def token_statistics(
         teacher_topk_logprobs=teacher_topk_lp,
         student_entropy=jax.lax.stop_gradient(entropy(student_logits)),
         teacher_entropy=entropy(teacher_logits),
+        generalized_jsd=None if jsd_beta is None else generalized_jsd(student_logits, teacher_logits, jsd_beta),
     )
 
 
@@ -191,16 +238,11 @@ def _entropy_selection(student_entropy: jax.Array, on_policy: jax.Array, top_q: 
     return ((student_entropy >= threshold) & (on_policy > 0)).astype(jnp.float32)
 
 
-def _jsd(stats: TokenStats, beta_j: float) -> jax.Array:
-    """GKD generalised JSD on top-k plus its sampled student term at y_t; [B, T]."""
-    log_pt_k = jax.lax.stop_gradient(_finite_logprobs(stats.teacher_topk_logprobs))
-    log_ps_k = _finite_logprobs(stats.student_topk_logprobs)
-    log_pm_k = jnp.logaddexp(jnp.log(beta_j) + log_pt_k, jnp.log1p(-beta_j) + log_ps_k)
-    teacher_term = jnp.sum(jnp.exp(log_pt_k) * (log_pt_k - log_pm_k), axis=-1)
-    s = _finite_logprobs(stats.student_logprobs)
-    tau = jax.lax.stop_gradient(_finite_logprobs(stats.teacher_logprobs))
-    log_pm_y = jnp.logaddexp(jnp.log(beta_j) + tau, jnp.log1p(-beta_j) + s)
-    return beta_j * teacher_term + (1.0 - beta_j) * (s - log_pm_y)
+def mixture_clipped_reward(reward: jax.Array, mixture_weight: float) -> jax.Array:
+    """REOPOLD's reward (our reading, docs/methods.md): r_t where r_t >= 0, else the reward against the mixture
+    teacher lambda pi_T + (1 - lambda) pi_S, log(lambda exp(r_t) + 1 - lambda) >= max(r_t, log(1 - lambda)). [B, T]."""
+    mixed = jnp.log(mixture_weight * jnp.exp(jnp.minimum(reward, 0.0)) + (1.0 - mixture_weight))
+    return jnp.where(reward >= 0, reward, mixed)
 
 
 def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -215,9 +257,16 @@ def loss_from_stats(
     key: jax.Array | None,
     *,
     rollout_logprobs: jax.Array | None = None,
+    use_importance_ratio: bool = True,
+    progress: float | jax.Array | None = None,
     **hyperparameters,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Every method's loss from per-token statistics (docs/methods.md). Masks [B, T] -> (scalar loss, metrics)."""
+    """Every method's loss from per-token statistics (docs/methods.md). Masks [B, T] -> (scalar loss, metrics).
+
+    `rollout_logprobs` [B, T] are the sampler's log-probs: the importance ratio's denominator when
+    `use_importance_ratio`, and always the source of the `logprob_mismatch*` metrics. `progress` (step / total steps,
+    a scalar; None = 0) drives REOPOLD's exploration-to-refinement schedule.
+    """
     hp = resolve_hyperparameters(method, hyperparameters)
     shape = stats.student_logprobs.shape
     for name, x in (("response_mask", response_mask), ("prefix_mask", prefix_mask)):
@@ -240,8 +289,16 @@ def loss_from_stats(
     s_finite = _finite_logprobs(s)
     tau_finite = _finite_logprobs(tau)
     reward = jax.lax.stop_gradient(tau_finite - s_finite)  # r_t
-    behaviour = s if rollout_logprobs is None else rollout_logprobs.astype(jnp.float32)
+    behaviour = s if rollout_logprobs is None or not use_importance_ratio else rollout_logprobs.astype(jnp.float32)
     ratio = jnp.exp(s_finite - jax.lax.stop_gradient(_finite_logprobs(behaviour)))  # rho_t, value 1 on-policy
+    cap = hp["importance_ratio_cap"]
+    truncated = jnp.zeros(shape, jnp.float32)
+    if cap is not None:
+        # Truncated importance weight: value min(rho_t, C), gradient min(rho_t, C) grad s_t (the weight is capped,
+        # the score-function direction is kept).
+        capped = jax.lax.stop_gradient(jnp.minimum(ratio, cap) / jnp.maximum(ratio, jnp.finfo(jnp.float32).tiny))
+        truncated = jax.lax.stop_gradient((ratio > cap).astype(jnp.float32))
+        ratio = ratio * capped
     trust_p = trust_probability(s_finite, tau_finite)  # P_t
     k = hp["k"]
     fkl = topk_kl_from_logprobs(
@@ -263,18 +320,29 @@ def loss_from_stats(
     elif method == "topk_fkl":
         fkl_term = fkl
     elif method == "jsd":
-        fkl_term = _jsd(stats, hp["jsd_beta"])
+        if stats.generalized_jsd is not None:
+            fkl_term = stats.generalized_jsd
+        else:
+            fkl_term = topk_tail_jsd(
+                stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp["jsd_beta"]
+            )
     elif method == "entropy_opd":
         selected = _entropy_selection(stats.student_entropy, on_policy, hp["entropy_top_q"])
         pg_term = selected * pg
         routed = 1.0 - selected
-    elif method in ("clip_outlier", "reopold"):
+    elif method == "clip_outlier":
         clipped = reward < floor
         pg_term = -jnp.maximum(reward, floor) * ratio
         routed = clipped.astype(jnp.float32)
-        if method == "reopold" and hp["reopold_entropy_top_q"] is not None:
-            selected = _entropy_selection(stats.student_entropy, on_policy, hp["reopold_entropy_top_q"])
-            pg_term = selected * pg_term
+    elif method == "reopold":
+        # Exploration (progress < fraction): only the top-q student-entropy tokens get the (mixture-clipped) reward;
+        # refinement: every on-policy token does.
+        progress = jnp.asarray(0.0 if progress is None else progress, jnp.float32)
+        exploring = progress < hp["reopold_exploration_fraction"]
+        selected = _entropy_selection(stats.student_entropy, on_policy, hp["reopold_entropy_top_q"])
+        selected = jnp.where(exploring, selected, 1.0)
+        pg_term = -selected * mixture_clipped_reward(reward, hp["reopold_mixture_weight"]) * ratio
+        routed = 1.0 - selected * (reward >= 0)
     elif method == "mask_outlier":
         kept = (reward >= floor).astype(jnp.float32)
         pg_term = kept * pg
@@ -314,6 +382,10 @@ def loss_from_stats(
         loss = jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
 
     sg = jax.lax.stop_gradient
+    # |log pi_sampler - log pi_learner| per on-policy token (0 without sampler log-probs).
+    mismatch = zero
+    if rollout_logprobs is not None:
+        mismatch = jnp.abs(_finite_logprobs(rollout_logprobs.astype(jnp.float32)) - s_finite)
     metrics = dict(
         loss=sg(loss),
         pg_loss=sg(_masked_mean(pg_term, on_policy)),
@@ -323,8 +395,14 @@ def loss_from_stats(
         trust_probability=_masked_mean(trust_p, on_policy),
         reward=_masked_mean(reward, on_policy),
         outlier_fraction=_masked_mean(routed, on_policy),
-        student_entropy=sg(_masked_mean(stats.student_entropy, response)),
-        teacher_entropy=sg(_masked_mean(stats.teacher_entropy, response)),
+        # Entropies on on-policy tokens (what the student generated), and on the teacher-written prefix apart.
+        student_entropy=sg(_masked_mean(stats.student_entropy, on_policy)),
+        teacher_entropy=sg(_masked_mean(stats.teacher_entropy, on_policy)),
+        prefix_student_entropy=sg(_masked_mean(stats.student_entropy, prefix)),
+        prefix_teacher_entropy=sg(_masked_mean(stats.teacher_entropy, prefix)),
+        logprob_mismatch=sg(_masked_mean(mismatch, on_policy)),
+        logprob_mismatch_max=sg(jnp.max(mismatch * on_policy)),
+        ratio_truncated_fraction=_masked_mean(truncated, on_policy),
         prefix_fraction=jnp.sum(prefix) / jnp.maximum(jnp.sum(response), 1.0),
         num_tokens=jnp.sum(response),
     )
@@ -345,8 +423,16 @@ def resolve_hyperparameters(method: str, hyperparameters: dict) -> dict:
         raise ValueError(f"jsd_beta={hp['jsd_beta']!r} must be in (0, 1)")
     for name in ("entropy_top_q", "reopold_entropy_top_q"):
         q = hp[name]
-        if q is not None and not 0.0 < q <= 1.0:
+        if not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
             raise ValueError(f"{name}={q!r} must be in (0, 1]")
+    if not isinstance(hp["reopold_mixture_weight"], (int, float)) or not 0.0 < hp["reopold_mixture_weight"] < 1.0:
+        raise ValueError(f"reopold_mixture_weight={hp['reopold_mixture_weight']!r} must be in (0, 1)")
+    fraction = hp["reopold_exploration_fraction"]
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"reopold_exploration_fraction={fraction!r} must be in [0, 1]")
+    cap = hp["importance_ratio_cap"]
+    if cap is not None and (not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1.0):
+        raise ValueError(f"importance_ratio_cap={cap!r} must be None or a finite value >= 1")
     for name in ("k", "eopd_k"):
         if not isinstance(hp[name], int) or hp[name] < 1:
             raise ValueError(f"{name}={hp[name]!r} must be a positive integer")
@@ -371,6 +457,8 @@ def distillation_loss(
     key: jax.Array | None,
     *,
     rollout_logprobs: jax.Array | None = None,
+    use_importance_ratio: bool = True,
+    progress: float | jax.Array | None = None,
     vocab_size: int | None = None,
     **hyperparameters,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -383,7 +471,10 @@ def distillation_loss(
       response_mask: [B, T], 1 on every response token (teacher prefix and on-policy).
       prefix_mask: [B, T], 1 on teacher-written prefix tokens.
       key: PRNG key of the Bernoulli trust mask (may be None for methods without a trust region).
-      rollout_logprobs: [B, T] log-probs of the policy that sampled the tokens (importance ratio); None = on-policy.
+      rollout_logprobs: [B, T] log-probs of the policy that sampled the tokens (importance ratio, mismatch
+        metrics); None = on-policy.
+      use_importance_ratio: False keeps rho_t = 1 in value (rollout_logprobs then only feed the metrics).
+      progress: step / total steps (REOPOLD's schedule); None = 0.
       vocab_size: the shared real vocabulary; both logits are sliced to it. None needs V_S == V_T.
       **hyperparameters: see `DEFAULT_HYPERPARAMETERS`.
     Returns:
@@ -403,7 +494,9 @@ def distillation_loss(
             raise ValueError(f"vocab_size={vocab_size} must be in [1, min(student {v_s}, teacher {v_t})]")
         student_logits = student_logits[..., :vocab_size]
         teacher_logits = teacher_logits[..., :vocab_size]
-    stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp))
+    jsd_beta = hp["jsd_beta"] if method == "jsd" else None
+    stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), jsd_beta)
     return loss_from_stats(
-        method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs, **hyperparameters
+        method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs,
+        use_importance_ratio=use_importance_ratio, progress=progress, **hyperparameters
     )

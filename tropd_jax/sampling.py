@@ -228,6 +228,12 @@ def _choose_tokens(logits, uniform, forced_token, forced, temperature, *, greedy
   return token, token_scaled - lse, token_logit - model_lse
 
 
+def _head(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
+  """float32 logits [B, V] of hidden [B, H] (compute-dtype inputs, float32 accumulation, as the learner's loss
+  computes them): the sampler's log-probs enter the importance ratio, so they must not carry bf16 rounding."""
+  return jnp.dot(hidden, lm_head, preferred_element_type=jnp.float32)
+
+
 def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths,
             temperature, eos_ids, *, max_new_tokens, greedy, top_k, top_p, pad_id, segment_length, vocab_size,
             sync_axes=()):
@@ -273,7 +279,7 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
   # outside the loop: a tied head is the transposed embedding, which the loop would otherwise re-layout per step.
   hidden, cache = forward(graphdef, state, prompt_tokens, prompt_positions, prompt_mask, cache, True)
   lm_head = nnx.merge(graphdef, state).lm_head_weight().astype(hidden.dtype)
-  logits = hidden[:, -1] @ lm_head
+  logits = _head(hidden[:, -1], lm_head)
 
   records = (
       row_batch(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
@@ -290,7 +296,7 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
     t, token, active, cache, records = carry
     hidden, cache = forward(graphdef, state, token[:, None], (prompt_count + t - 1)[:, None], active[:, None],
                             cache, True)
-    token, active, records = emit(t, hidden[:, 0] @ lm_head, records)
+    token, active, records = emit(t, _head(hidden[:, 0], lm_head), records)
     return t + 1, token, active, cache, records
 
   def all_done(done):
@@ -397,7 +403,7 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
   hidden, cache = forward(graphdef, state, prompt_tokens[first], prompt_positions[first], prompt_mask[first], cache,
                           True)
   slot_row = jnp.where(jnp.arange(slots) < runnable, first, empty)
-  token, slot_row, records = emit(slot_row, jnp.zeros((slots,), jnp.int32), hidden[:, -1] @ lm_head, records)
+  token, slot_row, records = emit(slot_row, jnp.zeros((slots,), jnp.int32), _head(hidden[:, -1], lm_head), records)
   cache = cache.replace(index=jnp.full((slots,), prompt_length, jnp.int32))
   slot_t = jnp.ones((slots,), jnp.int32)  # the next token each slot emits
 
@@ -424,7 +430,7 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
                     valid=cache.valid.at[target, :prompt_length].set(prompt_mask[row].astype(bool), mode='drop'),
                     index=cache.index.at[target].set(prompt_length, mode='drop'))
     new_token, new_row, records = emit(jnp.where(taken, row, empty), jnp.zeros((group,), jnp.int32),
-                                       hidden[:, -1] @ lm_head, records)
+                                       _head(hidden[:, -1], lm_head), records)
     return (slot_row.at[target].set(new_row, mode='drop'), slot_t.at[target].set(1, mode='drop'),
             token.at[target].set(new_token, mode='drop'), cache, pending + count, records)
 
@@ -446,7 +452,7 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
     row = jnp.minimum(slot_row, rows - 1)
     hidden, cache = forward(graphdef, state, token[:, None], (prompt_count[row] + slot_t - 1)[:, None],
                             busy[:, None], cache, True)
-    token, slot_row, records = emit(slot_row, slot_t, hidden[:, 0] @ lm_head, records)
+    token, slot_row, records = emit(slot_row, slot_t, _head(hidden[:, 0], lm_head), records)
     # An emptied slot restarts at step 1, so its (masked, unused) writes stay inside its P + N slots.
     slot_t = jnp.where(slot_row < rows, slot_t + 1, 1)
     cache = cache.replace(index=prompt_length + slot_t - 1)

@@ -40,8 +40,10 @@ from tropd_jax.models.quantize import quantize_int8
 
 # Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
 # response tokens); micro-batch values are combined with these token counts as weights.
-ON_POLICY_METRICS = ('pg_loss', 'fkl_loss', 'trust_fraction', 'trust_probability', 'reward', 'outlier_fraction')
-PREFIX_METRICS = ('prefix_loss',)
+ON_POLICY_METRICS = ('pg_loss', 'fkl_loss', 'trust_fraction', 'trust_probability', 'reward', 'outlier_fraction',
+                     'student_entropy', 'teacher_entropy', 'logprob_mismatch', 'ratio_truncated_fraction')
+PREFIX_METRICS = ('prefix_loss', 'prefix_student_entropy', 'prefix_teacher_entropy')
+MAX_METRICS = ('logprob_mismatch_max',)  # the step's value is the largest over micro-batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class StepSettings:
     optimizer: OptimizerSettings
     separate_teacher: bool = False  # the teacher's targets come scored (`teacher_scores`), not its parameters
     teacher_prompt_length: int = 0  # P_T of the batch's `teacher_tokens` (the teacher's own template); 0 = none
+    reopold_refining: bool = False  # REOPOLD's phase; the loop sets it from step / total steps (one recompile)
 
 
 def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettings:
@@ -131,7 +134,9 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
     p = s.prompt_length
     tokens, input_mask = micro['tokens'], micro['input_mask']
     t = scoring.targets(tokens, input_mask, micro['response_mask'], micro['prefix_mask'], micro['logprobs'], p)
-    rollout_logprobs = t.rollout_logprobs if s.importance_ratio else None
+    # The sampler's log-probs always reach the loss (its mismatch metrics); rho_t uses them only if importance_ratio.
+    extra = dict(rollout_logprobs=t.rollout_logprobs, use_importance_ratio=s.importance_ratio,
+                 progress=1.0 if s.reopold_refining else 0.0)
 
     def loss_fn(params):
         student = nnx.merge(student_graphdef, params)
@@ -139,12 +144,12 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
             hidden = scoring.response_hidden(student, tokens, input_mask, p)
             loss, stats = fused_loss.fused_distillation_loss(
                 s.method, hidden, student.lm_head_weight(), teacher_out, t.tokens, t.response_mask, t.prefix_mask,
-                key, rollout_logprobs=rollout_logprobs, vocab_size=s.vocab_size, chunk_size=s.chunk_size, **hp)
+                key, vocab_size=s.vocab_size, chunk_size=s.chunk_size, **extra, **hp)
         else:
             logits = scoring.response_logits(student, tokens, input_mask, p)
             loss, stats = losses.distillation_loss(
                 s.method, logits, teacher_out, t.tokens, t.response_mask, t.prefix_mask, key,
-                rollout_logprobs=rollout_logprobs, vocab_size=s.vocab_size, **hp)
+                vocab_size=s.vocab_size, **extra, **hp)
         return weight * loss, stats
 
     grads, stats = jax.grad(loss_fn, has_aux=True)(params)
@@ -221,8 +226,10 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
             elif name != 'loss':
                 denominators[name] = (n_response - n_prefix if name in ON_POLICY_METRICS
                                       else n_prefix if name in PREFIX_METRICS else n_response)
-        sums = {name: (sums[name][0] + stats[name] * denominators[name],
-                       sums[name][1] + (1.0 if name == 'loss' else denominators[name])) for name in sums}
+        one = jnp.ones((), jnp.float32)
+        sums = {name: ((jnp.maximum(sums[name][0], stats[name]), one) if name in MAX_METRICS else
+                       (sums[name][0] + stats[name] * denominators[name],
+                        sums[name][1] + (1.0 if name == 'loss' else denominators[name]))) for name in sums}
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
         return (grads_sum, sums), None
 
@@ -637,7 +644,10 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                 batch = jax.block_until_ready({k: jax.device_put(getattr(rollout, k), batch_shardings[k])
                                                for k in BATCH_KEYS})
                 t1 = time.perf_counter()
-                step_settings_now = dataclasses.replace(settings, prompt_length=rollout.prompt_length)
+                refining = (config.loss.method == 'reopold'
+                            and step / total_steps >= config.loss.reopold_exploration_fraction)
+                step_settings_now = dataclasses.replace(settings, prompt_length=rollout.prompt_length,
+                                                        reopold_refining=refining)
                 if d.teacher_template == 'teacher':
                     batch, step_settings_now = with_teacher_rows(batch, rollout, prompt_batch, step_settings_now,
                                                                  batch_shardings, config.rollout.num_rollouts, pad_id)
