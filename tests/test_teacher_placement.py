@@ -71,7 +71,10 @@ assert len(set(lengths.tolist())) > 2 and len(set(prefix_c.tolist())) > 2, (leng
 np.testing.assert_array_equal(tokens_c, tokens_s)
 np.testing.assert_array_equal(prefix_c, prefix_s)
 for name in metrics_c:
-  np.testing.assert_allclose(float(metrics_s[name]), float(metrics_c[name]), rtol=2e-5, atol=1e-6, err_msg=name)
+  # The sampler-vs-learner mismatch is float32 rounding (about 1e-5 here) of programs sharded differently: compared
+  # as an absolute bound, the other metrics to float32 precision.
+  tolerance = dict(rtol=0, atol=1e-4) if name.startswith('logprob_mismatch') else dict(rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics_s[name]), float(metrics_c[name]), err_msg=name, **tolerance)
 assert float(metrics_c['grad_norm']) > 0
 flat_c, flat_s = jax.tree.leaves(grads_c), jax.tree.leaves(grads_s)
 scale = max(float(np.abs(g).max()) for g in flat_c)
