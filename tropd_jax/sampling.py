@@ -228,6 +228,11 @@ def _choose_tokens(logits, uniform, forced_token, forced, temperature, *, greedy
   return token, token_scaled - lse, token_logit - model_lse
 
 
+def positions(mask: jax.Array) -> jax.Array:
+  """RoPE positions of left-padded rows: `max(cumsum(mask) - 1, 0)`, [B, S] int32 (padding takes position 0)."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def _head(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
   """float32 logits [B, V] of hidden [B, H] (compute-dtype inputs, float32 accumulation, as the learner's loss
   computes them): the sampler's log-probs enter the importance ratio, so they must not carry bf16 rounding."""
@@ -247,7 +252,7 @@ def _decode(graphdef, state, prompt_tokens, prompt_mask, uniforms, forced_tokens
   row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
   prompt_mask = prompt_mask.astype(jnp.int32)
-  prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  prompt_positions = positions(prompt_mask)
   prompt_count = jnp.sum(prompt_mask, axis=1)  # position of the first response token
   max_lengths = jnp.minimum(max_lengths, max_new_tokens)
 
@@ -360,7 +365,7 @@ def _decode_continuous(graphdef, state, prompt_tokens, prompt_mask, uniforms, fo
   row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
   prompt_mask = prompt_mask.astype(jnp.int32)
-  prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  prompt_positions = positions(prompt_mask)
   prompt_count = jnp.sum(prompt_mask, axis=1)
   max_lengths = jnp.minimum(max_lengths, max_new_tokens)
   # Rollouts with a budget first (in order), those without last: `runnable` of them are ever decoded.

@@ -31,8 +31,8 @@ class Targets(NamedTuple):
 
 
 def positions(input_mask: jax.Array) -> jax.Array:
-    """RoPE positions of left-padded rows: `max(cumsum(input_mask) - 1, 0)`, [B, S] int32."""
-    return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1, 0)
+    """RoPE positions of left-padded rows, [B, S] int32: the sampler's (`sampling.positions`)."""
+    return sampling.positions(input_mask)
 
 
 def targets(tokens, input_mask, response_mask, prefix_mask, logprobs, prompt_length: int) -> Targets:

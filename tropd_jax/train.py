@@ -323,11 +323,11 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     chunk = r.batch_size or num_prompts
     replicated = PartitionSpec()
     parts = []
+    settings = dict(max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
+                    top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
+                    decode_slots=r.decode_slots)
     for i, start in enumerate(range(0, num_prompts, chunk)):
         rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
-        settings = dict(max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
-                        top_k=r.top_k, top_p=r.top_p, eos_ids=eos, pad_id=pad_id, vocab_size=vocab_size,
-                        decode_slots=r.decode_slots)
         if teacher_mesh is not None and teacher_mesh is not mesh:
             parts.append(separate_rollout(
                 teacher, student, tokens[start:start + chunk], mask[start:start + chunk], prefix_lengths[rows],
