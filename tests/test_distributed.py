@@ -28,16 +28,22 @@ def free_port() -> int:
 
 
 STEPS = 6  # enough that a preemption notice is agreed on before the run ends
+PAUSE = 5.0  # seconds the signalled step lasts (see SIGNAL_AT_STEP)
 
-# `tropd_jax.main` in a process that sends itself SIGNAL when it reaches step index STEP (before its rollouts).
+# `tropd_jax.main` in a process that sends itself SIGNAL when it reaches step index STEP (before its rollouts), then
+# spends PAUSE seconds in that step. The tiny model's steps take a fraction of a second, while JAX's preemption service
+# needs a few round trips through the coordination service (notice, every process's step, a barrier) before the stop
+# step is agreed; on a loaded host that can outlast the rest of a short run. Real steps take seconds to minutes, and the
+# pause stands in for one.
 SIGNAL_AT_STEP = '''
-import os, signal, sys
+import os, signal, sys, time
 from absl import app
 from tropd_jax import main, train
 rollouts = train.make_rollouts
 def make_rollouts(*args, **kwargs):
     if args[4] == {step}:
         os.kill(os.getpid(), signal.{signal})
+        time.sleep({pause})
     return rollouts(*args, **kwargs)
 train.make_rollouts = make_rollouts
 sys.argv[0] = 'tropd_jax.main'
@@ -56,7 +62,7 @@ def start_processes(pair, workdir, cache, *, extra=(), signal_in_process_1=None)
             f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
         if i == 1 and signal_in_process_1 is not None:
             name, step = signal_in_process_1
-            code = SIGNAL_AT_STEP.format(signal=name, step=step)
+            code = SIGNAL_AT_STEP.format(signal=name, step=step, pause=PAUSE)
             processes.append(subprocess.Popen([sys.executable, '-c', code, *flags], cwd=ROOT,
                                               env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
