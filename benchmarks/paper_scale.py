@@ -60,7 +60,8 @@ def run(name: str, topology: str) -> dict:
       report = json.load(f)
   result = {}
   for p in report['programs']:
-    total = p['total'] if p['total'] is not None else sum(p['rows'].values())
+    # With what the trainer holds on the chips meanwhile (its rows are in `rows` when the compile ran out of memory).
+    total = p['total'] + p.get('resident', 0.0) if p['total'] is not None else sum(p['rows'].values())
     result[p['program']] = {'gib': round(total / 2 ** 30, 2), 'fits': p['fits'],
                             'temporaries_gib': round(p['rows']['temporaries'] / 2 ** 30, 2)}
   return result

@@ -99,6 +99,23 @@ def test_tiny_config_fits_a_small_tpu_topology():
   assert '15.75 GiB HBM' in result.stdout
 
 
+def test_what_the_trainer_holds_meanwhile_counts_against_the_limit(tmp_path):
+  # The student's rollouts share the chips with its optimizer state and the colocated teacher's parameters: a limit
+  # the program fits under alone but not with those must fail.
+  out = tmp_path / 'aot.json'
+  result = run_aot('--topology=cpu:4', '--programs=rollout_student,train_step', f'--json={out}')
+  assert result.returncode == 0, result.stdout + result.stderr
+  rollout, step = json.loads(out.read_text())['programs']
+  held = {k.removeprefix(aot.RESIDENT): v for k, v in rollout['rows'].items() if k.startswith(aot.RESIDENT)}
+  assert held == {'optimizer state': step['rows']['optimizer state'],
+                  'teacher parameters': step['rows']['teacher parameters']}
+  assert rollout['resident'] == pytest.approx(sum(held.values()))
+  between = (rollout['total'] + rollout['resident'] / 2) / aot.GIB
+  result = run_aot('--topology=cpu:4', '--programs=rollout_student', f'--hbm_gib={between}')
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert 'rollout_student:  DOES NOT FIT' in result.stdout
+
+
 def test_a_program_over_the_limit_fails_and_is_named():
   result = run_aot('--topology=cpu:4', '--hbm_gib=0.0001', '--programs=teacher_scoring')
   assert result.returncode == 1, result.stdout + result.stderr
@@ -118,6 +135,10 @@ def test_a_separate_int8_teacher_compiles_on_its_own_devices(tmp_path):
     assert programs[name]['where'] == "the teacher's 2 of 8 chips"
   for name in ('rollout_student', 'student_grad', 'train_step'):
     assert programs[name]['where'] == "the student's 6 of 8 chips"
+  # Each side's chips hold only its own model meanwhile: the teacher's rollouts share theirs with nothing.
+  assert programs['rollout_teacher']['resident'] == 0
+  assert [k for k in programs['rollout_student']['rows'] if k.startswith(aot.RESIDENT)] == [
+      aot.RESIDENT + 'optimizer state']
   # The step holds the teacher's targets, not its parameters; the teacher holds one byte per weight (plus a float32
   # scale per output channel), split over its 2 chips.
   assert 'teacher parameters' not in programs['train_step']['rows']

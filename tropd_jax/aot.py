@@ -19,8 +19,10 @@ the programs are compiled for the topology on this machine (TPU topologies need 
                     teacher: its targets are an input, its parameters are not)
 
 For each, one table: the per-chip bytes of the student's parameters, optimizer state, teacher parameters, other
-inputs, the KV cache (rollouts), the compiler's temporaries, and the total against the chip's HBM, plus the model
-FLOPs of the program. The exit status is 1 when any program does not fit (its name is printed), 0 otherwise.
+inputs, the KV cache (rollouts), the compiler's temporaries and the program's total; then what the trainer holds on
+the same chips meanwhile without passing it in ("held meanwhile": during rollouts, the student's optimizer state and
+the model that is not generating, when it shares the chips), and the total of both against the chip's HBM, plus the
+model FLOPs of the program. The exit status is 1 when any program does not fit (its name is printed), 0 otherwise.
 """
 
 import dataclasses
@@ -52,6 +54,7 @@ _CUBE_SHAPES = {1: '1x1x1', 2: '1x2x1', 4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32:
                 256: '4x8x8', 512: '8x8x8'}
 _PLANE_SHAPES = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
 PROGRAMS = ('rollout_teacher', 'rollout_student', 'teacher_scoring', 'student_grad', 'train_step')
+RESIDENT = 'held meanwhile: '  # the row label of state the trainer keeps on the chips that a program does not take
 
 
 @dataclasses.dataclass
@@ -176,13 +179,19 @@ class Result:
   flops: float
   error: str = ''
   where: str = ''  # the devices it runs on, when not all of them (a separate teacher)
+  resident: float = 0.0  # bytes per chip the trainer holds while the program runs that are not its inputs
 
 
 def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: float, extra_rows=None,
-                        where: str = '') -> Result:
-  """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree)."""
+                        where: str = '', resident: dict | None = None) -> Result:
+  """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree), and
+  `resident` what else the trainer keeps on the same chips while it runs (label -> pytree): the program fits when
+  its own total plus that does."""
   rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
   rows.update(extra_rows or {})
+  held = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
+  rows.update(held)
+  held = sum(held.values())
   try:
     compiled = lower().compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -193,19 +202,22 @@ def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: flo
     if needed:
       rows['temporaries'] = float(needed.group(1)) * 1024 ** ' KMGT'.index(needed.group(2))
     first = text.strip().splitlines()[0]
-    return Result(name, False, rows, None, flops, error=first[:400], where=where)
+    return Result(name, False, rows, None, flops, error=first[:400], where=where, resident=held)
   memory = compiled.memory_analysis()
   rows['outputs (not donated)'] = float(max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0))
   rows['temporaries'] = float(memory.temp_size_in_bytes)
   rows['program'] = float(memory.generated_code_size_in_bytes)
   total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-  fits = hbm is None or total <= hbm
-  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where)
+  fits = hbm is None or total + held <= hbm
+  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where,
+                resident=held)
 
 
 def build_programs(config, topology: Topology, config_file: str) -> dict:
-  """Name -> (lower function, input groups, model FLOPs, extra rows, where) for every program of `config`.
+  """Name -> (lower function, input groups, model FLOPs, extra rows, where, resident groups) for every program of
+  `config`. Resident groups: what the trainer keeps on the program's chips meanwhile (the rollout programs run
+  between train steps; `teacher_scoring` and `student_grad` are parts of `train_step`, whose inputs hold it all).
 
   With `model.teacher_placement=separate` the teacher's programs (its rollouts, its scoring of the whole batch)
   run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
@@ -272,8 +284,14 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
         return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
     label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
     flops = forward_flops(c, rows, prompt_length, new)
+    # Between train steps the student's parameters and optimizer state and the teacher's parameters stay where they
+    # are; a rollout program shares its chips with those it does not take.
+    if name == 'rollout_teacher':
+      resident = {} if separate else {'student parameters': params, 'optimizer state': opt_state}
+    else:
+      resident = {'optimizer state': opt_state, **({} if separate else {'teacher parameters': teacher_state})}
     programs[name] = (lower, {label: state, 'other inputs': args[2:]}, flops, {'KV cache (estimate)': cache},
-                      where['teacher' if name == 'rollout_teacher' else 'student'])
+                      where['teacher' if name == 'rollout_teacher' else 'student'], resident)
 
   micro_batch = batch_of(micro)
   micro_batch.pop('finish_reason')
@@ -290,13 +308,13 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
                                   PartitionSpec(('data', 'fsdp'))) for k in train.TEACHER_INPUT_KEYS}
     programs['teacher_scoring'] = (lambda: score.lower(teacher_state, teacher_batch, settings),
                                    {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
-                                   (batch // micro) * teacher_flops, {}, where['teacher'])
+                                   (batch // micro) * teacher_flops, {}, where['teacher'], {})
   else:
     def lower_scoring():
       with jax.set_mesh(mesh):
         return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
     programs['teacher_scoring'] = (lower_scoring, {'teacher parameters': teacher_state,
-                                                   'other inputs': micro_batch}, teacher_flops, {}, '')
+                                                   'other inputs': micro_batch}, teacher_flops, {}, '', {})
 
   teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
   teacher_out = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))),
@@ -316,7 +334,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
   programs['student_grad'] = (lower_student, {'student parameters': params,
                                               'other inputs': (micro_batch, teacher_out)}, student_flops, {},
-                              where['student'])
+                              where['student'], {})
 
   if separate:  # the step takes the teacher's targets for the batch, [n, m, ...], split along m
     teacher_in = jax.tree.map(
@@ -334,7 +352,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
       return step.lower(params, opt_state, teacher_in, full_batch, key, settings)
   programs['train_step'] = (lower_step, {'student parameters': params, 'optimizer state': opt_state,
                                          **teacher_group, 'other inputs': full_batch},
-                            step_flops, {}, where['student'])
+                            step_flops, {}, where['student'], {})
   return programs
 
 
@@ -345,13 +363,20 @@ def _gib(x):
 def format_result(r: Result, hbm: float | None) -> str:
   """One program's table; in MiB when everything is under 1 GiB (tiny models), else GiB."""
   unit, scale = ('GiB', GIB) if max([*r.rows.values(), r.total or 0, hbm or 0]) >= GIB else ('MiB', 1024 ** 2)
-  show = lambda x: f'{x / scale:,.2f}'
-  lines = [f'{r.program}:' + ('' if r.fits else '  DOES NOT FIT'), f'  {"per chip":<24}{unit:>10}']
-  for label, value in r.rows.items():
-    lines.append(f'  {label:<24}{show(value):>10}')
-  lines.append(f'  {"total":<24}{show(r.total) if r.total is not None else "> HBM":>10}'
-               + ('' if hbm is None or r.total is None else f'   ({100 * r.total / hbm:.0f}% of {_gib(hbm)} GiB HBM)'))
-  lines.append(f'  {"model FLOPs":<24}{r.flops:>10.3g}')
+  show = lambda x: f'{x / scale:,.2f}' if x is not None else '> HBM'
+  own = {k: v for k, v in r.rows.items() if not k.startswith(RESIDENT)}
+  held = {k: v for k, v in r.rows.items() if k.startswith(RESIDENT)}
+  width = max(24, *(len(k) + 2 for k in r.rows))
+  row = lambda label, text: f'  {label:<{width}}{text:>10}'
+  lines = [f'{r.program}:' + ('' if r.fits else '  DOES NOT FIT'), row('per chip', unit)]
+  lines += [row(label, show(value)) for label, value in own.items()]
+  if held:
+    lines.append(row('program total', show(r.total)))
+    lines += [row(label, show(value)) for label, value in held.items()]
+  whole = None if r.total is None else r.total + r.resident
+  lines.append(row('total', show(whole))
+               + ('' if hbm is None or whole is None else f'   ({100 * whole / hbm:.0f}% of {_gib(hbm)} GiB HBM)'))
+  lines.append(row('model FLOPs', f'{r.flops:.3g}'))
   if r.where:
     lines.append(f'  runs on {r.where}')
   if r.error:
@@ -366,8 +391,8 @@ def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list
   built = build_programs(config, topology, config_file)
   results = []
   for name in programs:
-    lower, groups, flops, extra, where = built[name]
-    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where)
+    lower, groups, flops, extra, where, resident = built[name]
+    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
     print(format_result(result, topology.hbm_bytes), flush=True)
     results.append(result)
   return results
