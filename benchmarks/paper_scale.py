@@ -39,8 +39,8 @@ RUNS = {
 DEFAULT_RUNS = tuple(RUNS)
 # The math recipe with an 8B- and a 32B-shaped teacher (Qwen3-8B, Qwen3-32B), colocated with the student or on its
 # own half of the chips (`--runs` names them; run each on --topology=v5p-8 and v5p-16). The 32B teacher's KV cache
-# (256 KiB per token) takes 8 prompts x 4 rollouts per generation call.
-for _size, _extra in (('8b', []), ('32b', ['--config.rollout.batch_size=8'])):
+# (256 KiB per token) takes 32 decode slots instead of the recipe's 128.
+for _size, _extra in (('8b', []), ('32b', ['--config.rollout.decode_slots=32'])):
   for _placement in ('colocated', 'separate'):
     RUNS[f'teacher{_size}_{_placement}'] = ('configs/math.py', [
         f'--config.model.teacher_path=models/Qwen3-{_size[:-1]}B', f'--config.model.teacher_placement={_placement}',

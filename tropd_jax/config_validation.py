@@ -42,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
     #   blockwise; naive for sequences of one block), 'naive' ([T, T] scores), 'blockwise', 'splash', 'cudnn'
     model.attention_block_size = 512  # query / key block of the blockwise kernel (ours)
     model.remat = 'full'  # student backward: 'full' (keep layer inputs only), 'save_dots', 'offload', 'none' (ours)
+    model.scan_layers = False  # the student's scoring and train step as a lax.scan over its layers: compile time flat
+    #   in depth, layers run strictly one after another, plus one compute-dtype copy of the layer weights (ours)
 
     config.data = d = ml_collections.ConfigDict()
     d.train_path = ''  # a .jsonl / .parquet file, or a directory of them
@@ -200,9 +202,11 @@ def prefix_enabled(config) -> bool:
 
 def model_runtime_fields(model_config, *, trained: bool = True) -> dict:
     """The `ModelConfig` fields that say how to run a model (attention kernel, rematerialisation); a model that is
-    never trained (the teacher) has nothing to rematerialise."""
+    never trained (the teacher) has nothing to rematerialise, and is not scanned (the stacked copy of its weights
+    would cost more than it saves)."""
     return {'attention': model_config.attention, 'attention_block_size': model_config.attention_block_size,
-            'remat': model_config.remat if trained else 'none'}
+            'remat': model_config.remat if trained else 'none',
+            'scan_layers': bool(model_config.get('scan_layers', False)) and trained}
 
 
 def loss_hyperparameters(loss_config) -> dict:

@@ -48,7 +48,9 @@ class ModelConfig:
   from or written to config.json): the attention kernel of multi-token calls (`tropd_jax.models.attention`) and
   the per-layer rematerialisation policy of the backward pass: 'none' keeps every activation, 'full' keeps only
   each layer's input and recomputes the rest, 'save_dots' also keeps the weight matmuls' outputs, 'offload' moves
-  those to host memory (TPU / GPU).
+  those to host memory (TPU / GPU). `scan_layers` runs cache-free calls (scoring, the train step) as a `lax.scan`
+  over the layers instead of one traced copy per layer: compile time stays flat with depth and the backward pass
+  runs layer after layer, for one copy of the layer weights in the compute dtype.
   """
   architecture: str
   vocab_size: int
@@ -73,6 +75,7 @@ class ModelConfig:
   attention: str = 'auto'
   attention_block_size: int = 512
   remat: str = 'none'
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:

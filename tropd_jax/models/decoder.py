@@ -372,7 +372,9 @@ class Decoder(nnx.Module):
     per_layer = cache is not None and isinstance(cache.k, (tuple, list))
     kv = None if cache is None else (cache.k, cache.v)
     new_k, new_v = [], []
-    for layer, block in enumerate(self.layers):
+    if cache is None and config.scan_layers:
+      x = _scan_blocks(self.layers, x, cos, sin, mask, kernel, config.remat, segment_ids)
+    for layer, block in enumerate([] if cache is None and config.scan_layers else self.layers):
       if remat:
         x = _remat_block(block, x, cos, sin, mask, kernel, config.remat, segment_ids)
       else:
@@ -411,6 +413,30 @@ def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str, segment_i
     return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
   return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask,
                                                                                      segment_ids)
+
+
+def _scan_blocks(blocks, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
+  """`x` through every block of `blocks` as one `lax.scan` over their parameters stacked along a new leading axis.
+
+  The floating-point weights are cast to the compute dtype before stacking (each block casts them on use anyway, so
+  the result is the same), so the stacked copy costs the layers' weights in that dtype; the gradient flows back
+  through the stack to each block's own parameters. With a remat policy other than 'none' the scanned body is
+  `jax.checkpoint`ed as `_remat_block` is.
+  """
+  dt = jnp.dtype(x.dtype)
+  graphdef, first = nnx.split(blocks[0])
+  rest = [nnx.split(block)[1] for block in blocks[1:]]
+  cast = lambda v: v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
+  stacked = jax.tree.map(lambda *vs: jnp.stack([cast(v) for v in vs]), first, *rest)
+
+  def run(state, x, cos, sin, mask, segment_ids):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
+  if policy != 'none':
+    run = jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
+
+  def body(x, state):
+    return sharding.constrain(run(state, x, cos, sin, mask, segment_ids), ('batch', 'length', None)), None
+  return jax.lax.scan(body, x, stacked)[0]
 
 
 def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
