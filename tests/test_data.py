@@ -141,13 +141,3 @@ def test_iterator_state_resumes_exactly():
     expected = [[p['index'] for p in next(it)] for _ in range(4)]
     resumed = data.prompt_iterator(prompts, batch_size=3, seed=4, state=state)
     assert [[p['index'] for p in next(resumed)] for _ in range(4)] == expected
-
-
-def test_left_pad_and_bucket_length():
-    tokens, mask = data.left_pad([np.array([5, 6, 7]), np.array([9])], 4, pad_id=0)
-    np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 9]])
-    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
-    assert [data.bucket_length(n, 8, 20) for n in (1, 8, 9, 17)] == [8, 8, 16, 20]
-    assert data.bucket_length(3, 0, 20) == 20
-    with pytest.raises(ValueError, match='prompt 0 has 3 tokens > padded length 2'):
-        data.left_pad([np.array([1, 2, 3])], 2, pad_id=0)

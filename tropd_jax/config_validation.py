@@ -12,9 +12,8 @@ import math
 import ml_collections
 
 from tropd_jax import data, losses, paths, schedules
-from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from tropd_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
 
-DTYPES = ('float32', 'bfloat16')
 TEACHER_PLACEMENTS = ('colocated', 'separate')
 TEACHER_QUANTIZATIONS = ('none', 'int8')
 TEACHER_TEMPLATES = ('auto', 'student', 'teacher')

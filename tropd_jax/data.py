@@ -213,22 +213,3 @@ def prompt_iterator(prompts: Sequence[dict], *, batch_size: int, seed: int, stat
         iterator.set_state(state)
     return iterator
 
-
-def bucket_length(length: int, bucket: int, max_length: int) -> int:
-    """`length` rounded up to a multiple of `bucket`, at most `max_length` (few distinct shapes = few compiles)."""
-    if bucket <= 0:
-        return max_length
-    return min(-(-length // bucket) * bucket, max_length)
-
-
-def left_pad(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token arrays to `length`: returns `(tokens [B, length] int32, mask [B, length] int32)`."""
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        if len(p) > length:
-            raise ValueError(f'prompt {i} has {len(p)} tokens > padded length {length}')
-        if len(p):
-            tokens[i, length - len(p):] = p
-            mask[i, length - len(p):] = 1
-    return tokens, mask
