@@ -6,6 +6,8 @@ rollouts each, so the micro-batches hold different rollouts and different token 
 every metric must agree, with the trust region's random draws (`tropd`) and with the seq-mean aggregation.
 """
 
+import importlib.util
+import os
 import types
 
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tropd_jax import losses, packing, sampling, train
+from tropd_jax import losses, metrics, packing, sampling, train
 from tropd_jax.models import ModelConfig, init_decoder
 
 P, N = 6, 10  # prompt bucket and response budget of the unpacked rollouts
@@ -23,6 +25,7 @@ RESPONSE_LENGTHS = [10, 0, 3, 7, 1, 9, 5, 2]  # row 0 fills the budget; row 1 ha
 PREFIX_LENGTHS = [3, 0, 1, 0, 0, 9, 2, 0]  # row 5 is all teacher prefix (no on-policy token)
 MICRO = 2
 VOCAB = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ModelConfig(architecture='qwen3', vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, tie_word_embeddings=True,
                      attention='naive')
@@ -184,3 +187,34 @@ def test_trust_draws_do_not_depend_on_where_a_token_sits():
     np.testing.assert_array_equal(losses.keyed_uniforms(key, rollout[::-1, ::-1], position[::-1, ::-1]),
                                   u[::-1, ::-1])
     assert losses.keyed_uniforms(key, jnp.array([[1]]), jnp.array([[5]]))[0, 0] == u[1, 0]
+
+
+def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
+    """configs/tiny.py (the shipped pair, whose responses stop at their EOS) for 3 steps of 16 prompts in
+    micro-batches of 4 rows: unpacked, 4 micro-batches; packed, about 2 rollouts per row. Same metrics.jsonl."""
+    spec = importlib.util.spec_from_file_location('recipe_tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    curves = {}
+    for packed in (False, True):
+        config = tiny.get_config()
+        with config.unlocked():
+            config.train.steps, config.train.prompts_per_step, config.train.micro_batch_size = 3, 16, 4
+            config.train.packing = packed
+            config.eval.path = ''
+            config.checkpoint.export_hf_at_end = False
+            config.log.progress_bar = False
+            config.log.tensorboard = False
+        workdir = str(tmp_path / str(packed))
+        train.train_and_evaluate(config, workdir)
+        curves[packed] = [r for r in metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in r]
+    assert [r['step'] for r in curves[True]] == [r['step'] for r in curves[False]] == [1, 2, 3]
+    for got, want in zip(curves[True], curves[False]):
+        assert set(got) == set(want)
+        assert got['padding_fraction'] < 0.6 * want['padding_fraction'], (got['padding_fraction'],
+                                                                           want['padding_fraction'])
+        for name in ('response_length', 'prefix_length', 'max_prefix_length', 'num_tokens', 'response_tokens',
+                     'truncated_fraction'):
+            assert got[name] == want[name], name  # the same rollouts
+        for name in set(got) - {'step', 'padding_fraction', 'rollout_time', 'train_time', 'tokens_per_second'}:
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=1e-6, err_msg=f'{got["step"]} {name}')
