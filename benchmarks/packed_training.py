@@ -5,8 +5,8 @@
 
 Each variant trains the shipped tiny pair for `--steps` steps (no evaluation, no export) in a fresh work directory
 and reports the medians of `rollout_time`, `train_time` and their sum over the steps after the first two (which
-compile), and the median and range of `padding_fraction` (the fraction of computed tokens that are padding). A variant is
-`unpacked:M` or `packed:M`, M the micro-batch size (rows). Prints one JSON line per variant.
+compile), and the median and range of `padding_fraction` (the fraction of computed tokens that are padding). A
+variant is `unpacked:M` or `packed:M`, M the micro-batch size (rows). Prints one JSON line per variant.
 """
 
 import argparse

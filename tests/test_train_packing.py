@@ -217,4 +217,6 @@ def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
                      'truncated_fraction'):
             assert got[name] == want[name], name  # the same rollouts
         for name in set(got) - {'step', 'padding_fraction', 'rollout_time', 'train_time', 'tokens_per_second'}:
-            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=1e-6, err_msg=f'{got["step"]} {name}')
+            # The sampler-vs-learner mismatch is itself float32 rounding (~1e-6): an absolute bound.
+            tolerance = dict(rtol=0, atol=1e-5) if name.startswith('logprob_mismatch') else dict(rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(got[name], want[name], **tolerance, err_msg=f'{got["step"]} {name}')

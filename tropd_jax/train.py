@@ -179,8 +179,8 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
 
 def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
     """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
-    `teacher_input_mask`; packed rows add `positions` and `segment_ids`), one micro-batch at a time as the train step takes them: every leaf of `teacher_outputs`
-    with a leading `[n]` micro-batch axis."""
+    `teacher_input_mask`; packed rows add `positions` and `segment_ids`), one micro-batch at a time as the train step
+    takes them: every leaf of `teacher_outputs` with a leading `[n]` micro-batch axis."""
     micro = micro_batches(dict(batch), s.micro_batch_size)
 
     def score(mb):
@@ -212,7 +212,8 @@ def accumulate_gradients(params, teacher_state, batch, key, *, student_graphdef,
     m = s.micro_batch_size
     n = batch_size // m
     if not s.packed:  # every row is one rollout; its index keys the trust-region draws as a packed segment's does
-        batch['rollout_ids'] = jnp.broadcast_to(jnp.arange(batch_size, dtype=jnp.int32)[:, None], (batch_size, columns))
+        rows = jnp.arange(batch_size, dtype=jnp.int32)[:, None]
+        batch['rollout_ids'] = jnp.broadcast_to(rows, (batch_size, columns))
     response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
     aggregation = dict(s.hyperparameters)['aggregation']
     micro = micro_batches(batch, m)
