@@ -51,7 +51,8 @@ def get_config(arg=None):
 
     config.train.steps = 150
     config.train.prompts_per_step = 64
-    config.train.micro_batch_size = 64
+    config.train.micro_batch_size = 32  # packed rows: the 64 rollouts fit in about 30 rows of P + N columns
+    config.train.packing = True  # 1.6x faster steps than 64 unpacked rows, the same training (docs/benchmarks.md)
 
     config.checkpoint.every_steps = 25
     config.checkpoint.keep = 2

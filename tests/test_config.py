@@ -53,6 +53,7 @@ def test_recipes_load_and_validate():
     multidomain = load_recipe('multidomain')
     assert 'Qwen3' in multidomain.model.student_path and 'Nemotron' in multidomain.model.teacher_path
     assert 'Skywork-OR1-7B' in load_recipe('multidomain', 'deepseek').model.teacher_path
+    assert math_config.train.packing and multidomain.train.packing  # the paper's lengths: 77% padding unpacked
     for config in (math_config, multidomain, load_recipe('math', 'tiny'), load_recipe('tiny')):
         config_validation.validate_config(config, num_devices=1, check_paths=False)
     # The prompt template leaves a literal \boxed{} for the model to fill.
@@ -92,6 +93,11 @@ def _add_unknown(config):
     config.loss.temperature = 2.0
 
 
+def _packed_with_teacher_template(config):
+    config.train.packing = True
+    config.data.teacher_template = 'teacher'
+
+
 def _remove_config_json(config):
     pathlib.Path(config.model.teacher_path, 'config.json').unlink()
 
@@ -110,6 +116,9 @@ ERRORS = [
     (_set('mesh.tensor', 3), ValueError, r'mesh \(data, fsdp, tensor\)=\(1, -1, 3\) cannot fill 4 devices'),
     (_set('mesh.fsdp', 2), ValueError, r'mesh \(data, fsdp, tensor\)=\(1, 2, 1\) needs 2 devices but 4 are available'),
     (_set('mesh.data', -1), ValueError, r'at most one size may be -1'),
+    (_set('train.packing_buckets', -1), ValueError, r'train.packing_buckets=-1 must be an integer >= 0'),
+    (_packed_with_teacher_template, ValueError,
+     r"train.packing=True cannot be combined with data.teacher_template='teacher'"),
     (_set('rollout.batch_size', 3), ValueError, r'rollout.batch_size=3 must be 0 or divide train.prompts_per_step=4'),
     (_set('rollout.temperature', 0.0), ValueError, r'rollout.temperature=0.0 must be > 0'),
     (_set('rollout.top_p', 1.5), ValueError, r'rollout.top_p=1.5 must be in \(0, 1\]'),

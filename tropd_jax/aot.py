@@ -243,10 +243,13 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   length = prompt_length + new
   batch = config.train.prompts_per_step * config.rollout.num_rollouts
   micro = config.train.micro_batch_size
-  settings = dataclasses.replace(train.step_settings(config, vocab_size), prompt_length=prompt_length)
+  settings = train.step_settings(config, vocab_size)
+  # Packed rows: the largest packed batch (one rollout per row), scored with a prompt length of 1.
+  settings = dataclasses.replace(settings, prompt_length=1 if settings.packed else prompt_length)
+  batch_keys = train.batch_keys(settings)
   optimizer = train.make_optimizer(settings.optimizer)
   step, batch_shardings, _, opt_shardings = train.jit_train_step(
-      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, train.BATCH_KEYS, settings,
+      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, batch_keys, settings,
       student_graphdef, teacher_graphdef)
   opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            jax.eval_shape(optimizer.init, params), opt_shardings)
@@ -254,7 +257,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
 
   def batch_of(rows):
     return {k: _abstract((rows,) if k == 'finish_reason' else (rows, length), dtypes.get(k, jnp.int32), mesh,
-                         batch_shardings[k].spec) for k in train.BATCH_KEYS}
+                         batch_shardings[k].spec) for k in batch_keys}
 
   key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
   key_on = lambda on: jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(on, PartitionSpec()))
@@ -295,6 +298,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
 
   micro_batch = batch_of(micro)
   micro_batch.pop('finish_reason')
+  micro_batch.setdefault('rollout_ids', micro_batch['tokens'])  # [m, S] int32; the step adds it to unpacked rows
   full_batch = batch_of(batch)
 
   def teacher_scoring(teacher_state, micro):
@@ -305,7 +309,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
     score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
     teacher_batch = {k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh,
-                                  PartitionSpec(('data', 'fsdp'))) for k in train.TEACHER_INPUT_KEYS}
+                                  PartitionSpec(('data', 'fsdp'))) for k in train.teacher_input_keys(settings)}
     programs['teacher_scoring'] = (lambda: score.lower(teacher_state, teacher_batch, settings),
                                    {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
                                    (batch // micro) * teacher_flops, {}, where['teacher'], {})

@@ -104,8 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.steps = 200
     train.prompts_per_step = 128
-    train.micro_batch_size = 8  # sequences per gradient-accumulation micro-batch
+    train.micro_batch_size = 8  # sequences (packed: rows) per gradient-accumulation micro-batch
     train.seed = 0  # rollouts, prefix lengths, trust-region draws
+    train.packing = False  # pack each step's rollouts, several to a row of P + N columns (segment ids, per-segment
+    #   RoPE positions), for the teacher's scoring and the student's train step: the same loss, gradients and
+    #   metrics as on one rollout per row, with far less padding computed (not with data.teacher_template='teacher')
+    train.packing_buckets = 4  # packed row counts per doubling that get compiled: the rows needed are rounded up
+    #   to a multiple of micro_batch_size, then to the next bucket (at most 19% more rows for 4); 0 = every multiple
 
     config.checkpoint = ckpt = ml_collections.ConfigDict()
     ckpt.every_steps = 50  # 0 = only at the end
@@ -258,6 +263,14 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         f'train.micro_batch_size={t.micro_batch_size} must be a multiple of model.teacher_devices='
         f'{teacher_devices} (the separate teacher splits each micro-batch over its devices)',
     )
+    _require(isinstance(t.packing, bool), f'train.packing={t.packing!r} must be True or False')
+    _require(isinstance(t.packing_buckets, int) and t.packing_buckets >= 0,
+             f'train.packing_buckets={t.packing_buckets!r} must be an integer >= 0 (0 = every multiple of '
+             f'train.micro_batch_size)')
+    _require(not (t.packing and c.data.teacher_template == 'teacher'),
+             f"train.packing=True cannot be combined with data.teacher_template={c.data.teacher_template!r}: the "
+             f"teacher's own template rows have other prompt lengths than the student's packed rows; set "
+             f"train.packing=False, or data.teacher_template='auto' or 'student'")
     rb = c.rollout.batch_size
     _require(
         rb == 0 or (rb >= 1 and t.prompts_per_step % rb == 0),

@@ -363,6 +363,8 @@ def fused_distillation_loss(
     progress: float | jax.Array | None = None,
     vocab_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    draw_ids: tuple[jax.Array, jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
     **hyperparameters,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`losses.distillation_loss` of `method` from student hidden states, its LM head and the teacher's targets.
@@ -371,8 +373,8 @@ def fused_distillation_loss(
       method: one of `losses.METHODS`.
       student_hidden: [B, T, H] final student hidden states; student_lm_head: [H, V_S]. Both get gradients.
       targets: `teacher_pass(...)` output with k >= `losses.topk_size(method, hyperparameters)`.
-      tokens, response_mask, prefix_mask, key, rollout_logprobs, use_importance_ratio, progress,
-        **hyperparameters: as `losses.distillation_loss`.
+      tokens, response_mask, prefix_mask, key, rollout_logprobs, use_importance_ratio, progress, draw_ids,
+        segment_ids, **hyperparameters: as `losses.distillation_loss`.
       vocab_size: the shared real vocabulary.
       chunk_size: tokens per chunk (over the whole mesh).
     Returns:
@@ -394,5 +396,6 @@ def fused_distillation_loss(
     )
     return losses.loss_from_stats(
         method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs,
-        use_importance_ratio=use_importance_ratio, progress=progress, **hyperparameters
+        use_importance_ratio=use_importance_ratio, progress=progress, draw_ids=draw_ids, segment_ids=segment_ids,
+        **hyperparameters
     )

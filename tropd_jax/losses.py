@@ -249,6 +249,28 @@ def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def keyed_uniforms(key: jax.Array, rollout: jax.Array, position: jax.Array) -> jax.Array:
+    """[B, T] float32 uniforms on [0, 1), one per (rollout index, position) pair, both `[B, T]` int: the draw of
+    `fold_in(fold_in(key, rollout), position)`. A token draws the same number wherever it sits in the batch (packed
+    or not, in any micro-batch)."""
+    draw = lambda r, p: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, r), p))
+    return jax.vmap(jax.vmap(draw))(rollout.astype(jnp.int32), position.astype(jnp.int32))
+
+
+def _sequence_mean(per_token: jax.Array, response: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Mean over sequences with response tokens of each one's token-mean of `per_token` [B, T]. A sequence is a row,
+    or with `segment_ids` [B, T] (packed rows: 1, 2, ... per row, 0 on padding) a segment of a row."""
+    if segment_ids is None:
+        sums, counts = jnp.sum(per_token, axis=-1), jnp.sum(response, axis=-1)
+    else:
+        b, t = per_token.shape
+        ids = (jnp.arange(b)[:, None] * (t + 2) + jnp.clip(segment_ids, 0, t + 1)).reshape(-1)
+        sums = jax.ops.segment_sum(per_token.reshape(-1), ids, num_segments=b * (t + 2))
+        counts = jax.ops.segment_sum(response.reshape(-1), ids, num_segments=b * (t + 2))
+    has_tokens = (counts > 0).astype(jnp.float32)
+    return jnp.sum(sums / jnp.maximum(counts, 1.0) * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
 def loss_from_stats(
     method: str,
     stats: TokenStats,
@@ -259,13 +281,17 @@ def loss_from_stats(
     rollout_logprobs: jax.Array | None = None,
     use_importance_ratio: bool = True,
     progress: float | jax.Array | None = None,
+    draw_ids: tuple[jax.Array, jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
     **hyperparameters,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Every method's loss from per-token statistics (docs/methods.md). Masks [B, T] -> (scalar loss, metrics).
 
     `rollout_logprobs` [B, T] are the sampler's log-probs: the importance ratio's denominator when
     `use_importance_ratio`, and always the source of the `logprob_mismatch*` metrics. `progress` (step / total steps,
-    a scalar; None = 0) drives REOPOLD's exploration-to-refinement schedule.
+    a scalar; None = 0) drives REOPOLD's exploration-to-refinement schedule. `draw_ids` = (rollout index, position),
+    each [B, T] int: M_t is drawn from `keyed_uniforms(key, *draw_ids)` (the same draw for a token wherever it sits),
+    not by array position. `segment_ids` [B, T]: packed rows (`tropd_jax.packing`), for `seq_mean_token_mean`.
     """
     hp = resolve_hyperparameters(method, hyperparameters)
     shape = stats.student_logprobs.shape
@@ -307,7 +333,10 @@ def loss_from_stats(
     if method in TRUST_REGION_METHODS:
         if key is None:
             raise ValueError(f"method {method!r} draws the trust mask M_t ~ Bernoulli(P_t) and needs a PRNG key")
-        trust = jax.random.bernoulli(key, trust_p).astype(jnp.float32)  # M_t
+        if draw_ids is None:
+            trust = jax.random.bernoulli(key, trust_p).astype(jnp.float32)  # M_t
+        else:
+            trust = (keyed_uniforms(key, *draw_ids) < trust_p).astype(jnp.float32)
     else:
         trust = jnp.ones(shape, jnp.float32)
 
@@ -377,9 +406,7 @@ def loss_from_stats(
     if hp["aggregation"] == "token_mean":
         loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(response), 1.0)
     else:
-        per_seq = jnp.sum(per_token, axis=-1) / jnp.maximum(jnp.sum(response, axis=-1), 1.0)
-        has_tokens = (jnp.sum(response, axis=-1) > 0).astype(jnp.float32)
-        loss = jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+        loss = _sequence_mean(per_token, response, segment_ids)
 
     sg = jax.lax.stop_gradient
     # |log pi_sampler - log pi_learner| per on-policy token (0 without sampler log-probs).
@@ -460,6 +487,8 @@ def distillation_loss(
     use_importance_ratio: bool = True,
     progress: float | jax.Array | None = None,
     vocab_size: int | None = None,
+    draw_ids: tuple[jax.Array, jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
     **hyperparameters,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The batch loss of `method` (docs/methods.md) on full logits.
@@ -476,6 +505,9 @@ def distillation_loss(
       use_importance_ratio: False keeps rho_t = 1 in value (rollout_logprobs then only feed the metrics).
       progress: step / total steps (REOPOLD's schedule); None = 0.
       vocab_size: the shared real vocabulary; both logits are sliced to it. None needs V_S == V_T.
+      draw_ids: (rollout index [B, T], position [B, T]) int: M_t keyed by them (see `loss_from_stats`); None = by
+        array position.
+      segment_ids: [B, T] int segment of each token in packed rows (0 = padding); None = one sequence per row.
       **hyperparameters: see `DEFAULT_HYPERPARAMETERS`.
     Returns:
       (scalar float32 loss, dict of float32 scalar metrics).
@@ -498,5 +530,6 @@ def distillation_loss(
     stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), jsd_beta)
     return loss_from_stats(
         method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs,
-        use_importance_ratio=use_importance_ratio, progress=progress, **hyperparameters
+        use_importance_ratio=use_importance_ratio, progress=progress, draw_ids=draw_ids, segment_ids=segment_ids,
+        **hyperparameters
     )

@@ -15,6 +15,7 @@ with a prompt length of 1, and sum to the same token-mean.
 Everything here is host-side NumPy: the plan depends on the lengths, which are known after the rollouts.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +61,21 @@ def plan(input_mask: np.ndarray, row_length: int, *, multiple_of: int = 1) -> Pl
         used[i] += lengths[r]
     num_rows = max(1, -(-len(used) // multiple_of) * multiple_of)
     return Plan(row=row, start=start, length=lengths, first=first, num_rows=num_rows, row_length=row_length)
+
+
+def bucket_rows(num_rows: int, multiple_of: int, per_doubling: int, maximum: int) -> int:
+    """The packed row count to compile for: `num_rows` rounded up to `multiple_of * u`, u the smallest of
+    `ceil(2 ** (i / per_doubling))` (i = 0, 1, ...) that is large enough, and at most `maximum` (a multiple of
+    `multiple_of`). So a run compiles at most about `per_doubling * log2(maximum / multiple_of) + 2` shapes, each at
+    most `2 ** (1 / per_doubling)` times the rows needed (19% for 4). `per_doubling=0`: every multiple of
+    `multiple_of` is a bucket."""
+    units = max(1, -(-num_rows // multiple_of))
+    if per_doubling > 0:
+        i = 0
+        while math.ceil(2.0 ** (i / per_doubling)) < units:
+            i += 1
+        units = math.ceil(2.0 ** (i / per_doubling))
+    return min(units * multiple_of, maximum)
 
 
 def pack(arrays: dict[str, np.ndarray], p: Plan, fill: dict[str, float] | None = None) -> dict[str, np.ndarray]:

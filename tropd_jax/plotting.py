@@ -46,6 +46,7 @@ PANELS = (
     ("learning rate", ("learning_rate", "lr")),
     ("skipped steps", ("skipped_steps",)),
     ("tokens / s", ("tokens_per_second",)),
+    ("padding fraction (of tokens computed)", ("padding_fraction",)),
 )
 
 FIGURE3 = ("student_entropy", "grad_norm")

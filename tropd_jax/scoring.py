@@ -82,9 +82,12 @@ def teacher_targets(
     k: int,
     vocab_size: int,
     chunk_size: int,
+    packed_positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> fused_loss.TeacherTargets:
-    """The teacher's O(k)-per-token targets for the fused loss (one chunk of teacher logits at a time)."""
-    hidden = lambda: response_hidden(teacher, tokens, input_mask, prompt_length)
+    """The teacher's O(k)-per-token targets for the fused loss (one chunk of teacher logits at a time). Packed rows:
+    as `response_hidden`."""
+    hidden = lambda: response_hidden(teacher, tokens, input_mask, prompt_length, packed_positions, segment_ids)
     response_tokens = tokens[:, prompt_length:].astype(jnp.int32)
     return fused_loss.teacher_pass(
         hidden, teacher.lm_head_weight(), response_tokens, k=k, vocab_size=vocab_size, chunk_size=chunk_size

@@ -11,7 +11,17 @@ One training step (SPEC.md):
 Micro-batches are weighted so that the accumulated gradient is exactly the gradient of the loss aggregated over the
 whole batch (token-mean: each micro-batch's loss times its share of the batch's response tokens; seq-mean: its share
 of the batch's sequences). The one batch-level choice made per micro-batch instead is the top-q student-entropy
-selection of `entropy_opd` / `reopold`. Trust-region draws use the step's key folded with the micro-batch index.
+selection of `entropy_opd` / `reopold`. Trust-region draws are keyed by the step's key, the token's rollout index and
+its position in the rollout, so they do not depend on where the token sits (which micro-batch, packed or not).
+
+Packing (`train.packing`): the step's rollouts are packed host-side (`tropd_jax.packing`) into rows of the same
+`P + N` columns, several rollouts per row with segment ids and per-segment RoPE positions, and the teacher's scoring
+and the student's forward, backward and loss run on those rows: the same loss, gradients and metrics as on the
+`[R, P + N]` rollout rows (up to float rounding), with far less padding computed. The packed row count is rounded
+up to a multiple of the micro-batch size and then to one of a few buckets (`packing.bucket_rows`,
+`train.packing_buckets` per doubling, at most R), which bounds the number of compiled shapes; each step logs its
+`padding_fraction`. With `entropy_opd` / `reopold` the per-micro-batch top-q selection sees other micro-batches when
+packed (the same training only when one micro-batch holds the whole batch).
 
 Randomness: step s uses `fold_in(key(train.seed), s)` for its prefix lengths, samples and trust-region draws, and the
 data iterator state is checkpointed, so a run resumed from any checkpoint repeats the uninterrupted run exactly.
@@ -33,8 +43,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, sampling, scoring, schedules
-from tropd_jax import paths, preemption, sharding
+from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, packing, sampling, scoring
+from tropd_jax import paths, preemption, schedules, sharding
 from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.models.quantize import quantize_int8
 
@@ -92,6 +102,7 @@ class StepSettings:
     separate_teacher: bool = False  # the teacher's targets come scored (`teacher_scores`), not its parameters
     teacher_prompt_length: int = 0  # P_T of the batch's `teacher_tokens` (the teacher's own template); 0 = none
     reopold_refining: bool = False  # REOPOLD's phase; the loop sets it from step / total steps (one recompile)
+    packed: bool = False  # the batch is packed rows (`PACKED_KEYS` too); prompt_length is then 1
 
 
 def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettings:
@@ -102,7 +113,7 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
         vocab_size=vocab_size, prompt_length=prompt_length, micro_batch_size=config.train.micro_batch_size,
         importance_ratio=config.loss.importance_ratio, fused=config.loss.fused, chunk_size=config.loss.chunk_size,
         optimizer=OptimizerSettings.from_config(config),
-        separate_teacher=config.model.teacher_placement == 'separate')
+        separate_teacher=config.model.teacher_placement == 'separate', packed=config.train.packing)
 
 
 def micro_batches(batch: dict, micro_batch_size: int) -> dict:
@@ -110,6 +121,11 @@ def micro_batches(batch: dict, micro_batch_size: int) -> dict:
     the reshape keeps each device's rows on that device."""
     m = micro_batch_size
     return {k: v.reshape(m, v.shape[0] // m, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+
+def _packed_inputs(micro, s: StepSettings) -> tuple:
+    """The `scoring` arguments of packed rows (positions, segment ids), or none."""
+    return (micro['positions'], micro['segment_ids']) if s.packed else ()
 
 
 def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
@@ -123,30 +139,35 @@ def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
     if s.fused:
         return scoring.teacher_targets(teacher, tokens, input_mask, p,
                                        k=losses.topk_size(s.method, dict(s.hyperparameters)),
-                                       vocab_size=s.vocab_size, chunk_size=s.chunk_size)
-    return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p))
+                                       vocab_size=s.vocab_size, chunk_size=s.chunk_size,
+                                       **dict(zip(('packed_positions', 'segment_ids'), _packed_inputs(micro, s))))
+    return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p, *_packed_inputs(micro, s)))
 
 
 def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, s: StepSettings):
-    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays) given the teacher's targets, the loss
-    metrics and the micro-batch's `scoring.Targets`."""
+    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays, with `rollout_ids`) given the teacher's
+    targets, the loss metrics and the micro-batch's `scoring.Targets`."""
     hp = dict(s.hyperparameters)
     p = s.prompt_length
     tokens, input_mask = micro['tokens'], micro['input_mask']
     t = scoring.targets(tokens, input_mask, micro['response_mask'], micro['prefix_mask'], micro['logprobs'], p)
+    positions = micro['positions'] if s.packed else scoring.positions(input_mask)
     # The sampler's log-probs always reach the loss (its mismatch metrics); rho_t uses them only if importance_ratio.
+    # M_t is keyed by the token's rollout and its position in it, which packing does not change.
     extra = dict(rollout_logprobs=t.rollout_logprobs, use_importance_ratio=s.importance_ratio,
-                 progress=1.0 if s.reopold_refining else 0.0)
+                 progress=1.0 if s.reopold_refining else 0.0,
+                 draw_ids=(micro['rollout_ids'][:, p:], positions[:, p:]),
+                 segment_ids=micro['segment_ids'][:, p:] if s.packed else None)
 
     def loss_fn(params):
         student = nnx.merge(student_graphdef, params)
         if s.fused:
-            hidden = scoring.response_hidden(student, tokens, input_mask, p)
+            hidden = scoring.response_hidden(student, tokens, input_mask, p, *_packed_inputs(micro, s))
             loss, stats = fused_loss.fused_distillation_loss(
                 s.method, hidden, student.lm_head_weight(), teacher_out, t.tokens, t.response_mask, t.prefix_mask,
                 key, vocab_size=s.vocab_size, chunk_size=s.chunk_size, **extra, **hp)
         else:
-            logits = scoring.response_logits(student, tokens, input_mask, p)
+            logits = scoring.response_logits(student, tokens, input_mask, p, *_packed_inputs(micro, s))
             loss, stats = losses.distillation_loss(
                 s.method, logits, teacher_out, t.tokens, t.response_mask, t.prefix_mask, key,
                 vocab_size=s.vocab_size, **extra, **hp)
@@ -158,8 +179,8 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
 
 def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
     """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
-    `teacher_input_mask`), one micro-batch at a time as the train step takes them: every leaf of `teacher_outputs`
-    with a leading `[n]` micro-batch axis."""
+    `teacher_input_mask`; packed rows add `positions` and `segment_ids`), one micro-batch at a time as the train step
+    takes them: every leaf of `teacher_outputs` with a leading `[n]` micro-batch axis."""
     micro = micro_batches(dict(batch), s.micro_batch_size)
 
     def score(mb):
@@ -179,32 +200,29 @@ def _micro_batch_grads(params, teacher, micro, key, weight, *, student_graphdef,
     return student_grads(params, micro, teacher_out, key, weight, student_graphdef=student_graphdef, s=s)
 
 
-def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef,
-               settings: StepSettings):
-    """One optimizer step on a batch of rollouts.
+def accumulate_gradients(params, teacher_state, batch, key, *, student_graphdef, teacher_graphdef,
+                         s: StepSettings):
+    """The gradient of the batch loss and the loss metrics, one micro-batch at a time (a `lax.scan`).
 
-    Args:
-      params: the student's `nnx.State`; opt_state: its optimizer state; teacher_state: the teacher's, or with
-        `settings.separate_teacher` its targets for this batch (`teacher_scores`, moved to the student's devices).
-      batch: dict of `[B, P + N]` arrays `tokens`, `input_mask`, `response_mask`, `prefix_mask`, `logprobs` and the
-        `[B]` int `finish_reason` (see `sampling.Rollout`).
-      key: PRNG key of the trust-region draws.
-    Returns:
-      (params, opt_state, metrics): float32 scalar metrics; when the loss or gradient is not finite the returned
-      params and opt_state are the inputs (`skipped` = 1).
+    Arguments as `train_step`. Returns `(grads, metrics)`: float32 gradients like `params`, and the float32 scalar
+    metrics of `losses.distillation_loss` over the whole batch (micro-batches weighted by their tokens or sequences).
     """
-    s = settings
-    batch_size = batch['tokens'].shape[0]
+    batch = {k: v for k, v in batch.items() if k != 'finish_reason'}
+    batch_size, columns = batch['tokens'].shape
     m = s.micro_batch_size
     n = batch_size // m
+    if not s.packed:  # every row is one rollout; its index keys the trust-region draws as a packed segment's does
+        rows = jnp.arange(batch_size, dtype=jnp.int32)[:, None]
+        batch['rollout_ids'] = jnp.broadcast_to(rows, (batch_size, columns))
     response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
-    prefix = batch['prefix_mask'][:, s.prompt_length:].astype(jnp.float32) * response
     aggregation = dict(s.hyperparameters)['aggregation']
-    micro = micro_batches({k: v for k, v in batch.items() if k != 'finish_reason'}, m)
+    micro = micro_batches(batch, m)
     if aggregation == 'token_mean':
         counts = response.reshape(m, n, -1).sum(axis=(0, 2))  # response tokens per micro-batch
-    else:  # seq_mean_token_mean: sequences with at least one response token
-        counts = (response.sum(axis=1) > 0).astype(jnp.float32).reshape(m, n).sum(axis=0)
+    else:  # seq_mean_token_mean: sequences with at least one response token, counted by where their response starts
+        # (a rollout's response tokens are contiguous and follow its prompt, packed or not)
+        starts = response * (1.0 - jnp.pad(response, ((0, 0), (1, 0)))[:, :-1])
+        counts = starts.reshape(m, n, -1).sum(axis=(0, 2))
     weights = counts / jnp.maximum(counts.sum(), 1.0)
 
     grads_fn = functools.partial(_micro_batch_grads, student_graphdef=student_graphdef,
@@ -212,11 +230,11 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
 
     def body(carry, xs):
         grads_sum, sums = carry
-        j, weight, mb, scored = xs
+        weight, mb, scored = xs
         mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
         teacher = teacher_state if scored is None else jax.tree.map(
             lambda v: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)), scored)
-        grads, stats, t = grads_fn(params, teacher, mb, jax.random.fold_in(key, j), weight)
+        grads, stats, t = grads_fn(params, teacher, mb, key, weight)
         n_response = t.response_mask.sum()
         n_prefix = (t.prefix_mask * t.response_mask).sum()
         denominators = {'loss': weight}
@@ -237,9 +255,32 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     init = (zeros, {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in stat_names})
     scored = teacher_state if s.separate_teacher else None  # [n, m, ...] targets, scanned along with the micro-batches
-    (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(n), weights, micro, scored))
-    out = {name: total if name in ('loss', 'num_tokens') else total / jnp.maximum(count, 1.0)
-           for name, (total, count) in sums.items()}
+    (grads, sums), _ = jax.lax.scan(body, init, (weights, micro, scored))
+    return grads, {name: total if name in ('loss', 'num_tokens') else total / jnp.maximum(count, 1.0)
+                   for name, (total, count) in sums.items()}
+
+
+def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef,
+               settings: StepSettings):
+    """One optimizer step on a batch of rollouts.
+
+    Args:
+      params: the student's `nnx.State`; opt_state: its optimizer state; teacher_state: the teacher's, or with
+        `settings.separate_teacher` its targets for this batch (`teacher_scores`, moved to the student's devices).
+      batch: dict of `[B, P + N]` arrays `tokens`, `input_mask`, `response_mask`, `prefix_mask`, `logprobs` and the
+        `[B]` int `finish_reason` (see `sampling.Rollout`). With `settings.packed`: the same arrays packed into
+        `[K, P + N]` rows (`pack_rollouts`), plus `positions`, `segment_ids` and `rollout_ids` (`PACKED_KEYS`);
+        `finish_reason` stays `[B]`, one per rollout.
+      key: PRNG key of the trust-region draws.
+    Returns:
+      (params, opt_state, metrics): float32 scalar metrics; when the loss or gradient is not finite the returned
+      params and opt_state are the inputs (`skipped` = 1).
+    """
+    s = settings
+    if s.packed and s.teacher_prompt_length:
+        raise ValueError('packed rows cannot carry the teacher\'s own template rows (data.teacher_template=teacher)')
+    grads, out = accumulate_gradients(params, teacher_state, batch, key, student_graphdef=student_graphdef,
+                                      teacher_graphdef=teacher_graphdef, s=s)
 
     optimizer = make_optimizer(s.optimizer)
     grad_norm = optax.tree.norm(grads)  # before clipping
@@ -249,15 +290,18 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
 
-    lengths = response.sum(axis=1)
+    num_rollouts = batch['finish_reason'].shape[0]  # rows may hold several rollouts (packed) or none (padding rows)
+    response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
+    prefix = batch['prefix_mask'][:, s.prompt_length:].astype(jnp.float32) * response
     out.update(
         grad_norm=grad_norm,
         skipped=1.0 - finite.astype(jnp.float32),
         learning_rate=new_opt_state[1].hyperparams['learning_rate'],
-        response_length=lengths.mean(),
-        prefix_length=prefix.sum(axis=1).mean(),
+        response_length=response.sum() / num_rollouts,
+        prefix_length=prefix.sum() / num_rollouts,
         truncated_fraction=(batch['finish_reason'] == sampling.FINISH_LENGTH).astype(jnp.float32).mean(),
-        response_tokens=lengths.sum(),
+        response_tokens=response.sum(),
+        padding_fraction=1.0 - batch['input_mask'].astype(jnp.float32).mean(),  # of the tokens computed
     )
     return params, opt_state, {k: v.astype(jnp.float32) for k, v in out.items()}
 
@@ -385,10 +429,45 @@ def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings,
 BATCH_KEYS = ('tokens', 'input_mask', 'response_mask', 'prefix_mask', 'logprobs', 'finish_reason')
 TEACHER_INPUT_KEYS = ('tokens', 'input_mask')  # what a separate teacher needs of a rollout to score it
 TEACHER_TEMPLATE_KEYS = ('teacher_tokens', 'teacher_input_mask')  # the same, after the teacher's own template
+PACKED_KEYS = ('positions', 'segment_ids', 'rollout_ids')  # what packed rows add (`pack_rollouts`)
+
+
+def batch_keys(settings: StepSettings) -> tuple[str, ...]:
+    """The arrays of the train step's batch (without the teacher's template rows)."""
+    return BATCH_KEYS + (PACKED_KEYS if settings.packed else ())
 
 
 def teacher_input_keys(settings: StepSettings) -> tuple[str, ...]:
-    return TEACHER_TEMPLATE_KEYS if settings.teacher_prompt_length else TEACHER_INPUT_KEYS
+    if settings.teacher_prompt_length:
+        return TEACHER_TEMPLATE_KEYS
+    return TEACHER_INPUT_KEYS + (('positions', 'segment_ids') if settings.packed else ())
+
+
+def _host_array(x) -> np.ndarray:
+    """A (possibly multi-process, replicated or sharded) array's full value on this host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def pack_rollouts(rollout, micro_batch_size: int, buckets_per_doubling: int) -> dict:
+    """The step's rollouts packed (`packing.plan`, first-fit decreasing; `packing.pack`) into rows of the rollouts'
+    own `P + N` columns, host-side: `[K, P + N]` `BATCH_KEYS` arrays plus `PACKED_KEYS` (`rollout_ids`: each token's
+    rollout index, which keys its trust-region draws), and the `[R]` `finish_reason` as it is.
+
+    K, the rows computed, is the rows needed rounded up to a multiple of `micro_batch_size` and then to a bucket
+    (`packing.bucket_rows`, `buckets_per_doubling`), at most R: the number of compiled shapes stays small.
+    """
+    arrays = {k: _host_array(getattr(rollout, k)) for k in BATCH_KEYS}
+    finish_reason = arrays.pop('finish_reason')
+    rows, columns = arrays['tokens'].shape
+    arrays['rollout_ids'] = np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns))
+    plan = packing.plan(arrays['input_mask'], row_length=columns, multiple_of=micro_batch_size)
+    plan = plan._replace(num_rows=packing.bucket_rows(plan.num_rows, micro_batch_size, buckets_per_doubling, rows))
+    packed = packing.pack(arrays, plan)
+    packed['finish_reason'] = finish_reason
+    return packed
 
 
 def make_meshes(config, devices=None):
@@ -565,15 +644,15 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                                   vocab_size=vocab_size, key=jax.random.key(config.train.seed))
         for p in prompts:
             del p['teacher_prompt_tokens']
-    batch_keys = BATCH_KEYS + (TEACHER_TEMPLATE_KEYS if d.teacher_template == 'teacher' else ())
 
     # From here on the student lives as (graphdef, params): params and opt_state are the train state.
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
     settings = step_settings(config, vocab_size)
+    keys = batch_keys(settings) + (TEACHER_TEMPLATE_KEYS if d.teacher_template == 'teacher' else ())
     optimizer = make_optimizer(settings.optimizer)
     step_fn, batch_shardings, param_shardings, opt_shardings = jit_train_step(
-        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, batch_keys, settings, student_graphdef,
+        mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, keys, settings, student_graphdef,
         teacher_graphdef)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     score_fn = (jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
@@ -641,12 +720,18 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                 rollout, l_max = make_rollouts(teacher, nnx.merge(student_graphdef, params), prompt_batch,
                                                rollout_key, step, config, mesh, pad_id=pad_id, eos=eos,
                                                vocab_size=vocab_size, teacher_mesh=teacher_mesh)
-                batch = jax.block_until_ready({k: jax.device_put(getattr(rollout, k), batch_shardings[k])
-                                               for k in BATCH_KEYS})
+                if settings.packed:  # packed rows: every column after the first may be a response token
+                    packed = pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
+                    batch = {k: _global_array(v, mesh, batch_shardings[k].spec) for k, v in packed.items()}
+                    prompt_length = 1
+                else:
+                    batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in BATCH_KEYS}
+                    prompt_length = rollout.prompt_length
+                batch = jax.block_until_ready(batch)
                 t1 = time.perf_counter()
                 refining = (config.loss.method == 'reopold'
                             and step / total_steps >= config.loss.reopold_exploration_fraction)
-                step_settings_now = dataclasses.replace(settings, prompt_length=rollout.prompt_length,
+                step_settings_now = dataclasses.replace(settings, prompt_length=prompt_length,
                                                         reopold_refining=refining)
                 if d.teacher_template == 'teacher':
                     batch, step_settings_now = with_teacher_rows(batch, rollout, prompt_batch, step_settings_now,
