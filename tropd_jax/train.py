@@ -284,19 +284,24 @@ def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
 
 
 def separate_rollout(teacher, student, prompt_tokens, prompt_mask, prefix_lengths, key, *, mesh, teacher_mesh,
-                     num_rollouts, **settings):
+                     num_rollouts, teacher_prompt_tokens=None, teacher_prompt_mask=None, **settings):
     """`sampling.rollout` (same arguments, as host arrays, and the same samples) with the teacher on its own mesh:
     the teacher writes the prefixes on its devices, only the prefix tokens and lengths move to the student's."""
     put = lambda x, on: _global_array(np.asarray(x), on, PartitionSpec())
     tokens = np.repeat(prompt_tokens, num_rollouts, axis=0)
     mask = np.repeat(prompt_mask, num_rollouts, axis=0)
+    if teacher_prompt_tokens is None:
+        teacher_tokens, teacher_mask = tokens, mask
+    else:  # the teacher writes its prefixes after its own rendering of the prompts
+        teacher_tokens = np.repeat(teacher_prompt_tokens, num_rollouts, axis=0)
+        teacher_mask = np.repeat(teacher_prompt_mask, num_rollouts, axis=0)
     teacher_key, student_key = jax.random.split(key)
     if int(np.max(prefix_lengths)) <= 0:
         return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key, **settings)
     with jax.set_mesh(teacher_mesh):
         teacher_key = jax.device_put(teacher_key, NamedSharding(teacher_mesh, PartitionSpec()))
-        prefix = sampling.generate(teacher, put(tokens, teacher_mesh), put(mask, teacher_mesh), teacher_key,
-                                   max_lengths=put(prefix_lengths, teacher_mesh), **settings)
+        prefix = sampling.generate(teacher, put(teacher_tokens, teacher_mesh), put(teacher_mask, teacher_mesh),
+                                   teacher_key, max_lengths=put(prefix_lengths, teacher_mesh), **settings)
         written = prefix.responses
     replicated = NamedSharding(mesh, PartitionSpec())
     return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key,
@@ -309,10 +314,16 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
 
     Returns `(rollout, max_prefix_length)`; prompts are generated `rollout.batch_size` at a time (0 = all at once).
-    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices.
+    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices. With
+    `data.teacher_template=teacher` the teacher writes them after its own rendering of the prompts
+    (`teacher_prompt_tokens`), the student continues after its own.
     """
     r = config.rollout
     tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in prompt_batch], pad_id=pad_id)
+    teacher_tokens = teacher_mask = None
+    if config.data.teacher_template == 'teacher':
+        teacher_tokens, teacher_mask = sampling.pad_prompts([p['teacher_prompt_tokens'] for p in prompt_batch],
+                                                            pad_id=pad_id)
     total = config.train.steps
     length = config.prefix.max_length if config.prefix.max_length >= 0 else r.max_new_tokens
     l_max = (schedules.max_prefix_length(step, total, length, config.prefix.schedule)
@@ -328,17 +339,22 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
                     decode_slots=r.decode_slots)
     for i, start in enumerate(range(0, num_prompts, chunk)):
         rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
+        prompts = slice(start, start + chunk)
+        teacher_prompts = {} if teacher_tokens is None else dict(teacher_prompt_tokens=teacher_tokens[prompts],
+                                                                 teacher_prompt_mask=teacher_mask[prompts])
         if teacher_mesh is not None and teacher_mesh is not mesh:
             parts.append(separate_rollout(
-                teacher, student, tokens[start:start + chunk], mask[start:start + chunk], prefix_lengths[rows],
-                jax.random.fold_in(sample_key, i), mesh=mesh, teacher_mesh=teacher_mesh, **settings))
+                teacher, student, tokens[prompts], mask[prompts], prefix_lengths[rows],
+                jax.random.fold_in(sample_key, i), mesh=mesh, teacher_mesh=teacher_mesh, **teacher_prompts,
+                **settings))
             continue
         parts.append(sampling.rollout(
             teacher, student,
-            _global_array(tokens[start:start + chunk], mesh, replicated),
-            _global_array(mask[start:start + chunk], mesh, replicated),
+            _global_array(tokens[prompts], mesh, replicated),
+            _global_array(mask[prompts], mesh, replicated),
             _global_array(prefix_lengths[rows], mesh, replicated),
-            jax.random.fold_in(sample_key, i), **settings))
+            jax.random.fold_in(sample_key, i),
+            **{k: _global_array(v, mesh, replicated) for k, v in teacher_prompts.items()}, **settings))
     if len(parts) == 1:
         return parts[0], l_max
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
