@@ -4,6 +4,9 @@ Each process owns one CPU device; the mesh spans both (fsdp=2), so parameters, o
 split across processes and every step needs cross-process collectives. Process 0 alone writes the metrics and the
 exported student; both take part in the checkpoints.
 
+A separate teacher (`model.teacher_placement=separate`) on the devices of the other process (2 processes x 2
+devices) gives the same run as one process with 4 devices.
+
 Interrupted runs: a SIGTERM to one process stops both after the same step with a checkpoint (JAX's preemption
 service), a worker that stops responding makes the other exit (jax.distributed's heartbeat timeout) instead of
 waiting in a collective, and in both cases the same command resumes and ends bit-identical to the uninterrupted run.

@@ -157,8 +157,8 @@ def transfer(tree, shardings):
   tree: a pytree of jax.Arrays (PRNG key arrays too) on one source mesh; shardings: one `NamedSharding` for every
   leaf, or a matching pytree of them, all on one target mesh. Within one process it is `jax.device_put`. Across
   processes it runs two programs: the source mesh replicates each leaf on its own devices, then one program over the
-  union of both meshes' devices sums the source's first copy with zeros from every other device (an all-reduce, so
-  the values arrive exactly); each target device keeps its slice. Every union device holds each leaf in full for a
+  union of both meshes' devices sums the source's first copy with zeros from every other device (an all-reduce: the
+  values arrive unchanged, except that -0.0 becomes 0.0); each target device keeps its slice. Every union device holds each leaf in full for a
   moment: meant for small arrays (prefix tokens, the teacher's top-k targets, metrics), not for weights.
   """
   leaves, treedef = jax.tree.flatten(tree)
@@ -185,7 +185,7 @@ def transfer(tree, shardings):
     stacked.append(jax.make_array_from_single_device_arrays(
         (len(order), *x.shape[1:]), NamedSharding(union, PartitionSpec('devices')), pieces, dtype=x.dtype))
 
-  def from_first(x):  # an all-reduce of the source's copy and zeros: exact, and one copy per device
+  def from_first(x):  # an all-reduce of the source's copy and zeros: one copy per device
     chosen = (jnp.arange(x.shape[0]) == first).reshape((-1,) + (1,) * (x.ndim - 1))
     total = jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=0, dtype=jnp.int32 if x.dtype == bool else None)
     return total.astype(x.dtype)

@@ -342,6 +342,8 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     separate = teacher_mesh is not None and teacher_mesh is not mesh
     # A separate teacher's processes may hold none of the student's devices: their draws go on every device.
     with jax.set_mesh(sharding.every_device_mesh()) if separate else contextlib.nullcontext():
+        if separate:  # `key` may be on the student's mesh (or on none)
+            key = _global_key(key, sharding.every_device_mesh())
         prefix_key, sample_key = jax.random.split(key)
         prefix_lengths = np.asarray(schedules.sample_prefix_lengths(prefix_key, l_max, num_prompts * r.num_rollouts))
         chunk_keys = [jax.random.fold_in(sample_key, i) for i in range(len(range(0, num_prompts, chunk)))]
@@ -535,8 +537,9 @@ def warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, *, 
         message += (f"; on the student's {measured['tokens']} greedy response tokens to {measured['prompts']} of them, "
                     f"the teacher's log-probs after its own rendering differ from those after the student's by "
                     f"{measured['mean']:+.3f} nats/token on average ({measured['mean_abs']:.3f} in absolute value)")
-    logging.warning(message + ". The teacher scores after the student's rendering: set data.teacher_template="
-                    "'teacher' to score after its own, or 'student' to keep the student's and silence this warning.")
+    logging.warning(message + ". The teacher writes its prefixes and scores after the student's rendering: set "
+                    "data.teacher_template='teacher' for its own, or 'student' to keep the student's and silence this "
+                    "warning.")
     return measured
 
 
