@@ -158,8 +158,9 @@ def transfer(tree, shardings):
   leaf, or a matching pytree of them, all on one target mesh. Within one process it is `jax.device_put`. Across
   processes it runs two programs: the source mesh replicates each leaf on its own devices, then one program over the
   union of both meshes' devices sums the source's first copy with zeros from every other device (an all-reduce: the
-  values arrive unchanged, except that -0.0 becomes 0.0); each target device keeps its slice. Every union device holds each leaf in full for a
-  moment: meant for small arrays (prefix tokens, the teacher's top-k targets, metrics), not for weights.
+  values arrive unchanged, except that -0.0 becomes 0.0); each target device keeps its slice. Every union device holds
+  each leaf in full for a moment: meant for small arrays (prefix tokens, the teacher's top-k targets, metrics), not
+  for weights.
   """
   leaves, treedef = jax.tree.flatten(tree)
   targets = (treedef.flatten_up_to(shardings) if not isinstance(shardings, jax.sharding.Sharding)
