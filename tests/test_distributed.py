@@ -4,6 +4,9 @@ Each process owns one CPU device; the mesh spans both (fsdp=2), so parameters, o
 split across processes and every step needs cross-process collectives. Process 0 alone writes the metrics and the
 exported student; both take part in the checkpoints.
 
+A separate teacher (`model.teacher_placement=separate`) on the devices of the other process (2 processes x 2
+devices) gives the same run as one process with 4 devices.
+
 Interrupted runs: a SIGTERM to one process stops both after the same step with a checkpoint (JAX's preemption
 service), a worker that stops responding makes the other exit (jax.distributed's heartbeat timeout) instead of
 waiting in a collective, and in both cases the same command resumes and ends bit-identical to the uninterrupted run.
@@ -132,6 +135,35 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
     outputs = finish(start_processes(pair, workdir, cache, extra=['--config.checkpoint.every_steps=0']))
     assert all(f'resuming from checkpoint step {stop}' in out for out in outputs)
     assert_same_run(workdir, two_process_run)
+
+
+SEPARATE = dict(model__teacher_placement='separate', model__teacher_devices=2, train__steps=2,
+                checkpoint__every_steps=0)
+
+
+def test_a_separate_teacher_on_the_other_process_gives_the_one_process_curve(pair, cache, tmp_path):
+    """2 processes x 2 CPU devices, the teacher on process 1's two and the student on process 0's: the teacher's
+    prefixes, the rollouts it scores and its targets cross between processes (`sharding.transfer`), process 1 holds
+    no student array (it reads the metrics from a copy on every device) and the checkpoint is written from arrays
+    spread over both. The metrics curve equals, bit for bit, that of the same config in one process with 4 devices:
+    each mesh runs the same programs on the same shapes, and the transfers copy values exactly."""
+    one = str(tmp_path / 'one')
+    output = finish([run_main(run_args(pair, one, **SEPARATE),
+                              env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+                                   'JAX_COMPILATION_CACHE_DIR': cache})])[0]
+    assert 'separate teacher on 2 devices of processes [0], student on 2 devices of processes [0]' in output
+    two = str(tmp_path / 'two')
+    port = free_port()
+    outputs = finish([run_main(run_args(pair, two, **SEPARATE) + [
+        f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+        env={'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '2', 'JAX_COMPILATION_CACHE_DIR': cache}) for i in range(2)])
+    assert 'separate teacher on 2 devices of processes [1], student on 2 devices of processes [0]' in outputs[0]
+    steps = curve(two)
+    assert [r['step'] for r in steps] == [1, 2] and all(r['prefix_length'] > 0 for r in steps)
+    assert steps == curve(one)
+    assert os.listdir(os.path.join(two, 'checkpoints')) == ['2']
+    for a, b in zip(params_of(os.path.join(two, 'hf')), params_of(os.path.join(one, 'hf'))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_hung_worker_ends_the_run_and_the_restart_resumes(two_process_run, pair, cache, tmp_path):

@@ -102,3 +102,87 @@ def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(lo
   result = subprocess.run([sys.executable, '-c', _CHECK, loss, rows], cwd=ROOT, env=env, capture_output=True,
                           text=True)
   assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]
+
+
+_PREFIX_CHECK = r'''
+import importlib.util, sys
+import jax, numpy as np
+from tropd_jax import data, sampling, train
+from tropd_jax.models import from_pretrained, load_tokenizer
+
+spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+SYSTEM = 'You check arithmetic.'  # only the teacher's rendering gets it: the two prompts differ
+NEW = 24
+
+config = tiny.get_config()
+tokenizer = load_tokenizer(config.model.tokenizer_path)
+prompts, _ = data.load_prompts(config.data.train_path, tokenizer, max_prompt_length=96,
+                               teacher_tokenizer=load_tokenizer(config.model.teacher_path),
+                               teacher_system_prompt=SYSTEM)
+prompts = prompts[:8]
+# The reference: the teacher and the student alone (unsharded, no mesh), keys and prefix lengths derived as
+# `make_rollouts` derives them for its one chunk.
+teacher, _ = from_pretrained(config.model.teacher_path)
+student, student_config = from_pretrained(config.model.student_path)
+eos = sampling.eos_ids(tokenizer, student_config)
+settings = dict(max_new_tokens=NEW, eos_ids=eos, vocab_size=128, pad_id=0)
+key = jax.random.key(5)
+prefix_key, sample_key = jax.random.split(key)
+teacher_key, student_key = jax.random.split(jax.random.fold_in(sample_key, 0))
+lengths = np.asarray(jax.random.randint(prefix_key, (16,), 0, 13))  # Uniform{0..12}: step 0 of prefix.max_length=12
+repeat = lambda x: np.repeat(x, 2, axis=0)
+s_tokens, s_mask = map(repeat, sampling.pad_prompts([p['prompt_tokens'] for p in prompts]))
+t_tokens, t_mask = map(repeat, sampling.pad_prompts([p['teacher_prompt_tokens'] for p in prompts]))
+assert t_tokens.shape[1] > s_tokens.shape[1] or not np.array_equal(t_tokens, s_tokens)
+own = sampling.generate(teacher, t_tokens, t_mask, teacher_key, max_lengths=lengths, **settings)
+as_student = sampling.generate(teacher, s_tokens, s_mask, teacher_key, max_lengths=lengths, **settings)
+expected = sampling.generate(student, s_tokens, s_mask, student_key, forced_tokens=own.responses,
+                             forced_lengths=own.lengths, **settings)
+written = lambda r: [np.asarray(r.responses)[i, :n].tolist() for i, n in enumerate(np.asarray(r.lengths))]
+assert written(own) != written(as_student)  # the teacher's prompt changes its prefixes: the test can fail
+assert len(set(np.asarray(own.lengths).tolist())) > 3, own.lengths
+
+failed = []
+for case in sys.argv[1].split(','):  # placement:decode_slots
+  placement, slots = case.split(':')
+  slots = int(slots)
+  config = tiny.get_config()
+  config.unlock()
+  config.model.teacher_placement = placement
+  config.data.teacher_template = 'teacher'
+  config.data.teacher_system_prompt = SYSTEM
+  config.rollout.max_new_tokens, config.rollout.num_rollouts, config.rollout.decode_slots = NEW, 2, slots
+  config.prefix.max_length = 12
+  config.train.prompts_per_step = config.train.micro_batch_size = 8
+  mesh, teacher_mesh = train.make_meshes(config)
+  _, student_on, _, teacher_on, vocab = train.load_models(config, mesh, teacher_mesh)
+  with jax.set_mesh(mesh):
+    rollout, _ = train.make_rollouts(teacher_on, student_on, prompts, key, 0, config, mesh, pad_id=0, eos=eos,
+                                     vocab_size=vocab, teacher_mesh=teacher_mesh)
+  label = f'{placement}, decode_slots={slots}'
+  prefix = np.asarray(rollout.prefix_mask).sum(1)
+  got = np.asarray(rollout.responses)
+  wrong = [i for i, n in enumerate(prefix) if got[i, :n].tolist() != written(own)[i]]
+  if wrong:
+    failed.append(f'{label}: the prefixes of rows {wrong} are not the teacher\'s after its own prompt')
+  # The student continues after its own prompt and the teacher's prefix.
+  elif not np.array_equal(np.asarray(rollout.tokens), np.asarray(expected.tokens)):
+    failed.append(f'{label}: the student continuation differs')
+assert not failed, '\n'.join(failed)
+print('OK', sum(len(w) for w in written(own)))
+'''
+
+
+@pytest.mark.parametrize('cases', [
+    'colocated:0,separate:4',  # each placement, each decode (rollout.decode_slots 0 = static, 4 = continuous)
+    pytest.param('colocated:4,separate:0', marks=pytest.mark.slow)])
+def test_the_teacher_writes_its_prefix_after_its_own_prompt(cases):
+  """`data.teacher_template=teacher`: the teacher's prefix tokens are its own samples after the prompt rendered
+  its way (here with a system turn the student's rendering lacks) with the same key, which differ from its samples
+  after the student's rendering; the student continues after its own prompt. On 8 fake CPU devices."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _PREFIX_CHECK, cases], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]

@@ -24,8 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from tropd_jax import paths
+from tropd_jax import paths, sharding
 
 
 def _is_abandoned_read_report(unraisable) -> bool:
@@ -98,6 +99,30 @@ def _drop_closed_loop_reports(previous):
     return hook
 
 
+def _on_some_processes(x) -> bool:
+    """Whether `x` (an array or `jax.ShapeDtypeStruct` with a sharding) lies on the devices of only some of the
+    processes: the student of a run whose separate teacher has hosts of its own."""
+    placed = getattr(x, 'sharding', None)
+    return (jax.process_count() > 1 and isinstance(placed, NamedSharding)
+            and len({d.process_index for d in placed.device_set}) < jax.process_count())
+
+
+def _spread(shape) -> NamedSharding:
+    """Where a leaf of `shape` is saved from when its own devices are only some processes': split over every device
+    along its first dimension that they divide (replicated when none does). Orbax writes a multi-process
+    checkpoint only from arrays that span every process."""
+    mesh = sharding.every_device_mesh()
+    axis = next((i for i, n in enumerate(shape) if n % mesh.size == 0), None)
+    spec = PartitionSpec() if axis is None else PartitionSpec(*([None] * axis + ['devices']))
+    return NamedSharding(mesh, spec)
+
+
+def _moved(tree, to):
+    """Each leaf of `tree` that lies on only some processes' devices moved by `to(leaf)`, one leaf at a time
+    (`sharding.transfer` holds a moved leaf in full on every device for a moment)."""
+    return jax.tree.map(lambda x: sharding.transfer(x, to(x)) if _on_some_processes(x) else x, tree)
+
+
 class Checkpointer:
     """Saves every `every_steps` steps, keeps the last `keep`, restores the latest readable one."""
 
@@ -121,6 +146,7 @@ class Checkpointer:
         save started."""
         if not (force or step % self.every_steps == 0) or step in self.manager.all_steps():
             return False
+        state = _moved(state, lambda x: _spread(x.shape))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         return self.manager.save(step, args=args, force=True)
 
@@ -133,6 +159,10 @@ class Checkpointer:
         that wrote them (another model or optimizer), so that raises instead of silently starting over.
         """
         failures = []
+        wanted = abstract_state  # leaves on only some processes' devices are read spread over every device
+        abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_spread(x.shape)) if _on_some_processes(x)
+            else x, wanted)
         with absorb_abandoned_read_reports():  # a failed restore's in-flight reads report late
             for step in reversed(self.all_steps()):
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
@@ -150,7 +180,9 @@ class Checkpointer:
                     )
                     warnings.warn(message, RuntimeWarning, stacklevel=2)
                     logging.warning(message)
-                return step, restored['state'], restored['data']
+                state = jax.tree.map(lambda x, want: sharding.transfer(x, want.sharding) if _on_some_processes(want)
+                                     else x, restored['state'], wanted)
+                return step, state, restored['data']
         if failures:
             raise ValueError(
                 f'none of the checkpoints in {self.directory} (steps {[s for s, _ in failures]}) can be restored '

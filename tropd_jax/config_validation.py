@@ -52,9 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     d.prompt_template = '{prompt}'  # formats a string prompt before the chat template
     d.chat_template = True  # wrap the prompt as a user turn with the tokenizer's chat template
     d.max_prompt_length = 1024  # longer prompts are over-long records
-    d.teacher_template = 'auto'  # what the teacher scores responses after: 'student' (the student's rendered
-    #   prompt), 'teacher' (the prompt rendered with the teacher's chat template and system prompt, re-tokenised),
-    #   'auto' (the student's; warns once, with the teacher's measured log-prob difference, when the two differ)
+    d.teacher_template = 'auto'  # what the teacher writes its prefixes and scores responses after: 'student' (the
+    #   student's rendered prompt), 'teacher' (the prompt rendered with the teacher's chat template and system
+    #   prompt, re-tokenised), 'auto' (the student's; warns once, with the teacher's measured log-prob difference,
+    #   when the two differ)
     d.teacher_chat_template = ''  # a Jinja chat template replacing the teacher tokenizer's own; '' = its own
     d.teacher_system_prompt = ''  # a system turn that only the teacher's rendering gets
     d.on_bad_record = 'skip'  # 'skip' (count, report) or 'fail' (stop at the first one)

@@ -620,7 +620,8 @@ def generate(model: nnx.Module, prompt_tokens, prompt_mask, key: jax.Array, *, m
 def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask, prefix_lengths, key: jax.Array, *,
             max_new_tokens: int, num_rollouts: int = 1, temperature: float = 1.0, top_k: int = 0,
             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-            segment_length: int | None = None, vocab_size: int | None = None, decode_slots: int = 0) -> Rollout:
+            segment_length: int | None = None, vocab_size: int | None = None, decode_slots: int = 0,
+            teacher_prompt_tokens=None, teacher_prompt_mask=None) -> Rollout:
   """Responses whose first `prefix_lengths[b]` tokens are sampled from the teacher and the rest from the student.
 
   The teacher runs only until every row has its prefix (and not at all when every prefix length is 0: plain
@@ -638,12 +639,22 @@ def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask
     num_rollouts: responses per prompt; the rows of prompt i are rows i * num_rollouts ... (i + 1) * num_rollouts - 1.
     temperature, top_k, top_p, eos_ids, pad_id, segment_length, vocab_size, decode_slots: as `generate`, for both
       models (with continuous batching the teacher decodes only the rows that take a prefix).
+    teacher_prompt_tokens, teacher_prompt_mask: [B, P_T] the same prompts as the teacher renders them (its own chat
+      template and system prompt), left-padded; the teacher writes its prefixes after these and the student
+      continues after its own `prompt_tokens` + the prefix. Default: the teacher reads `prompt_tokens` too.
 
   Returns:
     A `Rollout` of B * num_rollouts rows.
   """
   if num_rollouts < 1:
     raise ValueError(f'num_rollouts must be >= 1, got {num_rollouts}.')
+  if (teacher_prompt_tokens is None) != (teacher_prompt_mask is None):
+    raise ValueError('teacher_prompt_tokens and teacher_prompt_mask go together.')
+  if teacher_prompt_tokens is None:
+    teacher_prompt_tokens, teacher_prompt_mask = prompt_tokens, prompt_mask
+  if np.shape(teacher_prompt_tokens)[0] != np.shape(prompt_tokens)[0]:
+    raise ValueError(f'teacher_prompt_tokens must have a row per prompt ({np.shape(prompt_tokens)[0]}), got shape '
+                     f'{np.shape(teacher_prompt_tokens)}.')
   prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), num_rollouts, axis=0)
   prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), num_rollouts, axis=0)
   prefix_lengths = jnp.asarray(prefix_lengths, jnp.int32)
@@ -658,6 +669,10 @@ def rollout(teacher: nnx.Module, student: nnx.Module, prompt_tokens, prompt_mask
   teacher_key, student_key = jax.random.split(key)
   if int(jnp.max(prefix_lengths)) <= 0:
     return generate(student, prompt_tokens, prompt_mask, student_key, **settings)
-  prefix = generate(teacher, prompt_tokens, prompt_mask, teacher_key, max_lengths=prefix_lengths, **settings)
+  # `responses` are the N columns after each model's own prompt bucket, so the teacher's prompt length P_T may
+  # differ from the student's P: its prefix tokens move to the student's rows unchanged.
+  prefix = generate(teacher, jnp.repeat(jnp.asarray(teacher_prompt_tokens), num_rollouts, axis=0),
+                    jnp.repeat(jnp.asarray(teacher_prompt_mask), num_rollouts, axis=0), teacher_key,
+                    max_lengths=prefix_lengths, **settings)
   return generate(student, prompt_tokens, prompt_mask, student_key, forced_tokens=prefix.responses,
                   forced_lengths=prefix.lengths, **settings)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -146,3 +147,64 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
       return axes or None
     spec = PartitionSpec(*map(automatic, spec))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def transfer(tree, shardings):
+  """`jax.device_put(tree, shardings)` between meshes on different devices, also when one of them lies on other
+  processes' devices (a separate teacher on its own hosts), where `device_put` needs a backend with cross-host
+  transfers. Every process calls it with the same arguments.
+
+  tree: a pytree of jax.Arrays (PRNG key arrays too) on one source mesh; shardings: one `NamedSharding` for every
+  leaf, or a matching pytree of them, all on one target mesh. Within one process it is `jax.device_put`. Across
+  processes it runs two programs: the source mesh replicates each leaf on its own devices, then one program over the
+  union of both meshes' devices sums the source's first copy with zeros from every other device (an all-reduce: the
+  values arrive unchanged, except that -0.0 becomes 0.0); each target device keeps its slice. Every union device holds
+  each leaf in full for a moment: meant for small arrays (prefix tokens, the teacher's top-k targets, metrics), not
+  for weights.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = (treedef.flatten_up_to(shardings) if not isinstance(shardings, jax.sharding.Sharding)
+             else [shardings] * len(leaves))
+  if all(x.is_fully_addressable for x in leaves) and all(t.is_fully_addressable for t in targets):
+    return jax.device_put(tree, shardings)
+  keys = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
+  impls = [jax.random.key_impl(x) if key else None for x, key in zip(leaves, keys)]
+  data = [jax.random.key_data(x) if key else x for x, key in zip(leaves, keys)]
+  source = data[0].sharding.mesh
+  with jax.set_mesh(source):  # [1, ...] per leaf, a copy on every source device
+    replicated = jax.jit(lambda *xs: tuple(x[None] for x in xs),
+                         out_shardings=NamedSharding(source, PartitionSpec()))(*data)
+  union_devices = set(source.devices.flat) | {d for t in targets for d in t.device_set}
+  order = [d for d in jax.devices() if d in union_devices]  # the same order on every process
+  union = Mesh(np.array(order), ('devices',))
+  first = order.index(min(source.devices.flat, key=order.index))
+  stacked = []
+  for x in replicated:
+    shards = {s.device: s.data for s in x.addressable_shards}
+    pieces = [shards[d] if d in shards else jax.device_put(np.zeros(x.shape, x.dtype), d)
+              for d in order if d.process_index == jax.process_index()]
+    stacked.append(jax.make_array_from_single_device_arrays(
+        (len(order), *x.shape[1:]), NamedSharding(union, PartitionSpec('devices')), pieces, dtype=x.dtype))
+
+  def from_first(x):  # an all-reduce of the source's copy and zeros: one copy per device
+    chosen = (jnp.arange(x.shape[0]) == first).reshape((-1,) + (1,) * (x.ndim - 1))
+    total = jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=0, dtype=jnp.int32 if x.dtype == bool else None)
+    return total.astype(x.dtype)
+  with jax.set_mesh(union):
+    everywhere = jax.jit(lambda *xs: tuple(map(from_first, xs)), out_shardings=NamedSharding(union, PartitionSpec()))(
+        *stacked)
+  out = []
+  for x, target in zip(everywhere, targets):  # each leaf in full on the target's devices, then its slices
+    full = NamedSharding(target.mesh, PartitionSpec())
+    shards = [s.data for s in x.addressable_shards if s.device in full.device_set]
+    out.append(jax.make_array_from_single_device_arrays(x.shape, full, shards, dtype=x.dtype))
+  with jax.set_mesh(targets[0].mesh):
+    out = jax.jit(lambda *xs: xs, out_shardings=tuple(targets))(*out)
+  out = [jax.random.wrap_key_data(y, impl=impl) if key else y for y, key, impl in zip(out, keys, impls)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def every_device_mesh() -> Mesh:
+  """A 1-D mesh ('devices',) over every device of every process: host-side values computed under it (PRNG draws,
+  metrics) are replicated on a device of every process, so every process can read them."""
+  return Mesh(np.array(jax.devices()), ('devices',))

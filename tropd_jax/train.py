@@ -31,6 +31,7 @@ student parameters and AdamW moments follow the logical rules of `tropd_jax.shar
 likewise, and rollouts are split along the batch over data x fsdp.
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -323,29 +324,42 @@ def _loss_metric_names(s: StepSettings) -> tuple[str, ...]:
 
 
 def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
-    """A global array from a host array every process holds in full (each process places its own shards)."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+    """A global array from a host array every process holds in full (each process places its own shards, if any)."""
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index], dtype=x.dtype)
+
+
+def _global_key(key, mesh) -> jax.Array:
+    """A PRNG key every process computed alike, replicated on `mesh` (whose devices may all be other processes')."""
+    data = _global_array(np.asarray(jax.random.key_data(key)), mesh, PartitionSpec())
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
 def separate_rollout(teacher, student, prompt_tokens, prompt_mask, prefix_lengths, key, *, mesh, teacher_mesh,
-                     num_rollouts, **settings):
+                     num_rollouts, teacher_prompt_tokens=None, teacher_prompt_mask=None, **settings):
     """`sampling.rollout` (same arguments, as host arrays, and the same samples) with the teacher on its own mesh:
     the teacher writes the prefixes on its devices, only the prefix tokens and lengths move to the student's."""
     put = lambda x, on: _global_array(np.asarray(x), on, PartitionSpec())
     tokens = np.repeat(prompt_tokens, num_rollouts, axis=0)
     mask = np.repeat(prompt_mask, num_rollouts, axis=0)
-    teacher_key, student_key = jax.random.split(key)
+    if teacher_prompt_tokens is None:
+        teacher_tokens, teacher_mask = tokens, mask
+    else:  # the teacher writes its prefixes after its own rendering of the prompts
+        teacher_tokens = np.repeat(teacher_prompt_tokens, num_rollouts, axis=0)
+        teacher_mask = np.repeat(teacher_prompt_mask, num_rollouts, axis=0)
+    with jax.set_mesh(sharding.every_device_mesh()):  # as `make_rollouts` drew `key`: every process reads it
+        teacher_key, student_key = jax.random.split(key)
+    student_key = _global_key(student_key, mesh)
     if int(np.max(prefix_lengths)) <= 0:
         return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key, **settings)
     with jax.set_mesh(teacher_mesh):
-        teacher_key = jax.device_put(teacher_key, NamedSharding(teacher_mesh, PartitionSpec()))
-        prefix = sampling.generate(teacher, put(tokens, teacher_mesh), put(mask, teacher_mesh), teacher_key,
+        prefix = sampling.generate(teacher, put(teacher_tokens, teacher_mesh), put(teacher_mask, teacher_mesh),
+                                   _global_key(teacher_key, teacher_mesh),
                                    max_lengths=put(prefix_lengths, teacher_mesh), **settings)
         written = prefix.responses
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key,
-                             forced_tokens=jax.device_put(written, replicated),
-                             forced_lengths=jax.device_put(prefix.lengths, replicated), **settings)
+    # The teacher's devices may be other processes' (its own hosts): `sharding.transfer`, not `jax.device_put`.
+    forced_tokens, forced_lengths = sharding.transfer((written, prefix.lengths), NamedSharding(mesh, PartitionSpec()))
+    return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key, forced_tokens=forced_tokens,
+                             forced_lengths=forced_lengths, **settings)
 
 
 def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size,
@@ -353,18 +367,30 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
 
     Returns `(rollout, max_prefix_length)`; prompts are generated `rollout.batch_size` at a time (0 = all at once).
-    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices.
+    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices. With
+    `data.teacher_template=teacher` the teacher writes them after its own rendering of the prompts
+    (`teacher_prompt_tokens`), the student continues after its own.
     """
     r = config.rollout
     tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in prompt_batch], pad_id=pad_id)
+    teacher_tokens = teacher_mask = None
+    if config.data.teacher_template == 'teacher':
+        teacher_tokens, teacher_mask = sampling.pad_prompts([p['teacher_prompt_tokens'] for p in prompt_batch],
+                                                            pad_id=pad_id)
     total = config.train.steps
     length = config.prefix.max_length if config.prefix.max_length >= 0 else r.max_new_tokens
     l_max = (schedules.max_prefix_length(step, total, length, config.prefix.schedule)
              if config_validation.prefix_enabled(config) else 0)
-    prefix_key, sample_key = jax.random.split(key)
     num_prompts = len(prompt_batch)
-    prefix_lengths = np.asarray(schedules.sample_prefix_lengths(prefix_key, l_max, num_prompts * r.num_rollouts))
     chunk = r.batch_size or num_prompts
+    separate = teacher_mesh is not None and teacher_mesh is not mesh
+    # A separate teacher's processes may hold none of the student's devices: their draws go on every device.
+    with jax.set_mesh(sharding.every_device_mesh()) if separate else contextlib.nullcontext():
+        if separate:  # `key` may be on the student's mesh (or on none)
+            key = _global_key(key, sharding.every_device_mesh())
+        prefix_key, sample_key = jax.random.split(key)
+        prefix_lengths = np.asarray(schedules.sample_prefix_lengths(prefix_key, l_max, num_prompts * r.num_rollouts))
+        chunk_keys = [jax.random.fold_in(sample_key, i) for i in range(len(range(0, num_prompts, chunk)))]
     replicated = PartitionSpec()
     parts = []
     settings = dict(max_new_tokens=r.max_new_tokens, num_rollouts=r.num_rollouts, temperature=r.temperature,
@@ -372,17 +398,21 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
                     decode_slots=r.decode_slots)
     for i, start in enumerate(range(0, num_prompts, chunk)):
         rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
-        if teacher_mesh is not None and teacher_mesh is not mesh:
+        prompts = slice(start, start + chunk)
+        teacher_prompts = {} if teacher_tokens is None else dict(teacher_prompt_tokens=teacher_tokens[prompts],
+                                                                 teacher_prompt_mask=teacher_mask[prompts])
+        if separate:
             parts.append(separate_rollout(
-                teacher, student, tokens[start:start + chunk], mask[start:start + chunk], prefix_lengths[rows],
-                jax.random.fold_in(sample_key, i), mesh=mesh, teacher_mesh=teacher_mesh, **settings))
+                teacher, student, tokens[prompts], mask[prompts], prefix_lengths[rows], chunk_keys[i], mesh=mesh,
+                teacher_mesh=teacher_mesh, **teacher_prompts, **settings))
             continue
         parts.append(sampling.rollout(
             teacher, student,
-            _global_array(tokens[start:start + chunk], mesh, replicated),
-            _global_array(mask[start:start + chunk], mesh, replicated),
+            _global_array(tokens[prompts], mesh, replicated),
+            _global_array(mask[prompts], mesh, replicated),
             _global_array(prefix_lengths[rows], mesh, replicated),
-            jax.random.fold_in(sample_key, i), **settings))
+            chunk_keys[i],
+            **{k: _global_array(v, mesh, replicated) for k, v in teacher_prompts.items()}, **settings))
     if len(parts) == 1:
         return parts[0], l_max
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts), l_max
@@ -418,8 +448,15 @@ def jit_train_step(mesh, params, opt_state, teacher_state, batch_keys, settings,
         donate_argnums=(0, 1),
     )
 
+    # Processes that hold none of the student's devices (a separate teacher's own hosts) read the metrics too.
+    everywhere = {d.process_index for d in mesh.devices.flat} == set(range(jax.process_count()))
+
     def step(params, opt_state, teacher_state, batch, key, settings):
-        return jitted(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef, settings)
+        params, opt_state, metrics = jitted(params, opt_state, teacher_state, batch, key, student_graphdef,
+                                            teacher_graphdef, settings)
+        if not everywhere:
+            metrics = sharding.transfer(metrics, NamedSharding(sharding.every_device_mesh(), PartitionSpec()))
+        return params, opt_state, metrics
 
     step.lower = lambda params, opt_state, teacher_state, batch, key, settings: jitted.lower(
         params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef, settings)
@@ -480,6 +517,9 @@ def make_meshes(config, devices=None):
                                       devices=devices[:n_student])
     if not n_teacher:
         return student_mesh, student_mesh
+    processes = lambda ds: sorted({d.process_index for d in ds})
+    logging.info('separate teacher on %d devices of processes %s, student on %d devices of processes %s', n_teacher,
+                 processes(devices[n_student:]), n_student, processes(devices[:n_student]))
     return student_mesh, sharding.make_mesh(1, n_teacher, 1, devices=devices[n_student:])
 
 
@@ -496,10 +536,10 @@ def jit_teacher_scores(teacher_mesh, student_mesh, teacher_state, teacher_graphd
     back = NamedSharding(student_mesh, PartitionSpec(None, ('data', 'fsdp')))
 
     def score(teacher_state, batch, settings):
-        inputs = {k: jax.device_put(batch[k], rows(teacher_mesh)) for k in teacher_input_keys(settings)}
+        inputs = sharding.transfer({k: batch[k] for k in teacher_input_keys(settings)}, rows(teacher_mesh))
         with jax.set_mesh(teacher_mesh):
             out = jitted(teacher_state, inputs, teacher_graphdef, settings)
-        return jax.device_put(out, back)
+        return sharding.transfer(out, back)
 
     def lower(teacher_state, batch, settings):
         with jax.set_mesh(teacher_mesh):
@@ -576,8 +616,9 @@ def warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, *, 
         message += (f"; on the student's {measured['tokens']} greedy response tokens to {measured['prompts']} of them, "
                     f"the teacher's log-probs after its own rendering differ from those after the student's by "
                     f"{measured['mean']:+.3f} nats/token on average ({measured['mean_abs']:.3f} in absolute value)")
-    logging.warning(message + ". The teacher scores after the student's rendering: set data.teacher_template="
-                    "'teacher' to score after its own, or 'student' to keep the student's and silence this warning.")
+    logging.warning(message + ". The teacher writes its prefixes and scores after the student's rendering: set "
+                    "data.teacher_template='teacher' for its own, or 'student' to keep the student's and silence this "
+                    "warning.")
     return measured
 
 
@@ -663,7 +704,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     scalar = lambda x: np.asarray(x, np.int32)
     state = {'params': params, 'opt_state': opt_state, 'step': scalar(0), 'skipped_steps': scalar(0),
              'rng': np.asarray(jax.random.key_data(train_key))}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = NamedSharding(sharding.every_device_mesh(), PartitionSpec())  # every process reads these
     shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': replicated,
                  'skipped_steps': replicated, 'rng': replicated}
     ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'),

@@ -201,7 +201,8 @@ def _place(array: np.ndarray, dtype, mesh, logical_axes) -> jax.Array:
   if mesh is None:
     return jnp.asarray(array.astype(dtype))
   target = sharding.logical_sharding(logical_axes, array.shape, mesh)
-  return jax.make_array_from_callback(array.shape, target, lambda index: np.asarray(array[index]).astype(dtype))
+  return jax.make_array_from_callback(array.shape, target, lambda index: np.asarray(array[index]).astype(dtype),
+                                      dtype=dtype)  # dtype: a mesh on other processes' devices has no shards here
 
 
 def _hf_tensor(model: Decoder, conversion: _Conversion, dtype) -> np.ndarray:
