@@ -28,6 +28,9 @@ def get_config(arg=None):
     config.model.teacher_path = 'models/Skywork-OR1-Math-7B'
     config.model.dtype = 'bfloat16'  # student activations (ours)
     config.model.param_dtype = 'float32'  # master weights and AdamW moments (ours)
+    # The student's layers as one lax.scan (ours): its fwd + bwd memory stays linear in length and depth however XLA
+    # schedules them (on 8 v5p chips 7.8 GiB per chip scanned, 38.6 GiB unrolled; docs/benchmarks.md).
+    config.model.scan_layers = True
     config.model.teacher_dtype = 'bfloat16'  # the frozen teacher only runs inference (ours)
 
     # Math prompts of OpenThoughts3 as JSONL {"problem", "answer"}.
