@@ -405,14 +405,20 @@ _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
 }
 
 
+def _block_fn(graphdef, kernel, policy: str, prevent_cse: bool = True):
+  """`fn(state, x, cos, sin, mask, segment_ids) -> x` of a block split into (graphdef, state), under
+  `jax.checkpoint` with the named policy unless it is 'none' (`prevent_cse` is not needed inside a scan)."""
+  def run(state, x, cos, sin, mask, segment_ids):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
+  if policy == 'none':
+    return run
+  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=prevent_cse)
+
+
 def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
   """`block(x, ...)` whose activations the backward pass recomputes (`jax.checkpoint` with the named policy)."""
   graphdef, state = nnx.split(block)
-
-  def run(state, x, cos, sin, mask, segment_ids):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
-  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=True)(state, x, cos, sin, mask,
-                                                                                     segment_ids)
+  return _block_fn(graphdef, kernel, policy)(state, x, cos, sin, mask, segment_ids)
 
 
 def _scan_blocks(blocks, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
@@ -429,10 +435,7 @@ def _scan_blocks(blocks, x, cos, sin, mask, kernel, policy: str, segment_ids=Non
   cast = lambda v: v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
   stacked = jax.tree.map(lambda *vs: jnp.stack([cast(v) for v in vs]), first, *rest)
 
-  def run(state, x, cos, sin, mask, segment_ids):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
-  if policy != 'none':
-    run = jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
+  run = _block_fn(graphdef, kernel, policy, prevent_cse=False)
 
   def body(x, state):
     return sharding.constrain(run(state, x, cos, sin, mask, segment_ids), ('batch', 'length', None)), None
