@@ -189,9 +189,9 @@ def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: flo
   its own total plus that does."""
   rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
   rows.update(extra_rows or {})
-  held = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
-  rows.update(held)
-  held = sum(held.values())
+  held_rows = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
+  rows.update(held_rows)
+  held = sum(held_rows.values())
   try:
     compiled = lower().compile()
   except Exception as e:  # pylint: disable=broad-except
