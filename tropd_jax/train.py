@@ -297,7 +297,7 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     out.update(
         grad_norm=grad_norm,
         skipped=1.0 - finite.astype(jnp.float32),
-        learning_rate=new_opt_state[1].hyperparams['learning_rate'],
+        learning_rate=learning_rate(new_opt_state),
         response_length=response.sum() / num_rollouts,
         prefix_length=prefix.sum() / num_rollouts,
         truncated_fraction=(batch['finish_reason'] == sampling.FINISH_LENGTH).astype(jnp.float32).mean(),
@@ -321,6 +321,14 @@ def _loss_metric_names(s: StepSettings) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side: setup, rollouts, the loop.
+
+
+def learning_rate(opt_state) -> jax.Array:
+    """The learning rate of the update that produced `opt_state`, looked up by name (`optax.inject_hyperparams`
+    keeps it in `hyperparams`, wherever `make_optimizer` puts AdamW in its chain; the schedule's own state, which
+    has the same name, is not an array)."""
+    return optax.tree_utils.tree_get(opt_state, 'learning_rate',
+                                     filtering=lambda _, value: isinstance(value, jax.Array))
 
 
 def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
