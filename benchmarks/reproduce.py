@@ -133,7 +133,7 @@ def baselines(args) -> dict:
     """avg@k of the initial student and of the teacher on the same held-out problems (cached)."""
     import jax
 
-    from tropd_jax import evaluate, train
+    from tropd_jax import evaluate
     from tropd_jax.models import from_pretrained, load_tokenizer
 
     path = os.path.join(args.workdir, "baselines.json")
@@ -142,7 +142,7 @@ def baselines(args) -> dict:
             return json.load(f)
     config = run_config(args, "tropd", 0)
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.student_path)
-    records = train.load_eval_records(config)
+    records = evaluate.config_records(config)
     max_new = config.eval.max_new_tokens if config.eval.max_new_tokens > 0 else config.rollout.max_new_tokens
     out = {}
     for name in ("student", "teacher"):

@@ -170,3 +170,36 @@ def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(monkeypatc
     with checkpoint.absorb_abandoned_read_reports():  # a second restore does not wrap the hook twice
         pass
     assert sys.unraisablehook is after_one_restore
+
+
+def test_train_state_restores_the_trainers_checkpoint_layout(tmp_path):
+    """A checkpoint written as the trainer writes it (one dict: params, opt_state, step, skipped_steps, rng)
+    restores into `train.TrainState` field by field, and a `TrainState` saves under the same names."""
+    from tropd_jax import sharding, train
+
+    directory = str(tmp_path / 'ckpt')
+    state = make_state(3)
+    on_disk = {'params': state['params'], 'opt_state': state['opt_state'], 'step': np.asarray(3, np.int32),
+               'skipped_steps': np.asarray(1, np.int32), 'rng': np.asarray(state['rng'])}
+    ckpt = Checkpointer(directory, every_steps=1, keep=3)
+    ckpt.save(3, on_disk, {'iterator': {'next_index': 30}})
+    ckpt.close()
+
+    mesh = sharding.make_mesh(1, 1, 1)
+    fresh = make_state(0)
+    initial = train.TrainState.create(fresh['params'], fresh['opt_state'], 0, 0, jax.random.key(0))
+    to_mesh = lambda tree: jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                        tree)
+    ckpt = Checkpointer(directory, every_steps=1, keep=3)
+    restored, data_state = train.restore_or_init(ckpt, initial, to_mesh(fresh['params']), to_mesh(fresh['opt_state']))
+    ckpt.close()
+    assert data_state == {'next_index': 30}
+    assert (int(restored.step), int(restored.skipped_steps)) == (3, 1)
+    assert_tree_equal(restored.as_dict(), on_disk)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(jax.random.key(3)))
+    assert sorted(initial.as_dict()) == sorted(on_disk)
+    # No checkpoint: the state as given.
+    empty = Checkpointer(str(tmp_path / 'none'), every_steps=1, keep=1)
+    as_given, no_data = train.restore_or_init(empty, initial, to_mesh(fresh['params']), to_mesh(fresh['opt_state']))
+    assert as_given is initial and no_data is None
+    empty.close()

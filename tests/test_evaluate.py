@@ -133,6 +133,32 @@ def test_load_records(tmp_path):
         evaluate.load_records(str(path))
 
 
+def test_config_records_read_the_trainers_fields_formats_and_count(tmp_path):
+    """The trainer's evaluation problems: `data`'s field names and format, the first `eval.num_problems`, problems
+    given as chat messages; a record without the fields names its file and row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tropd_jax import config_validation
+
+    rows = [{"question": f"Compute: {i}+1", "solution": i + 1} for i in range(5)]
+    rows[3]["question"] = [{"role": "user", "content": "Compute: 3+1"}]
+    pq.write_table(pa.Table.from_pylist([{**r, "question": json.dumps(r["question"])} for r in rows]),
+                   str(tmp_path / "eval.parquet"))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = config_validation.default_config()
+    config.data.prompt_field, config.data.answer_field = "question", "solution"
+    config.eval.path, config.eval.num_problems = str(tmp_path / "eval.jsonl"), 0
+    records = evaluate.config_records(config)
+    assert records == [{"problem": r["question"], "answer": str(r["solution"])} for r in rows]
+    config.eval.num_problems = 2
+    assert evaluate.config_records(config) == records[:2]
+    config.eval.path, config.data.format, config.eval.num_problems = str(tmp_path / "eval.parquet"), "parquet", 4
+    assert [r["answer"] for r in evaluate.config_records(config)] == ["1", "2", "3", "4"]
+    config.data.answer_field = "answer"
+    with pytest.raises(ValueError, match=r"eval.parquet:row 0: a record needs .*'question' and an 'answer'"):
+        evaluate.config_records(config)
+
+
 def test_cli_reports_malformed_jsonl_by_file_and_line(tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text('{"problem": "Compute: 1+1", "answer": "2"}\n{"problem": "Compute: 2+2", "answer": \n')

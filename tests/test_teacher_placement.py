@@ -14,6 +14,7 @@ import dataclasses, importlib.util, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from tropd_jax import data, sampling, train
+from tropd_jax.models.loading import load_models
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
 tiny = importlib.util.module_from_spec(spec)
@@ -37,7 +38,7 @@ def run(placement, packed=False):
   config.optim.warmup_steps, config.optim.schedule = 0, 'constant'
   config.train.packing = packed
   mesh, teacher_mesh = train.make_meshes(config)
-  tokenizer, student, student_config, teacher, vocab = train.load_models(config, mesh, teacher_mesh)
+  tokenizer, student, student_config, teacher, vocab = load_models(config, mesh, teacher_mesh)
   prompts, _ = data.load_prompts(config.data.train_path, tokenizer, chat_template=False, max_prompt_length=64)
   graphdef, params = nnx.split(student)
   teacher_graphdef, teacher_state = nnx.split(teacher)
@@ -108,6 +109,7 @@ _PREFIX_CHECK = r'''
 import importlib.util, sys
 import jax, numpy as np
 from tropd_jax import data, sampling, train
+from tropd_jax.models.loading import load_models
 from tropd_jax.models import from_pretrained, load_tokenizer
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
@@ -157,7 +159,7 @@ for case in sys.argv[1].split(','):  # placement:decode_slots
   config.prefix.max_length = 12
   config.train.prompts_per_step = config.train.micro_batch_size = 8
   mesh, teacher_mesh = train.make_meshes(config)
-  _, student_on, _, teacher_on, vocab = train.load_models(config, mesh, teacher_mesh)
+  _, student_on, _, teacher_on, vocab = load_models(config, mesh, teacher_mesh)
   with jax.set_mesh(mesh):
     rollout, _ = train.make_rollouts(teacher_on, student_on, prompts, key, 0, config, mesh, pad_id=0, eos=eos,
                                      vocab_size=vocab, teacher_mesh=teacher_mesh)

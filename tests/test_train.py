@@ -396,6 +396,41 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
         assert not np.array_equal(np.asarray(got), before)
 
 
+@pytest.mark.parametrize('clip_norm', [1.0, 0.0])
+def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, clip_norm):
+    """The `learning_rate` metric of steps 0, 1, 2 is the schedule's value at that step (a warm-up over 2 steps,
+    then cosine decay: three different values), with and without gradient clipping in the optimizer's chain."""
+    if jax.device_count() != 1:
+        pytest.skip('needs a single-device process')
+    config = make_config(pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm,
+                         train__steps=4)
+    mesh = sharding.make_mesh(1, 1, 1)
+    tokenizer = load_tokenizer(pair['student'])
+    student, student_config = from_pretrained(pair['student'], mesh=mesh)
+    teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
+    prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
+    with jax.set_mesh(mesh):
+        rollout, _ = train.make_rollouts(teacher, student, prompts[:4], jax.random.key(3), 0, config, mesh,
+                                         pad_id=tokenizer.pad_token_id, eos=sampling.eos_ids(tokenizer, student_config),
+                                         vocab_size=len(tokenizer))
+    batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
+    student_graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    settings = train.step_settings(config, len(tokenizer), rollout.prompt_length)
+    opt_state = train.make_optimizer(settings.optimizer).init(params)
+    step, *_ = train.jit_train_step(mesh, params, jax.eval_shape(lambda: opt_state), teacher_state,
+                                     train.BATCH_KEYS, settings, student_graphdef, teacher_graphdef)
+    schedule = schedules.learning_rate_schedule(1e-2, 4, schedule='cosine', warmup_steps=2)
+    logged = []
+    with jax.set_mesh(mesh):
+        for i in range(3):
+            params, opt_state, out = step(params, opt_state, teacher_state, batch, jax.random.key(i), settings)
+            logged.append(float(out['learning_rate']))
+    want = [float(schedule(i)) for i in range(3)]
+    assert len(set(want)) == 3 and want[1] == pytest.approx(1e-2 / 2)
+    np.testing.assert_allclose(logged, want, rtol=1e-6, atol=0)
+
+
 def run_main(flags, *, env=None, **popen):
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
     return subprocess.Popen([sys.executable, '-m', 'tropd_jax.main', *flags], cwd=ROOT, env=env,

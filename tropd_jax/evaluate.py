@@ -1,4 +1,4 @@
-"""avg@K accuracy of a model on a JSONL of `{"problem": str, "answer": str}` records.
+"""avg@K accuracy of a model on a JSONL (or Parquet) of `{"problem": str, "answer": str}` records.
 
 Every problem goes through the tokenizer's chat template as one user turn; K responses are sampled per problem
 (temperature 1 by default) with `tropd_jax.sampling.generate` and graded by `tropd_jax.grading.grade`.
@@ -7,6 +7,9 @@ avg@K is the mean correctness over all N·K samples; pass@K the fraction of prob
     python -m tropd_jax.evaluate --model=DIR --data=FILE.jsonl --samples=8
 
 prints a table and one JSON line `{"model", "avg_at_k", "k", "num_problems", "pass_at_k", ...}`.
+
+The trainer evaluates its student the same way (`config_records`, `evaluate_with_config`: the `eval` fields of its
+config); `load_records` is the one reader of evaluation problems for both.
 """
 
 import json
@@ -18,26 +21,45 @@ import numpy as np
 from tropd_jax import data, grading, sampling
 
 
-def load_records(path: str, limit: int | None = None) -> list[dict]:
-    """The `{"problem", "answer"}` records of a JSONL file; a line that is not such a record raises naming its line."""
+def load_records(path: str, limit: int | None = None, *, data_format: str = "auto", problem_field: str = "problem",
+                 answer_field: str = "answer") -> list[dict]:
+    """The `{"problem", "answer"}` records of a JSONL or Parquet file, or of a directory of them (local or `gs://`;
+    `data.read_records`), read from the fields `problem_field` and `answer_field`; the first `limit` (None: all).
+
+    A problem is a string or a list of chat messages; answers become strings. A line that is not such a record raises
+    naming its file and line (or Parquet row).
+    """
     records = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-            record = record if isinstance(record, dict) else {}  # a JSON list or string is not a record either
-            if not isinstance(record.get("problem"), str) or record.get("answer") is None:
-                raise ValueError(f"{path}:{line_number}: a record needs a string 'problem' and an 'answer'")
-            records.append({"problem": record["problem"], "answer": str(record["answer"])})
-            if limit is not None and len(records) == limit:
-                break
+    for location, record in data.read_records(path, data_format):
+        if isinstance(record, str):  # a JSONL line that does not parse
+            raise ValueError(f"{location}: {record}")
+        record = record if isinstance(record, dict) else {}  # a JSON list or string is not a record either
+        if not isinstance(record.get(problem_field), (str, list)) or record.get(answer_field) is None:
+            raise ValueError(f"{location}: a record needs a string (or message list) {problem_field!r} and an "
+                             f"{answer_field!r}")
+        records.append({"problem": record[problem_field], "answer": str(record[answer_field])})
+        if limit is not None and len(records) == limit:
+            break
     if not records:
         raise ValueError(f"no records in {path!r}")
     return records
+
+
+def config_records(config) -> list[dict]:
+    """The trainer's evaluation problems: `eval.path` in `data.format`, with `data`'s field names, the first
+    `eval.num_problems` (0: all)."""
+    return load_records(config.eval.path, config.eval.num_problems if config.eval.num_problems > 0 else None,
+                        data_format=config.data.format, problem_field=config.data.prompt_field,
+                        answer_field=config.data.answer_field)
+
+
+def evaluate_with_config(model, tokenizer, records: list[dict], key: jax.Array, config) -> dict:
+    """The trainer's evaluation (the `eval` fields of its config) of `model`: `evaluate`'s scalar results, named
+    `eval_*`."""
+    max_new_tokens = config.eval.max_new_tokens if config.eval.max_new_tokens > 0 else config.rollout.max_new_tokens
+    result = evaluate(model, tokenizer, records, samples=config.eval.samples, key=key, max_new_tokens=max_new_tokens,
+                      batch_size=config.eval.batch_size, temperature=config.eval.temperature)
+    return {f"eval_{k}": v for k, v in result.items() if np.ndim(v) == 0}
 
 
 def prompt_ids(tokenizer, problem: str) -> list[int]:

@@ -46,8 +46,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, packing, sampling, scoring
 from tropd_jax import paths, preemption, schedules, sharding
-from tropd_jax.models import check_tokenizers_compatible, from_pretrained, load_tokenizer, save_pretrained
-from tropd_jax.models.quantize import quantize_int8
+from tropd_jax import evaluate
+from tropd_jax.hooks import Hooks
+from tropd_jax.models import load_tokenizer
+from tropd_jax.models.hf import save_pretrained_state
+from tropd_jax.models.loading import load_models
 
 # Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
 # response tokens); micro-batch values are combined with these token counts as weights.
@@ -297,7 +300,7 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
     out.update(
         grad_norm=grad_norm,
         skipped=1.0 - finite.astype(jnp.float32),
-        learning_rate=new_opt_state[1].hyperparams['learning_rate'],
+        learning_rate=learning_rate(new_opt_state),
         response_length=response.sum() / num_rollouts,
         prefix_length=prefix.sum() / num_rollouts,
         truncated_fraction=(batch['finish_reason'] == sampling.FINISH_LENGTH).astype(jnp.float32).mean(),
@@ -321,6 +324,14 @@ def _loss_metric_names(s: StepSettings) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side: setup, rollouts, the loop.
+
+
+def learning_rate(opt_state) -> jax.Array:
+    """The learning rate of the update that produced `opt_state`, looked up by name (`optax.inject_hyperparams`
+    keeps it in `hyperparams`, wherever `make_optimizer` puts AdamW in its chain; the schedule's own state, which
+    has the same name, is not an array)."""
+    return optax.tree_utils.tree_get(opt_state, 'learning_rate',
+                                     filtering=lambda _, value: isinstance(value, jax.Array))
 
 
 def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
@@ -549,38 +560,6 @@ def jit_teacher_scores(teacher_mesh, student_mesh, teacher_state, teacher_graphd
     return score
 
 
-def load_eval_records(config) -> list[dict]:
-    """The evaluation problems as `{'problem', 'answer'}` dicts (field names from `config.data`)."""
-    records = []
-    for location, record in data.read_records(config.eval.path, config.data.format):
-        fields = (config.data.prompt_field, config.data.answer_field)
-        if not isinstance(record, dict) or any(f not in record for f in fields):
-            raise ValueError(f'eval record at {location} needs fields {config.data.prompt_field!r} and '
-                             f'{config.data.answer_field!r}')
-        records.append({'problem': record[config.data.prompt_field], 'answer': str(record[config.data.answer_field])})
-    return records[: config.eval.num_problems] if config.eval.num_problems > 0 else records
-
-
-def run_evaluation(student, tokenizer, records, key, config) -> dict:
-    """The eval hook: the task's `evaluate` on the current student; metrics prefixed with `eval_`."""
-    from tropd_jax import evaluate
-
-    max_new_tokens = config.eval.max_new_tokens if config.eval.max_new_tokens > 0 else config.rollout.max_new_tokens
-    result = evaluate.evaluate(student, tokenizer, records, samples=config.eval.samples, key=key,
-                               max_new_tokens=max_new_tokens, batch_size=config.eval.batch_size,
-                               temperature=config.eval.temperature)
-    return {f'eval_{k}': v for k, v in result.items() if np.ndim(v) == 0}
-
-
-def export_student(student_graphdef, params, mesh, path: str, tokenizer) -> None:
-    """Writes the student as a Hugging Face checkpoint (process 0; other processes help gather the weights)."""
-    if jax.process_count() > 1:  # every process must see every shard before one of them writes
-        replicated = NamedSharding(mesh, PartitionSpec())
-        params = jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda _: replicated, params))(params)
-    if jax.process_index() == 0:
-        save_pretrained(nnx.merge(student_graphdef, params), path, tokenizer)
-
-
 def with_teacher_rows(batch, rollout, prompt_batch, settings, batch_shardings, num_rollouts, pad_id):
     """`batch` plus `teacher_tokens` / `teacher_input_mask`: its responses after the prompts as the teacher renders
     them (`scoring.teacher_rows`), and the settings with their prompt length."""
@@ -622,54 +601,51 @@ def warn_on_template_mismatch(prompts, teacher, student, mesh, teacher_mesh, *, 
     return measured
 
 
-def load_models(config, mesh, teacher_mesh=None):
-    """Tokenizer, student on `mesh` and teacher on `teacher_mesh` (default: `mesh`; int8 when
-    `model.teacher_quantization` says so), after checking that the two models share the tokenizer.
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a checkpoint holds, as it holds it: the student's parameters and optimizer state, the steps done and the
+    steps skipped (int32 scalars) and the key data of the run's key (`train.seed`), from which step s draws its
+    numbers (`fold_in(key, s)`), so a resumed run draws the same ones."""
 
-    Returns `(tokenizer, student, student_config, teacher, vocab_size)`; `vocab_size` is the shared real vocabulary
-    every loss and every sample is restricted to.
-    """
-    m = config.model
-    tokenizer = load_tokenizer(m.tokenizer_path or m.student_path)
-    teacher_tokenizer = load_tokenizer(m.teacher_tokenizer_path or m.teacher_path)
-    student, student_config = from_pretrained(m.student_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
-    teacher_mesh = mesh if teacher_mesh is None else teacher_mesh
-    teacher, teacher_config = from_pretrained(m.teacher_path, dtype=m.teacher_dtype, param_dtype=m.teacher_dtype,
-                                              mesh=teacher_mesh)
-    if m.teacher_quantization == 'int8':
-        teacher = quantize_int8(teacher, teacher_mesh)
-    # How to run them (attention kernel, rematerialisation) comes from the run's config, not the checkpoints'.
-    student.config = student_config = student_config.replace(**config_validation.model_runtime_fields(m))
-    teacher.config = teacher_config = teacher_config.replace(
-        **config_validation.model_runtime_fields(m, trained=False))
-    # The losses compare the two distributions id by id, over the ids the tokenizer can produce.
-    vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_vocab_size=teacher_config.vocab_size,
-                                             student_vocab_size=student_config.vocab_size)
-    needed = losses.topk_size(config.loss.method, config_validation.loss_hyperparameters(config.loss))
-    if needed > vocab_size:
-        raise ValueError(f'loss.k={needed} is larger than the shared vocabulary ({vocab_size} tokens)')
-    return tokenizer, student, student_config, teacher, vocab_size
+    params: nnx.State
+    opt_state: optax.OptState
+    step: np.ndarray
+    skipped_steps: np.ndarray
+    rng: np.ndarray
+
+    @classmethod
+    def create(cls, params, opt_state, step: int, skipped_steps: int, key: jax.Array) -> 'TrainState':
+        return cls(params, opt_state, np.asarray(step, np.int32), np.asarray(skipped_steps, np.int32),
+                   np.asarray(jax.random.key_data(key)))
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(np.asarray(self.rng))
+
+    def as_dict(self) -> dict:
+        """The checkpoint's tree: `{'params', 'opt_state', 'step', 'skipped_steps', 'rng'}`."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
-def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> dict:
-    """Trains the student of `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+def restore_or_init(ckpt: checkpoint.Checkpointer, state: TrainState, param_shardings, opt_shardings):
+    """`(state, data_state)` of the latest readable checkpoint (read onto the given shardings; the scalars on every
+    device, so that every process reads them), or `(state, None)` as given when there is none."""
+    replicated = NamedSharding(sharding.every_device_mesh(), PartitionSpec())
+    shardings = TrainState(param_shardings, opt_shardings, replicated, replicated, replicated).as_dict()
+    restored = ckpt.restore_latest(
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state.as_dict(), shardings))
+    if restored is None:
+        return state, None
+    _, tree, data_state = restored
+    logging.info('resuming from checkpoint step %d', int(tree['step']))
+    return TrainState(**tree), data_state['iterator']
 
-    Writes `workdir/metrics.jsonl` (one row per logged step), `workdir/tensorboard/`, `workdir/checkpoints/` and,
-    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). `workdir` may be a `gs://` URL.
-    Only process 0 writes logs and the export.
-    With `export_only`, nothing is trained: the latest checkpoint (or the initial student) is exported to
-    `workdir/hf` and the function returns `{'step': its step}`. On SIGTERM (`tropd_jax.preemption`) every process
-    stops after the same step, writes its checkpoint and returns the last metrics with `preempted=True`, without
-    the final evaluation or export.
-    """
-    num_devices = jax.device_count()
-    config_validation.validate_config(config, num_devices=num_devices)
-    mesh, teacher_mesh = make_meshes(config)
-    total_steps, d = config.train.steps, config.data
 
-    tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh, teacher_mesh)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = sampling.eos_ids(tokenizer, student_config)
+def training_prompts(config, tokenizer, teacher, student, mesh, teacher_mesh, *, pad_id, eos, vocab_size) -> tuple:
+    """The tokenized training prompts (`data.load_prompts`), rendered by the teacher's template too when
+    `data.teacher_template` asks for it; `auto` compares the two renderings once (`warn_on_template_mismatch`).
+    Returns `(prompts, report)`."""
+    d = config.data
     teacher_tokenizer = None
     if d.teacher_template != 'student':  # render every prompt as the teacher would too, to use it or to compare
         teacher_tokenizer = load_tokenizer(config.model.teacher_tokenizer_path or config.model.teacher_path,
@@ -685,12 +661,70 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
                                   vocab_size=vocab_size, key=jax.random.key(config.train.seed))
         for p in prompts:
             del p['teacher_prompt_tokens']
+    return prompts, report
 
-    # From here on the student lives as (graphdef, params): params and opt_state are the train state.
+
+def evaluation_records(config) -> list[dict] | None:
+    """The periodic evaluation's problems (`evaluate.config_records`), or None without `eval.path` or on several
+    processes."""
+    if not config.eval.path:
+        return None
+    if jax.process_count() > 1:
+        # `evaluate` reads its samples back to the host, which a multi-process (sharded) batch does not allow.
+        logging.warning('periodic evaluation is skipped in multi-process runs; evaluate the exported checkpoint')
+        return None
+    return evaluate.config_records(config)
+
+
+def step_batch(rollout, prompt_batch, step: int, settings: StepSettings, config, mesh, batch_shardings, pad_id):
+    """The train step's batch from the step's rollouts, on the student's mesh, and the step's settings: the rollout
+    rows, or packed rows (`train.packing`: every column after the first may be a response token), plus the teacher's
+    own rows with `data.teacher_template=teacher`; REOPOLD's phase from the step."""
+    if settings.packed:
+        packed = pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
+        batch = {k: _global_array(v, mesh, batch_shardings[k].spec) for k, v in packed.items()}
+        prompt_length = 1
+    else:
+        batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in BATCH_KEYS}
+        prompt_length = rollout.prompt_length
+    refining = (config.loss.method == 'reopold'
+                and step / config.train.steps >= config.loss.reopold_exploration_fraction)
+    settings = dataclasses.replace(settings, prompt_length=prompt_length, reopold_refining=refining)
+    if config.data.teacher_template == 'teacher':
+        batch, settings = with_teacher_rows(batch, rollout, prompt_batch, settings, batch_shardings,
+                                            config.rollout.num_rollouts, pad_id)
+    return jax.block_until_ready(batch), settings
+
+
+def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> dict:
+    """Trains the student of `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics.
+
+    Writes `workdir/metrics.jsonl` (one row per logged step), `workdir/tensorboard/`, `workdir/checkpoints/` and,
+    at the end, `workdir/hf/` (the student as a Hugging Face checkpoint). `workdir` may be a `gs://` URL.
+    Only process 0 writes logs and the export.
+    With `export_only`, or when the latest checkpoint is already at `train.steps`, nothing is trained: that
+    checkpoint's student (or the initial one) is exported to `workdir/hf` (without `export_only`, when
+    `checkpoint.export_hf_at_end`) and the function returns `{'step': its step}`. On SIGTERM
+    (`tropd_jax.preemption`) every process stops after the same step, writes its checkpoint and returns the last
+    metrics with `preempted=True`, without the final evaluation or export.
+    """
+    config_validation.validate_config(config, num_devices=jax.device_count())
+    mesh, teacher_mesh = make_meshes(config)
+    total_steps = config.train.steps
+
+    # Models and data.
+    tokenizer, student, student_config, teacher, vocab_size = load_models(config, mesh, teacher_mesh)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = sampling.eos_ids(tokenizer, student_config)
+    prompts, report = training_prompts(config, tokenizer, teacher, student, mesh, teacher_mesh, pad_id=pad_id,
+                                       eos=eos, vocab_size=vocab_size)
+
+    # The compiled step. From here on the student lives as (graphdef, params): params and opt_state are the train
+    # state.
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
     settings = step_settings(config, vocab_size)
-    keys = batch_keys(settings) + (TEACHER_TEMPLATE_KEYS if d.teacher_template == 'teacher' else ())
+    keys = batch_keys(settings) + (TEACHER_TEMPLATE_KEYS if config.data.teacher_template == 'teacher' else ())
     optimizer = make_optimizer(settings.optimizer)
     step_fn, batch_shardings, param_shardings, opt_shardings = jit_train_step(
         mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, keys, settings, student_graphdef,
@@ -699,38 +733,27 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     score_fn = (jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
                 if settings.separate_teacher else None)
 
-    # Checkpointed state; the step's keys are fold_in(train_key, step), so a resumed run draws the same numbers.
+    # The train state, resumed from the latest checkpoint when there is one.
     train_key, eval_key = jax.random.split(jax.random.key(config.train.seed))
-    scalar = lambda x: np.asarray(x, np.int32)
-    state = {'params': params, 'opt_state': opt_state, 'step': scalar(0), 'skipped_steps': scalar(0),
-             'rng': np.asarray(jax.random.key_data(train_key))}
-    replicated = NamedSharding(sharding.every_device_mesh(), PartitionSpec())  # every process reads these
-    shardings = {'params': param_shardings, 'opt_state': opt_shardings, 'step': replicated,
-                 'skipped_steps': replicated, 'rng': replicated}
     ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'),
                                    every_steps=config.checkpoint.every_steps or total_steps,
                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(
-        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings))
-    data_state = None
-    if restored is not None:
-        _, state, data_state = restored
-        data_state = data_state['iterator']
-        logging.info('resuming from checkpoint step %d', int(state['step']))
-    start_step, skipped = int(state['step']), int(state['skipped_steps'])
-    params, opt_state = state['params'], state['opt_state']
-    train_key = jax.random.wrap_key_data(np.asarray(state['rng']))
-    if export_only:
+    state, data_state = restore_or_init(ckpt, TrainState.create(params, opt_state, 0, 0, train_key),
+                                        param_shardings, opt_shardings)
+    del params, opt_state  # the state holds them (or the restored ones instead)
+    start_step, skipped, train_key = int(state.step), int(state.skipped_steps), state.key
+    export = lambda step, state, row=None: save_pretrained_state(student_graphdef, state.params, mesh,
+                                                                 paths.join(workdir, 'hf'), tokenizer)
+    if export_only or start_step >= total_steps:
         ckpt.close()
-        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
+        if export_only or config.checkpoint.export_hf_at_end:
+            export(start_step, state)
         return {'step': start_step}
-    iterator = data.prompt_iterator(prompts, batch_size=config.train.prompts_per_step, seed=d.seed, state=data_state)
+    iterator = data.prompt_iterator(prompts, batch_size=config.train.prompts_per_step, seed=config.data.seed,
+                                    state=data_state)
 
-    eval_records = load_eval_records(config) if config.eval.path else None
-    if eval_records is not None and jax.process_count() > 1:
-        # `evaluate` reads its samples back to the host, which a multi-process (sharded) batch does not allow.
-        logging.warning('periodic evaluation is skipped in multi-process runs; evaluate the exported checkpoint')
-        eval_records = None
+    # Logging, checkpoints, evaluation and export: the loop's periodic actions.
+    eval_records = evaluation_records(config)
     is_main = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, enabled=is_main)
     bar = metrics.ProgressBar(total_steps, start_step, enabled=is_main and config.log.progress_bar)
@@ -738,18 +761,29 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
         writer.write(0, {'data_records': report.total, 'data_kept': report.kept, 'data_malformed': report.malformed,
                          'data_too_long': report.too_long})
 
-    def evaluate_now(step):
+    def evaluate_now(step, state, row=None):
         # The same key at every evaluation: the samples before and after training share their random numbers, so
         # the difference in accuracy is the model's, not the draw's (a paired comparison).
         with jax.set_mesh(mesh):
-            result = run_evaluation(nnx.merge(student_graphdef, params), tokenizer, eval_records,
-                                    eval_key, config)
+            result = evaluate.evaluate_with_config(nnx.merge(student_graphdef, state.params), tokenizer,
+                                                   eval_records, eval_key, config)
         writer.write(step, result)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in result.items()))
         return result
 
-    if eval_records is not None and config.eval.at_start and start_step == 0:
-        evaluate_now(0)
+    hooks = Hooks(total_steps)
+    hooks.add(lambda step, state, row: writer.write(step, row), every=config.log.every_steps, at_end=True)
+    hooks.add(lambda step, state, row: bar.update(row), every=1, at_end=True)
+    # Also after the step a preemption stops at: the checkpoint the resumed run starts from.
+    hooks.add(lambda step, state, row: ckpt.save(step, state.as_dict(), {'iterator': iterator.get_state()},
+                                                 force=True),
+              every=config.checkpoint.every_steps or total_steps, at_end=True, on_stop='always')
+    if eval_records is not None:
+        hooks.add(evaluate_now, every=config.eval.every_steps, at_end=config.eval.at_end, on_stop='never')
+        if config.eval.at_start and start_step == 0:
+            evaluate_now(0, state)
+    hooks.add(export, at_end=config.checkpoint.export_hf_at_end, on_stop='never')
+
     row = {}
     watch, preempted = preemption.PreemptionWatch().start(), False  # SIGTERM: save the step reached, then stop
     try:
@@ -758,64 +792,39 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
             rollout_key, loss_key = jax.random.split(jax.random.fold_in(train_key, step))
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):
-                rollout, l_max = make_rollouts(teacher, nnx.merge(student_graphdef, params), prompt_batch,
+                rollout, l_max = make_rollouts(teacher, nnx.merge(student_graphdef, state.params), prompt_batch,
                                                rollout_key, step, config, mesh, pad_id=pad_id, eos=eos,
                                                vocab_size=vocab_size, teacher_mesh=teacher_mesh)
-                if settings.packed:  # packed rows: every column after the first may be a response token
-                    packed = pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
-                    batch = {k: _global_array(v, mesh, batch_shardings[k].spec) for k, v in packed.items()}
-                    prompt_length = 1
-                else:
-                    batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in BATCH_KEYS}
-                    prompt_length = rollout.prompt_length
-                batch = jax.block_until_ready(batch)
+                batch, step_settings_now = step_batch(rollout, prompt_batch, step, settings, config, mesh,
+                                                      batch_shardings, pad_id)
                 t1 = time.perf_counter()
-                refining = (config.loss.method == 'reopold'
-                            and step / total_steps >= config.loss.reopold_exploration_fraction)
-                step_settings_now = dataclasses.replace(settings, prompt_length=prompt_length,
-                                                        reopold_refining=refining)
-                if d.teacher_template == 'teacher':
-                    batch, step_settings_now = with_teacher_rows(batch, rollout, prompt_batch, step_settings_now,
-                                                                 batch_shardings, config.rollout.num_rollouts, pad_id)
                 # A separate teacher scores the whole batch on its devices first; its targets replace its state.
                 teacher_in = (teacher_state if score_fn is None
                               else score_fn(teacher_state, batch, step_settings_now))
-                params, opt_state, step_metrics = step_fn(params, opt_state, teacher_in, batch, loss_key,
-                                                          step_settings_now)
+                params, opt_state, step_metrics = step_fn(state.params, state.opt_state, teacher_in, batch,
+                                                          loss_key, step_settings_now)
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             t2 = time.perf_counter()
             if step_metrics['skipped']:
                 skipped += 1
                 logging.warning('step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped',
                                 step + 1, step_metrics['loss'], step_metrics['grad_norm'])
+            state = TrainState.create(params, opt_state, step + 1, skipped, train_key)
             row = {**step_metrics, 'max_prefix_length': l_max, 'skipped_steps': skipped,
                    'rollout_time': t1 - t0, 'train_time': t2 - t1,
                    'tokens_per_second': step_metrics['response_tokens'] / max(t2 - t0, 1e-9)}
-            if (step + 1) % config.log.every_steps == 0 or step + 1 == total_steps:
-                writer.write(step + 1, row)
-            bar.update(row)
-            state = {'params': params, 'opt_state': opt_state, 'step': scalar(step + 1),
-                     'skipped_steps': scalar(skipped), 'rng': np.asarray(jax.random.key_data(train_key))}
             preempted = watch.reached(step + 1)
-            ckpt.save(step + 1, state, {'iterator': iterator.get_state()}, force=step + 1 == total_steps or preempted)
+            row.update(hooks.run(step + 1, state, row, stopping=preempted))
             if preempted:
                 logging.warning('preempted: stopping after step %d and writing its checkpoint', step + 1)
                 break
-            every = config.eval.every_steps
-            if eval_records is not None and every and (step + 1) % every == 0 and step + 1 != total_steps:
-                evaluate_now(step + 1)
     finally:
         watch.stop()
         bar.close()
         ckpt.close()  # waits for the checkpoint being written
+    writer.close()
     if preempted:
         logging.warning('preempted: checkpoint of step %d written to %s; run the same command to resume', step + 1,
                         ckpt.directory)
-        writer.close()
         return {**row, 'preempted': True}
-    if eval_records is not None and config.eval.at_end and start_step < total_steps:
-        row.update(evaluate_now(total_steps))
-    if config.checkpoint.export_hf_at_end:
-        export_student(student_graphdef, params, mesh, paths.join(workdir, 'hf'), tokenizer)
-    writer.close()
     return row

@@ -19,6 +19,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import paths, sharding
 from tropd_jax.models.config import ModelConfig, dtype_name
@@ -273,6 +274,16 @@ def save_pretrained(model: Decoder, path: str, tokenizer=None, *, max_shard_size
   if writer and tokenizer is not None:
     tokenizer.save_pretrained(path)
 
+
+def save_pretrained_state(graphdef, state, mesh, path: str, tokenizer=None) -> None:
+  """`save_pretrained` of the model `nnx.merge(graphdef, state)` (the trainer's `(graphdef, params)`), called by
+  every process: on several processes the state is first replicated over `mesh`, so that process 0, which writes,
+  holds every weight."""
+  if jax.process_count() > 1:  # every process must see every shard before one of them writes
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda _: replicated, state))(state)
+  if jax.process_index() == 0:
+    save_pretrained(nnx.merge(graphdef, state), path, tokenizer)
 
 def _write_generation_config(config: ModelConfig, path: str) -> None:
   """generation_config.json with the special token ids, so serving stacks stop at EOS."""
