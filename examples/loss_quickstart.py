@@ -15,5 +15,6 @@ def loss_fn(student_logits):
     return losses.distillation_loss("tropd", student_logits, teacher_logits, tokens, response_mask, prefix_mask,
                                     ks[3], k=8, beta=0.001)
 
-(loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(student_logits)
+(loss, pairs), grads = jax.value_and_grad(loss_fn, has_aux=True)(student_logits)
+metrics = losses.metric_values(pairs)  # each metric comes as (sum, count): micro-batches add up exactly
 print(float(loss), {name: float(v) for name, v in metrics.items()})

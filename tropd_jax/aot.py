@@ -327,8 +327,8 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
 
   def student_grad(params, micro, teacher_out, key):
-    grads, stats, _ = train.student_grads(params, micro, teacher_out, key, 1.0, student_graphdef=student_graphdef,
-                                          s=settings)
+    grads, stats = train.student_grads(params, micro, teacher_out, key, student_graphdef=student_graphdef,
+                                       s=settings)
     # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
     return jax.lax.with_sharding_constraint(grads, param_shardings), stats
 

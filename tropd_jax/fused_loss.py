@@ -358,32 +358,27 @@ def fused_distillation_loss(
     prefix_mask: jax.Array,
     key: jax.Array | None,
     *,
-    rollout_logprobs: jax.Array | None = None,
-    use_importance_ratio: bool = True,
-    progress: float | jax.Array | None = None,
     vocab_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    draw_ids: tuple[jax.Array, jax.Array] | None = None,
-    segment_ids: jax.Array | None = None,
-    **hyperparameters,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    **options,
+) -> tuple[jax.Array, losses.MetricPairs]:
     """`losses.distillation_loss` of `method` from student hidden states, its LM head and the teacher's targets.
 
     Args:
       method: one of `losses.METHODS`.
       student_hidden: [B, T, H] final student hidden states; student_lm_head: [H, V_S]. Both get gradients.
       targets: `teacher_pass(...)` output with k >= `losses.topk_size(method, hyperparameters)`.
-      tokens, response_mask, prefix_mask, key, rollout_logprobs, use_importance_ratio, progress, draw_ids,
-        segment_ids, **hyperparameters: as `losses.distillation_loss`.
+      tokens, response_mask, prefix_mask, key, **options (`rollout_logprobs`, `use_importance_ratio`, `progress`,
+        `draw_ids`, `segment_ids` and the hyperparameters): as `losses.distillation_loss`.
       vocab_size: the shared real vocabulary.
       chunk_size: tokens per chunk (over the whole mesh).
     Returns:
-      (scalar float32 loss, dict of float32 scalar metrics), equal to the reference on full logits, except for
-      `jsd`: the exact generalised JSD needs both full distributions at once, so here it is `losses.topk_tail_jsd`,
-      the JSD over the teacher's top-k ids plus one tail outcome (a lower bound, exact when the top-k holds all the
-      mass). Use `loss.fused=False` for the exact `jsd`.
+      (scalar float32 loss, {name: (sum, count)} float32 scalar metrics), equal to the reference on full logits,
+      except for `jsd`: the exact generalised JSD needs both full distributions at once, so here it is
+      `losses.topk_tail_jsd`, the JSD over the teacher's top-k ids plus one tail outcome (a lower bound, exact when
+      the top-k holds all the mass). Use `loss.fused=False` for the exact `jsd`.
     """
-    needed = losses.topk_size(method, hyperparameters)
+    needed = losses.topk_size(method, losses.hyperparameters_of(options))
     have = targets.topk_ids.shape[-1]
     if have < needed:
         raise ValueError(f"method {method!r} needs {needed} teacher top-k entries, targets hold k={have}")
@@ -394,8 +389,4 @@ def fused_distillation_loss(
     stats = student_stats(
         student_hidden, student_lm_head, tokens, targets, vocab_size=vocab_size, chunk_size=chunk_size
     )
-    return losses.loss_from_stats(
-        method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs,
-        use_importance_ratio=use_importance_ratio, progress=progress, draw_ids=draw_ids, segment_ids=segment_ids,
-        **hyperparameters
-    )
+    return losses.loss_from_stats(method, stats, response_mask, prefix_mask, key, **options)

@@ -7,6 +7,9 @@ The computation has two halves so that the fused loss (`tropd_jax.fused_loss`) c
   1. `token_statistics`: full logits -> `TokenStats` (per-token log-probs, top-k log-probs, entropies).
   2. `loss_from_stats`: `TokenStats` + masks -> every method's per-token loss, aggregation and metrics.
 `distillation_loss` chains the two and is the readable definition the rest of the project is tested against.
+
+Metrics come as `(sum, count)` pairs (`loss_from_stats`): `combine_metrics` adds up the pairs of the parts of a batch
+(micro-batches) exactly, `metric_values` turns pairs into values.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ DEFAULT_HYPERPARAMETERS = dict(
 )
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+# {metric name: (sum, count)} float32 scalars (or arrays with a leading axis, one pair per part of a batch).
+MetricPairs = dict[str, tuple[jax.Array, jax.Array]]
 
 
 class TokenStats(NamedTuple):
@@ -245,8 +251,9 @@ def mixture_clipped_reward(reward: jax.Array, mixture_weight: float) -> jax.Arra
     return jnp.where(reward >= 0, reward, mixed)
 
 
-def _masked_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+def _masked_pair(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of the mean of x [B, T] over the tokens of w [B, T]."""
+    return jnp.sum(x * w), jnp.sum(w)
 
 
 def keyed_uniforms(key: jax.Array, rollout: jax.Array, position: jax.Array) -> jax.Array:
@@ -257,9 +264,12 @@ def keyed_uniforms(key: jax.Array, rollout: jax.Array, position: jax.Array) -> j
     return jax.vmap(jax.vmap(draw))(rollout.astype(jnp.int32), position.astype(jnp.int32))
 
 
-def _sequence_mean(per_token: jax.Array, response: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """Mean over sequences with response tokens of each one's token-mean of `per_token` [B, T]. A sequence is a row,
-    or with `segment_ids` [B, T] (packed rows: 1, 2, ... per row, 0 on padding) a segment of a row."""
+def _sequence_pair(
+    per_token: jax.Array, response: jax.Array, segment_ids: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """(sum over sequences of each one's token-mean of `per_token` [B, T], number of sequences with response tokens).
+    A sequence is a row, or with `segment_ids` [B, T] (packed rows: 1, 2, ... per row, 0 on padding) a segment of a
+    row."""
     if segment_ids is None:
         sums, counts = jnp.sum(per_token, axis=-1), jnp.sum(response, axis=-1)
     else:
@@ -268,7 +278,22 @@ def _sequence_mean(per_token: jax.Array, response: jax.Array, segment_ids: jax.A
         sums = jax.ops.segment_sum(per_token.reshape(-1), ids, num_segments=b * (t + 2))
         counts = jax.ops.segment_sum(response.reshape(-1), ids, num_segments=b * (t + 2))
     has_tokens = (counts > 0).astype(jnp.float32)
-    return jnp.sum(sums / jnp.maximum(counts, 1.0) * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+    return jnp.sum(sums / jnp.maximum(counts, 1.0) * has_tokens), jnp.sum(has_tokens)
+
+
+def metric_values(pairs: MetricPairs) -> dict[str, jax.Array]:
+    """The metrics' values from their (sum, count) pairs: `{name: sum / max(count, 1)}` (see `loss_from_stats`)."""
+    return {name: total / jnp.maximum(count, 1.0) for name, (total, count) in pairs.items()}
+
+
+def combine_metrics(pairs: MetricPairs) -> MetricPairs:
+    """The pairs of n disjoint parts of a batch, each entry stacked along a leading axis [n] (the outputs of a
+    `lax.scan`, or `jnp.stack` of per-part pairs) -> the pairs of the whole batch: sums and counts add, except that
+    a maximum (a metric named `*_max`) takes the largest part's."""
+    return {
+        name: (jnp.max(total, axis=0) if name.endswith("_max") else jnp.sum(total, axis=0), jnp.sum(count, axis=0))
+        for name, (total, count) in pairs.items()
+    }
 
 
 def loss_from_stats(
@@ -284,8 +309,15 @@ def loss_from_stats(
     draw_ids: tuple[jax.Array, jax.Array] | None = None,
     segment_ids: jax.Array | None = None,
     **hyperparameters,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, MetricPairs]:
     """Every method's loss from per-token statistics (docs/methods.md). Masks [B, T] -> (scalar loss, metrics).
+
+    The metrics are float32 `(sum, count)` pairs of scalars, without gradient, so that the parts of a batch (micro-
+    batches, devices, steps) combine exactly without knowing what each metric is averaged over (`combine_metrics`);
+    `metric_values` turns them into values, `sum / max(count, 1)`. A mean over some tokens is (sum over them, their
+    number), `loss` is the loss's own numerator and denominator (tokens, or sequences with `seq_mean_token_mean`).
+    `num_tokens` (a total) and `logprob_mismatch_max` (a maximum) have count 0, so their value is their sum; a
+    metric named `*_max` combines by the larger sum, not by adding.
 
     `rollout_logprobs` [B, T] are the sampler's log-probs: the importance ratio's denominator when
     `use_importance_ratio`, and always the source of the `logprob_mismatch*` metrics. `progress` (step / total steps,
@@ -404,36 +436,37 @@ def loss_from_stats(
     per_token = on_policy * (pg_term + fkl_term) + prefix * prefix_term
 
     if hp["aggregation"] == "token_mean":
-        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(response), 1.0)
+        loss_sum, loss_count = jnp.sum(per_token), jnp.sum(response)
     else:
-        loss = _sequence_mean(per_token, response, segment_ids)
+        loss_sum, loss_count = _sequence_pair(per_token, response, segment_ids)
+    loss = loss_sum / jnp.maximum(loss_count, 1.0)
 
-    sg = jax.lax.stop_gradient
     # |log pi_sampler - log pi_learner| per on-policy token (0 without sampler log-probs).
     mismatch = zero
     if rollout_logprobs is not None:
         mismatch = jnp.abs(_finite_logprobs(rollout_logprobs.astype(jnp.float32)) - s_finite)
+    none = jnp.zeros((), jnp.float32)  # the count of a metric that is not a mean
     metrics = dict(
-        loss=sg(loss),
-        pg_loss=sg(_masked_mean(pg_term, on_policy)),
-        fkl_loss=sg(_masked_mean(fkl_term, on_policy)),
-        prefix_loss=sg(_masked_mean(prefix_term, prefix)),
-        trust_fraction=_masked_mean(trust, on_policy),
-        trust_probability=_masked_mean(trust_p, on_policy),
-        reward=_masked_mean(reward, on_policy),
-        outlier_fraction=_masked_mean(routed, on_policy),
+        loss=(loss_sum, loss_count),
+        pg_loss=_masked_pair(pg_term, on_policy),
+        fkl_loss=_masked_pair(fkl_term, on_policy),
+        prefix_loss=_masked_pair(prefix_term, prefix),
+        trust_fraction=_masked_pair(trust, on_policy),
+        trust_probability=_masked_pair(trust_p, on_policy),
+        reward=_masked_pair(reward, on_policy),
+        outlier_fraction=_masked_pair(routed, on_policy),
         # Entropies on on-policy tokens (what the student generated), and on the teacher-written prefix apart.
-        student_entropy=sg(_masked_mean(stats.student_entropy, on_policy)),
-        teacher_entropy=sg(_masked_mean(stats.teacher_entropy, on_policy)),
-        prefix_student_entropy=sg(_masked_mean(stats.student_entropy, prefix)),
-        prefix_teacher_entropy=sg(_masked_mean(stats.teacher_entropy, prefix)),
-        logprob_mismatch=sg(_masked_mean(mismatch, on_policy)),
-        logprob_mismatch_max=sg(jnp.max(mismatch * on_policy)),
-        ratio_truncated_fraction=_masked_mean(truncated, on_policy),
-        prefix_fraction=jnp.sum(prefix) / jnp.maximum(jnp.sum(response), 1.0),
-        num_tokens=jnp.sum(response),
+        student_entropy=_masked_pair(stats.student_entropy, on_policy),
+        teacher_entropy=_masked_pair(stats.teacher_entropy, on_policy),
+        prefix_student_entropy=_masked_pair(stats.student_entropy, prefix),
+        prefix_teacher_entropy=_masked_pair(stats.teacher_entropy, prefix),
+        logprob_mismatch=_masked_pair(mismatch, on_policy),
+        logprob_mismatch_max=(jnp.max(mismatch * on_policy), none),
+        ratio_truncated_fraction=_masked_pair(truncated, on_policy),
+        prefix_fraction=(jnp.sum(prefix), jnp.sum(response)),
+        num_tokens=(jnp.sum(response), none),
     )
-    return loss, metrics
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def resolve_hyperparameters(method: str, hyperparameters: dict) -> dict:
@@ -474,6 +507,16 @@ def topk_size(method: str, hyperparameters: dict) -> int:
     return max(hp["k"], hp["eopd_k"]) if method == "eopd" else hp["k"]
 
 
+# The keyword arguments of `loss_from_stats` that are not hyperparameters; the entry points on logits or hidden
+# states take them all as `**options` and pass them on.
+LOSS_OPTIONS = ("rollout_logprobs", "use_importance_ratio", "progress", "draw_ids", "segment_ids")
+
+
+def hyperparameters_of(options: dict) -> dict:
+    """The hyperparameters among `loss_from_stats` keyword arguments (every name not in `LOSS_OPTIONS`)."""
+    return {name: value for name, value in options.items() if name not in LOSS_OPTIONS}
+
+
 def distillation_loss(
     method: str,
     student_logits: jax.Array,
@@ -483,14 +526,9 @@ def distillation_loss(
     prefix_mask: jax.Array,
     key: jax.Array | None,
     *,
-    rollout_logprobs: jax.Array | None = None,
-    use_importance_ratio: bool = True,
-    progress: float | jax.Array | None = None,
     vocab_size: int | None = None,
-    draw_ids: tuple[jax.Array, jax.Array] | None = None,
-    segment_ids: jax.Array | None = None,
-    **hyperparameters,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    **options,
+) -> tuple[jax.Array, MetricPairs]:
     """The batch loss of `method` (docs/methods.md) on full logits.
 
     Args:
@@ -500,19 +538,19 @@ def distillation_loss(
       response_mask: [B, T], 1 on every response token (teacher prefix and on-policy).
       prefix_mask: [B, T], 1 on teacher-written prefix tokens.
       key: PRNG key of the Bernoulli trust mask (may be None for methods without a trust region).
-      rollout_logprobs: [B, T] log-probs of the policy that sampled the tokens (importance ratio, mismatch
-        metrics); None = on-policy.
-      use_importance_ratio: False keeps rho_t = 1 in value (rollout_logprobs then only feed the metrics).
-      progress: step / total steps (REOPOLD's schedule); None = 0.
       vocab_size: the shared real vocabulary; both logits are sliced to it. None needs V_S == V_T.
-      draw_ids: (rollout index [B, T], position [B, T]) int: M_t keyed by them (see `loss_from_stats`); None = by
-        array position.
-      segment_ids: [B, T] int segment of each token in packed rows (0 = padding); None = one sequence per row.
-      **hyperparameters: see `DEFAULT_HYPERPARAMETERS`.
+      **options: the keyword arguments of `loss_from_stats`:
+        rollout_logprobs: [B, T] log-probs of the policy that sampled the tokens (importance ratio, mismatch
+          metrics); None = on-policy.
+        use_importance_ratio: False keeps rho_t = 1 in value (rollout_logprobs then only feed the metrics).
+        progress: step / total steps (REOPOLD's schedule); None = 0.
+        draw_ids: (rollout index [B, T], position [B, T]) int: M_t keyed by them; None = by array position.
+        segment_ids: [B, T] int segment of each token in packed rows (0 = padding); None = one sequence per row.
+        and the hyperparameters: see `DEFAULT_HYPERPARAMETERS`.
     Returns:
-      (scalar float32 loss, dict of float32 scalar metrics).
+      (scalar float32 loss, {name: (sum, count)} float32 scalar metrics; `metric_values` gives their values).
     """
-    hp = resolve_hyperparameters(method, hyperparameters)
+    hp = resolve_hyperparameters(method, hyperparameters_of(options))
     _check_logits_tokens(student_logits, tokens, "student_logits")
     _check_logits_tokens(teacher_logits, tokens, "teacher_logits")
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -528,8 +566,4 @@ def distillation_loss(
         teacher_logits = teacher_logits[..., :vocab_size]
     jsd_beta = hp["jsd_beta"] if method == "jsd" else None
     stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), jsd_beta)
-    return loss_from_stats(
-        method, stats, response_mask, prefix_mask, key, rollout_logprobs=rollout_logprobs,
-        use_importance_ratio=use_importance_ratio, progress=progress, draw_ids=draw_ids, segment_ids=segment_ids,
-        **hyperparameters
-    )
+    return loss_from_stats(method, stats, response_mask, prefix_mask, key, **options)

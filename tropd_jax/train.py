@@ -8,9 +8,10 @@ One training step (SPEC.md):
      time), score with the teacher (no gradient) and the student, take the loss and its gradient, accumulate;
      then clip, apply AdamW, or skip the update when the loss or gradient is not finite.
 
-Micro-batches are weighted so that the accumulated gradient is exactly the gradient of the loss aggregated over the
-whole batch (token-mean: each micro-batch's loss times its share of the batch's response tokens; seq-mean: its share
-of the batch's sequences). The one batch-level choice made per micro-batch instead is the top-q student-entropy
+Micro-batches are weighted (`tropd_jax.grad_accum`) so that the accumulated gradient is exactly the gradient of the
+loss aggregated over the whole batch (token-mean: each micro-batch's loss times its share of the batch's response
+tokens; seq-mean: its share of the batch's sequences), and the loss metrics are `(sum, count)` pairs that add up
+over micro-batches. The one batch-level choice made per micro-batch instead is the top-q student-entropy
 selection of `entropy_opd` / `reopold`. Trust-region draws are keyed by the step's key, the token's rollout index and
 its position in the rollout, so they do not depend on where the token sits (which micro-batch, packed or not).
 
@@ -33,7 +34,6 @@ likewise, and rollouts are split along the batch over data x fsdp.
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 
@@ -44,21 +44,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tropd_jax import checkpoint, config_validation, data, fused_loss, losses, metrics, packing, sampling, scoring
-from tropd_jax import paths, preemption, schedules, sharding
-from tropd_jax import evaluate
+from tropd_jax import checkpoint, config_validation, data, evaluate, fused_loss, grad_accum, losses, metrics, packing
+from tropd_jax import paths, preemption, sampling, schedules, scoring, sharding
 from tropd_jax.hooks import Hooks
 from tropd_jax.models import load_tokenizer
 from tropd_jax.models.hf import save_pretrained_state
 from tropd_jax.models.loading import load_models
-
-# Metrics of `distillation_loss` that are means over on-policy tokens / over prefix tokens (all others: over
-# response tokens); micro-batch values are combined with these token counts as weights.
-ON_POLICY_METRICS = ('pg_loss', 'fkl_loss', 'trust_fraction', 'trust_probability', 'reward', 'outlier_fraction',
-                     'student_entropy', 'teacher_entropy', 'logprob_mismatch', 'ratio_truncated_fraction')
-PREFIX_METRICS = ('prefix_loss', 'prefix_student_entropy', 'prefix_teacher_entropy')
-MAX_METRICS = ('logprob_mismatch_max',)  # the step's value is the largest over micro-batches
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
@@ -120,13 +111,6 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
         separate_teacher=config.model.teacher_placement == 'separate', packed=config.train.packing)
 
 
-def micro_batches(batch: dict, micro_batch_size: int) -> dict:
-    """`[B, ...]` arrays as `[n, m, ...]` micro-batches (m = micro_batch_size): micro-batch j holds rows i * n + j, so
-    the reshape keeps each device's rows on that device."""
-    m = micro_batch_size
-    return {k: v.reshape(m, v.shape[0] // m, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
-
-
 def _packed_inputs(micro, s: StepSettings) -> tuple:
     """The `scoring` arguments of packed rows (positions, segment ids), or none."""
     return (micro['positions'], micro['segment_ids']) if s.packed else ()
@@ -148,9 +132,9 @@ def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
     return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p, *_packed_inputs(micro, s)))
 
 
-def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, s: StepSettings):
-    """Gradient of `weight * loss` on one micro-batch (`[m, S]` arrays, with `rollout_ids`) given the teacher's
-    targets, the loss metrics and the micro-batch's `scoring.Targets`."""
+def student_grads(params, micro, teacher_out, key, *, student_graphdef, s: StepSettings):
+    """The gradient of the loss of one micro-batch (`[m, S]` arrays, with `rollout_ids`) given the teacher's targets,
+    and the loss metrics' `(sum, count)` pairs."""
     hp = dict(s.hyperparameters)
     p = s.prompt_length
     tokens, input_mask = micro['tokens'], micro['input_mask']
@@ -175,17 +159,16 @@ def student_grads(params, micro, teacher_out, key, weight, *, student_graphdef, 
             loss, stats = losses.distillation_loss(
                 s.method, logits, teacher_out, t.tokens, t.response_mask, t.prefix_mask, key,
                 vocab_size=s.vocab_size, **extra, **hp)
-        return weight * loss, stats
+        return loss, stats
 
-    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-    return grads, stats, t
+    return jax.grad(loss_fn, has_aux=True)(params)
 
 
 def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
     """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
     `teacher_input_mask`; packed rows add `positions` and `segment_ids`), one micro-batch at a time as the train step
     takes them: every leaf of `teacher_outputs` with a leading `[n]` micro-batch axis."""
-    micro = micro_batches(dict(batch), s.micro_batch_size)
+    micro = grad_accum.micro_batches(dict(batch), s.micro_batch_size)
 
     def score(mb):
         mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
@@ -193,75 +176,42 @@ def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
     return jax.lax.map(score, micro)
 
 
-def _micro_batch_grads(params, teacher, micro, key, weight, *, student_graphdef, teacher_graphdef,
-                       s: StepSettings):
+def _micro_batch_grads(params, teacher, micro, key, *, student_graphdef, teacher_graphdef, s: StepSettings):
     """`student_grads` after the teacher's pass over the same micro-batch (`teacher` is its state), or with the
     targets a separate teacher scored (`teacher` is this micro-batch's slice of `teacher_scores`)."""
     if s.separate_teacher:
         teacher_out = teacher
     else:
         teacher_out = teacher_outputs(teacher, micro, teacher_graphdef=teacher_graphdef, s=s)
-    return student_grads(params, micro, teacher_out, key, weight, student_graphdef=student_graphdef, s=s)
+    return student_grads(params, micro, teacher_out, key, student_graphdef=student_graphdef, s=s)
 
 
 def accumulate_gradients(params, teacher_state, batch, key, *, student_graphdef, teacher_graphdef,
                          s: StepSettings):
-    """The gradient of the batch loss and the loss metrics, one micro-batch at a time (a `lax.scan`).
+    """The gradient of the batch loss and the loss metrics, one micro-batch at a time (`grad_accum.accumulate`).
 
     Arguments as `train_step`. Returns `(grads, metrics)`: float32 gradients like `params`, and the float32 scalar
-    metrics of `losses.distillation_loss` over the whole batch (micro-batches weighted by their tokens or sequences).
+    metrics of `losses.distillation_loss` over the whole batch (`losses.metric_values` of the summed pairs).
     """
     batch = {k: v for k, v in batch.items() if k != 'finish_reason'}
     batch_size, columns = batch['tokens'].shape
-    m = s.micro_batch_size
-    n = batch_size // m
     if not s.packed:  # every row is one rollout; its index keys the trust-region draws as a packed segment's does
         rows = jnp.arange(batch_size, dtype=jnp.int32)[:, None]
         batch['rollout_ids'] = jnp.broadcast_to(rows, (batch_size, columns))
-    response = batch['response_mask'][:, s.prompt_length:].astype(jnp.float32)
-    aggregation = dict(s.hyperparameters)['aggregation']
-    micro = micro_batches(batch, m)
-    if aggregation == 'token_mean':
-        counts = response.reshape(m, n, -1).sum(axis=(0, 2))  # response tokens per micro-batch
-    else:  # seq_mean_token_mean: sequences with at least one response token, counted by where their response starts
-        # (a rollout's response tokens are contiguous and follow its prompt, packed or not)
-        starts = response * (1.0 - jnp.pad(response, ((0, 0), (1, 0)))[:, :-1])
-        counts = starts.reshape(m, n, -1).sum(axis=(0, 2))
-    weights = counts / jnp.maximum(counts.sum(), 1.0)
+    weights = grad_accum.micro_batch_weights(batch['response_mask'][:, s.prompt_length:], s.micro_batch_size,
+                                             dict(s.hyperparameters)['aggregation'])
+    constrain = lambda v: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1))
 
-    grads_fn = functools.partial(_micro_batch_grads, student_graphdef=student_graphdef,
-                                 teacher_graphdef=teacher_graphdef, s=s)
+    def grad_fn(params, xs):
+        micro, scored = xs
+        teacher = teacher_state if scored is None else jax.tree.map(constrain, scored)
+        return _micro_batch_grads(params, teacher, jax.tree.map(constrain, micro), key,
+                                  student_graphdef=student_graphdef, teacher_graphdef=teacher_graphdef, s=s)
 
-    def body(carry, xs):
-        grads_sum, sums = carry
-        weight, mb, scored = xs
-        mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-        teacher = teacher_state if scored is None else jax.tree.map(
-            lambda v: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)), scored)
-        grads, stats, t = grads_fn(params, teacher, mb, key, weight)
-        n_response = t.response_mask.sum()
-        n_prefix = (t.prefix_mask * t.response_mask).sum()
-        denominators = {'loss': weight}
-        for name in stats:
-            if name == 'num_tokens':
-                denominators[name] = 1.0
-            elif name != 'loss':
-                denominators[name] = (n_response - n_prefix if name in ON_POLICY_METRICS
-                                      else n_prefix if name in PREFIX_METRICS else n_response)
-        one = jnp.ones((), jnp.float32)
-        sums = {name: ((jnp.maximum(sums[name][0], stats[name]), one) if name in MAX_METRICS else
-                       (sums[name][0] + stats[name] * denominators[name],
-                        sums[name][1] + (1.0 if name == 'loss' else denominators[name]))) for name in sums}
-        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
-        return (grads_sum, sums), None
-
-    stat_names = _loss_metric_names(s)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-    init = (zeros, {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in stat_names})
     scored = teacher_state if s.separate_teacher else None  # [n, m, ...] targets, scanned along with the micro-batches
-    (grads, sums), _ = jax.lax.scan(body, init, (weights, micro, scored))
-    return grads, {name: total if name in ('loss', 'num_tokens') else total / jnp.maximum(count, 1.0)
-                   for name, (total, count) in sums.items()}
+    grads, pairs = grad_accum.accumulate(grad_fn, params, weights,
+                                         (grad_accum.micro_batches(batch, s.micro_batch_size), scored))
+    return grads, losses.metric_values(pairs)
 
 
 def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, teacher_graphdef,
@@ -308,18 +258,6 @@ def train_step(params, opt_state, teacher_state, batch, key, student_graphdef, t
         padding_fraction=1.0 - batch['input_mask'].astype(jnp.float32).mean(),  # of the tokens computed
     )
     return params, opt_state, {k: v.astype(jnp.float32) for k, v in out.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def _loss_metric_names(s: StepSettings) -> tuple[str, ...]:
-    """The metric names `distillation_loss` returns (traced once on a 1-token problem)."""
-    hp = dict(s.hyperparameters)
-    v = max(s.vocab_size, losses.topk_size(s.method, hp))
-    x = jax.ShapeDtypeStruct((1, 1, v), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    mask = jax.ShapeDtypeStruct((1, 1), jnp.float32)
-    fn = lambda a, b, c, d, e: losses.distillation_loss(s.method, a, b, c, d, e, jax.random.key(0), **hp)[1]
-    return tuple(sorted(jax.eval_shape(fn, x, x, ids, mask, mask)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
