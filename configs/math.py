@@ -17,11 +17,11 @@ Fields marked (ours) are choices the paper does not state.
 shrinks every size, so the same code path runs on a laptop CPU in a few minutes.
 """
 
-from tropd_jax import config_validation
+from tropd_jax import config as config_lib
 
 
 def get_config(arg=None):
-    config = config_validation.default_config()
+    config = config_lib.default_config()
 
     # Local Hugging Face checkpoint directories (download them first; nothing is fetched at run time).
     config.model.student_path = 'models/DeepSeek-R1-Distill-Qwen-1.5B'

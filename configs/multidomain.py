@@ -10,11 +10,11 @@ Skywork-OR1-7B. Recommended hardware: a TPU v5p-8 (4 chips) or larger; check it 
 beta = 0.001, 128 prompts x 4 rollouts, 8096 new tokens, temperature 1.
 """
 
-from tropd_jax import config_validation
+from tropd_jax import config as config_lib
 
 
 def get_config(arg=None):
-    config = config_validation.default_config()
+    config = config_lib.default_config()
 
     config.model.student_path = 'models/Qwen3-SFT-1.7B'
     config.model.teacher_path = 'models/Qwen3-Nemotron-4B'

@@ -11,7 +11,7 @@ Plot the curves with `python -m tropd_jax.plotting --metrics=runs/tiny/metrics.j
 Compare a baseline with `--config.loss.method=opd --workdir=runs/tiny_opd`.
 """
 
-from tropd_jax import config_validation
+from tropd_jax import config as config_lib
 from tropd_jax.tasks.arithmetic import tiny_assets
 
 
@@ -19,7 +19,7 @@ def get_config(arg=None):
     if arg:
         raise ValueError(f'configs/tiny.py takes no variant, got {arg!r}')
     assets = tiny_assets()
-    config = config_validation.default_config()
+    config = config_lib.default_config()
 
     config.model.student_path = assets.student
     config.model.teacher_path = assets.teacher

@@ -7,7 +7,7 @@ import pathlib
 import ml_collections
 import pytest
 
-from tropd_jax import config_validation, losses
+from tropd_jax import config as config_lib, losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def valid(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / 'config.json').write_text(json.dumps({'model_type': 'qwen3', 'vocab_size': vocab}))
     (tmp_path / 'train.jsonl').write_text('{"problem": "1+1", "answer": "2"}\n')
-    config = config_validation.default_config()
+    config = config_lib.default_config()
     config.model.student_path = str(tmp_path / 'student')
     config.model.teacher_path = str(tmp_path / 'teacher')
     config.data.train_path = str(tmp_path / 'train.jsonl')
@@ -36,7 +36,7 @@ def valid(tmp_path):
     config.train.prompts_per_step = 4
     config.train.micro_batch_size = 4
     config.loss.k = 8
-    config_validation.validate_config(config, num_devices=4)
+    config_lib.validate_config(config, num_devices=4)
     return config
 
 
@@ -55,7 +55,7 @@ def test_recipes_load_and_validate():
     assert 'Skywork-OR1-7B' in load_recipe('multidomain', 'deepseek').model.teacher_path
     assert math_config.train.packing and multidomain.train.packing  # the paper's lengths: 77% padding unpacked
     for config in (math_config, multidomain, load_recipe('math', 'tiny'), load_recipe('tiny')):
-        config_validation.validate_config(config, num_devices=1, check_paths=False)
+        config_lib.validate_config(config, num_devices=1, check_paths=False)
     # The prompt template leaves a literal \boxed{} for the model to fill.
     assert math_config.data.prompt_template.format(prompt='P').endswith('within \\boxed{}.')
     with pytest.raises(ValueError, match="unknown configs/math.py variant 'huge'"):
@@ -66,7 +66,7 @@ def test_every_method_is_one_field():
     config = load_recipe('math')
     for method in losses.METHODS:
         config.loss.method = method
-        config_validation.validate_config(config, num_devices=8, check_paths=False)
+        config_lib.validate_config(config, num_devices=8, check_paths=False)
 
 
 def test_recipes_are_locked():
@@ -76,9 +76,9 @@ def test_recipes_are_locked():
 
 
 def test_schema_holds_every_loss_hyperparameter():
-    config = config_validation.default_config()
+    config = config_lib.default_config()
     assert set(losses.DEFAULT_HYPERPARAMETERS) <= set(config.loss.keys())
-    assert config_validation.loss_hyperparameters(config.loss) == losses.DEFAULT_HYPERPARAMETERS
+    assert config_lib.loss_hyperparameters(config.loss) == losses.DEFAULT_HYPERPARAMETERS
 
 
 def _set(path, value):
@@ -150,7 +150,7 @@ ERRORS = [
 def test_config_errors(valid, mutate, error, message):
     mutate(valid)
     with pytest.raises(error, match=message):
-        config_validation.validate_config(valid, num_devices=4)
+        config_lib.validate_config(valid, num_devices=4)
 
 
 def test_shortening_a_recipe_with_train_steps_alone_clamps_its_warmup(caplog):
@@ -158,14 +158,14 @@ def test_shortening_a_recipe_with_train_steps_alone_clamps_its_warmup(caplog):
     assert config.optim.warmup_steps == 10
     config.train.steps = 2
     with caplog.at_level('WARNING'):
-        config_validation.validate_config(config, num_devices=1, check_paths=False)
+        config_lib.validate_config(config, num_devices=1, check_paths=False)
     assert config.optim.warmup_steps == 1
     assert [r.getMessage() for r in caplog.records] == ['optim.warmup_steps=10 clamped to 1 for train.steps=2']
     config.train.steps = 1
-    config_validation.validate_config(config, num_devices=1, check_paths=False)
+    config_lib.validate_config(config, num_devices=1, check_paths=False)
     assert config.optim.warmup_steps == 0
     caplog.clear()
-    config_validation.validate_config(config, num_devices=1, check_paths=False)  # a valid warm-up: no warning
+    config_lib.validate_config(config, num_devices=1, check_paths=False)  # a valid warm-up: no warning
     assert not caplog.records
 
 
@@ -173,22 +173,22 @@ def test_eopd_k_is_checked_against_the_vocabulary(valid):
     valid.loss.method = 'eopd'
     valid.loss.eopd_k = 200
     with pytest.raises(ValueError, match=r'loss.eopd_k=200 is larger than the vocabulary \(120 tokens\)'):
-        config_validation.validate_config(valid, num_devices=4)
+        config_lib.validate_config(valid, num_devices=4)
     valid.loss.method = 'tropd'  # eopd_k is only read by eopd
-    config_validation.validate_config(valid, num_devices=4)
+    config_lib.validate_config(valid, num_devices=4)
 
 
 def test_mesh_shape_fills_the_free_axis():
     mesh = ml_collections.ConfigDict({'data': 2, 'fsdp': -1, 'tensor': 2})
-    assert config_validation.mesh_shape(mesh, 8) == (2, 2, 2)
-    assert config_validation.mesh_shape(ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1}), 1) == (1, 1, 1)
+    assert config_lib.mesh_shape(mesh, 8) == (2, 2, 2)
+    assert config_lib.mesh_shape(ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1}), 1) == (1, 1, 1)
 
 
 def test_prefix_enabled_defaults_to_tropd_methods():
-    config = config_validation.default_config()
+    config = config_lib.default_config()
     for method, expected in (('tropd', True), ('tropd_clip', True), ('opd', False), ('fkl_outlier', False)):
         config.loss.method = method
-        assert config_validation.prefix_enabled(config) is expected
+        assert config_lib.prefix_enabled(config) is expected
     config.loss.method = 'opd'
     config.prefix.enabled = True
-    assert config_validation.prefix_enabled(config)
+    assert config_lib.prefix_enabled(config)

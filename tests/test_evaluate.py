@@ -138,14 +138,14 @@ def test_config_records_read_the_trainers_fields_formats_and_count(tmp_path):
     given as chat messages; a record without the fields names its file and row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tropd_jax import config_validation
+    from tropd_jax import config as config_lib
 
     rows = [{"question": f"Compute: {i}+1", "solution": i + 1} for i in range(5)]
     rows[3]["question"] = [{"role": "user", "content": "Compute: 3+1"}]
     pq.write_table(pa.Table.from_pylist([{**r, "question": json.dumps(r["question"])} for r in rows]),
                    str(tmp_path / "eval.parquet"))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = config_validation.default_config()
+    config = config_lib.default_config()
     config.data.prompt_field, config.data.answer_field = "question", "solution"
     config.eval.path, config.eval.num_problems = str(tmp_path / "eval.jsonl"), 0
     records = evaluate.config_records(config)

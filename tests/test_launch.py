@@ -23,11 +23,11 @@ PARSE = """
 import json, sys
 num_devices = int(sys.argv[1])
 from absl import flags
-from tropd_jax import config_validation, main  # main defines the flags
+from tropd_jax import config as config_lib, main  # main defines the flags
 sys.argv = ['tropd_jax.main', *json.load(sys.stdin)]  # the config flag reads its overrides from sys.argv
 flags.FLAGS(sys.argv)
 config = flags.FLAGS.config
-config_validation.validate_config(config, num_devices=num_devices, check_paths=False)
+config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
 print(json.dumps(dict(workdir=flags.FLAGS.workdir, student=config.model.student_path,
                       teacher=config.model.teacher_path, train=config.data.train_path, method=config.loss.method,
                       steps=config.train.steps, micro_batch_size=config.train.micro_batch_size,

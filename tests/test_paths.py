@@ -18,7 +18,7 @@ from etils import epath
 from flax import nnx
 from fsspec.implementations.memory import MemoryFileSystem
 
-from tropd_jax import config_validation, data, metrics, paths
+from tropd_jax import config as config_lib, data, metrics, paths
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -130,15 +130,15 @@ def test_config_paths_are_checked_on_gcs(gcs, tmp_path):
     save_pretrained(model, 'gs://bucket/student', tokenizer)
     with epath.Path('gs://bucket/train.jsonl').open('w') as f:
         f.write(json.dumps({'problem': '1+1', 'answer': '2'}) + '\n')
-    c = config_validation.default_config()
+    c = config_lib.default_config()
     c.model.student_path = c.model.teacher_path = 'gs://bucket/student'
     c.data.train_path = 'gs://bucket/train.jsonl'
     c.loss.k = 8
-    config_validation.validate_config(c, num_devices=1)
+    config_lib.validate_config(c, num_devices=1)
     c.data.train_path = 'gs://bucket/other.jsonl'
     with pytest.raises(FileNotFoundError, match="data.train_path='gs://bucket/other.jsonl' does not exist"):
-        config_validation.validate_config(c, num_devices=1)
+        config_lib.validate_config(c, num_devices=1)
     c.data.train_path = 'gs://bucket/train.jsonl'
     c.model.teacher_path = 'gs://bucket/teacher'
     with pytest.raises(FileNotFoundError, match='not a checkpoint directory'):
-        config_validation.validate_config(c, num_devices=1)
+        config_lib.validate_config(c, num_devices=1)

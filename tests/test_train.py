@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from tropd_jax import config_validation, data, losses, metrics, sampling, schedules, sharding, train
+from tropd_jax import config as config_lib, data, losses, metrics, sampling, schedules, sharding, train
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -87,7 +87,7 @@ def pair(tmp_path_factory):
 
 
 def make_config(pair, **overrides):
-    c = config_validation.default_config()
+    c = config_lib.default_config()
     c.model.student_path, c.model.teacher_path = pair['student'], pair['teacher']
     c.data.train_path = pair['train']
     c.data.max_prompt_length = 16
@@ -366,7 +366,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
             inputs, mask = batch['tokens'][:, :-1], batch['input_mask'][:, :-1]
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             return nnx.merge(graphdef, state)(inputs, positions, mask)[0]
-        hp = config_validation.loss_hyperparameters(config.loss)
+        hp = config_lib.loss_hyperparameters(config.loss)
         return losses.distillation_loss(
             'opd', logits(student_graphdef, params), logits(teacher_graphdef, teacher_state), batch['tokens'][:, 1:],
             batch['response_mask'][:, 1:], batch['prefix_mask'][:, 1:], None,

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from tropd_jax import config_validation, sampling, sharding, train
+from tropd_jax import config as config_lib, sampling, sharding, train
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 from tropd_jax.models.quantize import quantize_int8
@@ -223,17 +223,17 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
   run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
   """
   num_devices = len(topology.devices)
-  config_validation.validate_config(config, num_devices=num_devices, check_paths=False)
+  config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
   mesh, teacher_mesh = train.make_meshes(config, topology.devices)
   separate = teacher_mesh is not mesh
   where = {'student': f'the student\'s {mesh.size} of {num_devices} chips' if separate else '',
            'teacher': f'the teacher\'s {teacher_mesh.size} of {num_devices} chips' if separate else ''}
   m = config.model
   student_config = model_config(model_config_path(m.student_path, config_file), dtype=m.dtype,
-                                param_dtype=m.param_dtype, runtime=config_validation.model_runtime_fields(m))
+                                param_dtype=m.param_dtype, runtime=config_lib.model_runtime_fields(m))
   teacher_config = model_config(model_config_path(m.teacher_path, config_file), dtype=m.teacher_dtype,
                                 param_dtype=m.teacher_dtype,
-                                runtime=config_validation.model_runtime_fields(m, trained=False))
+                                runtime=config_lib.model_runtime_fields(m, trained=False))
   vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
   student_graphdef, params = abstract_model(student_config, mesh)
   teacher_graphdef, teacher_state = abstract_model(teacher_config, teacher_mesh, m.teacher_quantization)

@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tropd_jax import checkpoint, config_validation, data, evaluate, fused_loss, grad_accum, losses, metrics, packing
+from tropd_jax import checkpoint, config as config_lib, data, evaluate, fused_loss, grad_accum, losses, metrics, packing
 from tropd_jax import paths, preemption, sampling, schedules, scoring, sharding
 from tropd_jax.hooks import Hooks
 from tropd_jax.models import load_tokenizer
@@ -104,7 +104,7 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
     """The train step's static settings from a config (`prompt_length` is set per batch)."""
     return StepSettings(
         method=config.loss.method,
-        hyperparameters=tuple(sorted(config_validation.loss_hyperparameters(config.loss).items())),
+        hyperparameters=tuple(sorted(config_lib.loss_hyperparameters(config.loss).items())),
         vocab_size=vocab_size, prompt_length=prompt_length, micro_batch_size=config.train.micro_batch_size,
         importance_ratio=config.loss.importance_ratio, fused=config.loss.fused, chunk_size=config.loss.chunk_size,
         optimizer=OptimizerSettings.from_config(config),
@@ -329,7 +329,7 @@ def make_rollouts(teacher, student, prompt_batch, key, step, config, mesh, *, pa
     total = config.train.steps
     length = config.prefix.max_length if config.prefix.max_length >= 0 else r.max_new_tokens
     l_max = (schedules.max_prefix_length(step, total, length, config.prefix.schedule)
-             if config_validation.prefix_enabled(config) else 0)
+             if config_lib.prefix_enabled(config) else 0)
     num_prompts = len(prompt_batch)
     chunk = r.batch_size or num_prompts
     separate = teacher_mesh is not None and teacher_mesh is not mesh
@@ -461,8 +461,8 @@ def make_meshes(config, devices=None):
     separate, the student's mesh (`config.mesh`) over the first devices and an FSDP mesh over the teacher's last
     `model.teacher_devices` (in process order, so a teacher of whole hosts gets its own hosts)."""
     devices = list(jax.devices() if devices is None else devices)
-    n_student, n_teacher = config_validation.placement_devices(config.model, len(devices))
-    student_mesh = sharding.make_mesh(*config_validation.mesh_shape(config.mesh, n_student),
+    n_student, n_teacher = config_lib.placement_devices(config.model, len(devices))
+    student_mesh = sharding.make_mesh(*config_lib.mesh_shape(config.mesh, n_student),
                                       devices=devices[:n_student])
     if not n_teacher:
         return student_mesh, student_mesh
@@ -646,7 +646,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     (`tropd_jax.preemption`) every process stops after the same step, writes its checkpoint and returns the last
     metrics with `preempted=True`, without the final evaluation or export.
     """
-    config_validation.validate_config(config, num_devices=jax.device_count())
+    config_lib.validate_config(config, num_devices=jax.device_count())
     mesh, teacher_mesh = make_meshes(config)
     total_steps = config.train.steps
 

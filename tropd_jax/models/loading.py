@@ -1,11 +1,11 @@
 """The trainer's two models from its config: the tokenizer, the student and the (possibly int8) teacher on their
 meshes, run the way the config says (attention kernel, rematerialisation), and the vocabulary they share.
 
-Import it as `tropd_jax.models.loading`: it reads the trainer's config (`config_validation`), so the package's
-`__init__` (which `config_validation` imports) does not.
+Import it as `tropd_jax.models.loading`: it reads the trainer's config (`tropd_jax.config`), so the package's
+`__init__` (which `tropd_jax.config` imports) does not.
 """
 
-from tropd_jax import config_validation, losses
+from tropd_jax import config as config_lib, losses
 from tropd_jax.models.hf import from_pretrained
 from tropd_jax.models.quantize import quantize_int8
 from tropd_jax.models.tokenizer import check_tokenizers_compatible, load_tokenizer
@@ -28,13 +28,13 @@ def load_models(config, mesh, teacher_mesh=None):
   if m.teacher_quantization == 'int8':
     teacher = quantize_int8(teacher, teacher_mesh)
   # How to run them (attention kernel, rematerialisation) comes from the run's config, not the checkpoints'.
-  student.config = student_config = student_config.replace(**config_validation.model_runtime_fields(m))
+  student.config = student_config = student_config.replace(**config_lib.model_runtime_fields(m))
   teacher.config = teacher_config = teacher_config.replace(
-      **config_validation.model_runtime_fields(m, trained=False))
+      **config_lib.model_runtime_fields(m, trained=False))
   # The losses compare the two distributions id by id, over the ids the tokenizer can produce.
   vocab_size = check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_vocab_size=teacher_config.vocab_size,
                                            student_vocab_size=student_config.vocab_size)
-  needed = losses.topk_size(config.loss.method, config_validation.loss_hyperparameters(config.loss))
+  needed = losses.topk_size(config.loss.method, config_lib.loss_hyperparameters(config.loss))
   if needed > vocab_size:
     raise ValueError(f'loss.k={needed} is larger than the shared vocabulary ({vocab_size} tokens)')
   return tokenizer, student, student_config, teacher, vocab_size
