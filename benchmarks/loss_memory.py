@@ -17,6 +17,7 @@ ids + log-probs, 8k bytes per token). `--time_tokens N` also times both on real 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from tropd_jax import fused_loss, losses
 
-METHOD = "tropd"
+METHOD = 'tropd'
 
 
 def inputs(tokens: int, hidden: int, vocab: int, k: int, dtype, teacher: str):
@@ -35,7 +36,7 @@ def inputs(tokens: int, hidden: int, vocab: int, k: int, dtype, teacher: str):
     s = jax.ShapeDtypeStruct
     student = (s((1, tokens, hidden), dtype), s((hidden, vocab), dtype))
     rest = (s((1, tokens), jnp.int32), s((1, tokens), jnp.float32), s((1, tokens), jnp.float32))
-    if teacher == "logits":
+    if teacher == 'logits':
         return student, s((1, tokens, vocab), dtype), rest
     per_token, topk = s((1, tokens), jnp.float32), s((1, tokens, k), jnp.float32)
     targets = fused_loss.TeacherTargets(per_token, s((1, tokens, k), jnp.int32), topk, per_token)
@@ -55,8 +56,17 @@ def naive_step(hidden, head, teacher_logits, tokens, response_mask, prefix_mask,
 def fused_step(hidden, head, targets, tokens, response_mask, prefix_mask, *, k, chunk_size):
     def loss(hidden, head):
         return fused_loss.fused_distillation_loss(
-            METHOD, hidden, head, targets, tokens, response_mask, prefix_mask, jax.random.key(0),
-            vocab_size=head.shape[1], chunk_size=chunk_size, k=k,
+            METHOD,
+            hidden,
+            head,
+            targets,
+            tokens,
+            response_mask,
+            prefix_mask,
+            jax.random.key(0),
+            vocab_size=head.shape[1],
+            chunk_size=chunk_size,
+            k=k,
         )[0]
 
     return jax.value_and_grad(loss, argnums=(0, 1))(hidden, head)
@@ -69,23 +79,32 @@ def teacher_step(hidden, head, tokens, *, k, chunk_size):
 def memory(step, *args, **static):
     compiled = jax.jit(lambda *a: step(*a, **static)).lower(*args).compile()
     analysis = compiled.memory_analysis()
-    return dict(temp=int(analysis.temp_size_in_bytes), args=int(analysis.argument_size_in_bytes),
-                out=int(analysis.output_size_in_bytes))
+    return dict(
+        temp=int(analysis.temp_size_in_bytes),
+        args=int(analysis.argument_size_in_bytes),
+        out=int(analysis.output_size_in_bytes),
+    )
 
 
 def measure(tokens: int, hidden: int, vocab: int, k: int, chunk_size: int, dtype) -> dict:
-    (h, w), logits, rest = inputs(tokens, hidden, vocab, k, dtype, "logits")
+    (h, w), logits, rest = inputs(tokens, hidden, vocab, k, dtype, 'logits')
     naive = memory(naive_step, h, w, logits, *rest, k=k)
-    _, targets, _ = inputs(tokens, hidden, vocab, k, dtype, "targets")
+    _, targets, _ = inputs(tokens, hidden, vocab, k, dtype, 'targets')
     fused = memory(fused_step, h, w, targets, *rest, k=k, chunk_size=chunk_size)
     teacher = memory(teacher_step, h, w, rest[0], k=k, chunk_size=chunk_size)
     return dict(
-        tokens=tokens, hidden=hidden, vocab=vocab, k=k, chunk_size=chunk_size, dtype=jnp.dtype(dtype).name,
-        naive_temp_bytes=naive["temp"], fused_temp_bytes=fused["temp"],
-        fused_over_naive=round(fused["temp"] / naive["temp"], 4),
+        tokens=tokens,
+        hidden=hidden,
+        vocab=vocab,
+        k=k,
+        chunk_size=chunk_size,
+        dtype=jnp.dtype(dtype).name,
+        naive_temp_bytes=naive['temp'],
+        fused_temp_bytes=fused['temp'],
+        fused_over_naive=round(fused['temp'] / naive['temp'], 4),
         naive_teacher_input_bytes=np.prod(logits.shape).item() * jnp.dtype(dtype).itemsize,
         fused_teacher_input_bytes=sum(np.prod(x.shape).item() * x.dtype.itemsize for x in targets),
-        teacher_pass_temp_bytes=teacher["temp"],
+        teacher_pass_temp_bytes=teacher['temp'],
     )
 
 
@@ -101,11 +120,11 @@ def time_steps(tokens: int, hidden: int, vocab: int, k: int, chunk_size: int, dt
     targets = jax.jit(lambda th: teacher_step(th, w, tok, k=k, chunk_size=chunk_size))(teacher_h)
     result = dict(tokens=tokens, repeats=repeats, dtype=jnp.dtype(dtype).name, chunk_size=chunk_size)
     fused = jax.jit(lambda h, w, t: fused_step(h, w, t, tok, response, prefix, k=k, chunk_size=chunk_size))
-    result["fused_s"] = _seconds(lambda: fused(h, w, targets), repeats)
+    result['fused_s'] = _seconds(functools.partial(fused, h, w, targets), repeats)
     del targets
     teacher_logits = (teacher_h @ w).astype(dtype)
     naive = jax.jit(lambda h, w, t: naive_step(h, w, t, tok, response, prefix, k=k))
-    result["naive_s"] = _seconds(lambda: naive(h, w, teacher_logits), repeats)
+    result['naive_s'] = _seconds(lambda: naive(h, w, teacher_logits), repeats)
     return result
 
 
@@ -122,16 +141,16 @@ def _seconds(f, repeats: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=151_936)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--chunk_size", type=int, default=fused_loss.DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--time_tokens", type=int, default=0, help="also time both steps at this many tokens")
-    parser.add_argument("--time_vocab", type=int, default=None, help="vocabulary of the timing run (default --vocab)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--tokens', type=int, nargs='+', default=[4096, 16384, 32768])
+    parser.add_argument('--hidden', type=int, default=1536)
+    parser.add_argument('--vocab', type=int, default=151_936)
+    parser.add_argument('--k', type=int, default=64)
+    parser.add_argument('--chunk_size', type=int, default=fused_loss.DEFAULT_CHUNK_SIZE)
+    parser.add_argument('--dtype', default='bfloat16')
+    parser.add_argument('--time_tokens', type=int, default=0, help='also time both steps at this many tokens')
+    parser.add_argument('--time_vocab', type=int, default=None, help='vocabulary of the timing run (default --vocab)')
+    parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
 
@@ -141,20 +160,30 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        slope = (last["fused_temp_bytes"] - first["fused_temp_bytes"]) / (last["tokens"] - first["tokens"])
-        naive_slope = (last["naive_temp_bytes"] - first["naive_temp_bytes"]) / (last["tokens"] - first["tokens"])
-        print(json.dumps(dict(
-            fused_temp_bytes_per_token=round(slope, 1),
-            naive_temp_bytes_per_token=round(naive_slope, 1),
-            topk_bound_bytes_per_token=8 * args.k,  # int32 id + float32 log-prob per teacher top-k entry
-            hidden_bytes_per_token=args.hidden * dtype.itemsize,
-            fused_intercept_bytes=round(first["fused_temp_bytes"] - slope * first["tokens"]),
-        )), flush=True)
+        slope = (last['fused_temp_bytes'] - first['fused_temp_bytes']) / (last['tokens'] - first['tokens'])
+        naive_slope = (last['naive_temp_bytes'] - first['naive_temp_bytes']) / (last['tokens'] - first['tokens'])
+        print(
+            json.dumps(
+                dict(
+                    fused_temp_bytes_per_token=round(slope, 1),
+                    naive_temp_bytes_per_token=round(naive_slope, 1),
+                    topk_bound_bytes_per_token=8 * args.k,  # int32 id + float32 log-prob per teacher top-k entry
+                    hidden_bytes_per_token=args.hidden * dtype.itemsize,
+                    fused_intercept_bytes=round(first['fused_temp_bytes'] - slope * first['tokens']),
+                )
+            ),
+            flush=True,
+        )
     if args.time_tokens:
         vocab = args.time_vocab or args.vocab
-        print(json.dumps(time_steps(args.time_tokens, args.hidden, vocab, args.k, args.chunk_size, dtype,
-                                    args.repeats) | dict(vocab=vocab)), flush=True)
+        print(
+            json.dumps(
+                time_steps(args.time_tokens, args.hidden, vocab, args.k, args.chunk_size, dtype, args.repeats)
+                | dict(vocab=vocab)
+            ),
+            flush=True,
+        )
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

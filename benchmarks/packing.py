@@ -22,41 +22,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from continuous_batching import long_tailed_lengths  # noqa: E402
+
 from tropd_jax import packing  # noqa: E402
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--rollouts', type=int, default=256)
-  parser.add_argument('--prompt', type=int, default=32, help='prompt bucket P')
-  parser.add_argument('--new_tokens', type=int, default=256, help='the budget N')
-  parser.add_argument('--short_fraction', type=float, default=0.9)
-  parser.add_argument('--multiple_of', type=int, default=16, help='packed rows are rounded up to a multiple of this')
-  parser.add_argument('--buckets', type=int, default=4, help='bucketed row counts per doubling (train.packing_buckets)')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args()
-  rng = np.random.default_rng(args.seed)
-  prompts = rng.integers(max(1, args.prompt // 4), args.prompt + 1, args.rollouts)
-  responses = long_tailed_lengths(rng, args.rollouts, args.new_tokens, args.short_fraction)
-  columns = args.prompt + args.new_tokens
-  input_mask = np.zeros((args.rollouts, columns), np.int8)
-  for row, (prompt, response) in enumerate(zip(prompts, responses)):
-    input_mask[row, args.prompt - prompt:args.prompt + response] = 1
-  plan = packing.plan(input_mask, columns, multiple_of=args.multiple_of)
-  rows_needed = int(plan.row.max()) + 1
-  plan = plan._replace(num_rows=packing.bucket_rows(plan.num_rows, args.multiple_of, args.buckets, args.rollouts))
-  packed_real = np.zeros((plan.num_rows, columns), np.int8)
-  for r in range(args.rollouts):
-    packed_real[plan.row[r], plan.start[r]:plan.start[r] + plan.length[r]] = 1
-  print(json.dumps({
-      'padding_fraction_before': round(packing.padding_fraction(input_mask), 4),
-      'padding_fraction_after': round(packing.padding_fraction(packed_real), 4),
-      'rows_before': args.rollouts, 'rows_needed': rows_needed, 'rows_after': plan.num_rows, 'row_length': columns,
-      'real_tokens': int(input_mask.sum()), 'mean_response': round(float(responses.mean()), 1),
-      'rollouts': args.rollouts, 'prompt': args.prompt, 'new_tokens': args.new_tokens,
-      'multiple_of': args.multiple_of, 'buckets': args.buckets,
-  }))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rollouts', type=int, default=256)
+    parser.add_argument('--prompt', type=int, default=32, help='prompt bucket P')
+    parser.add_argument('--new_tokens', type=int, default=256, help='the budget N')
+    parser.add_argument('--short_fraction', type=float, default=0.9)
+    parser.add_argument('--multiple_of', type=int, default=16, help='packed rows are rounded up to a multiple of this')
+    parser.add_argument(
+        '--buckets', type=int, default=4, help='bucketed row counts per doubling (train.packing_buckets)'
+    )
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(max(1, args.prompt // 4), args.prompt + 1, args.rollouts)
+    responses = long_tailed_lengths(rng, args.rollouts, args.new_tokens, args.short_fraction)
+    columns = args.prompt + args.new_tokens
+    input_mask = np.zeros((args.rollouts, columns), np.int8)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_mask[row, args.prompt - prompt : args.prompt + response] = 1
+    plan = packing.plan(input_mask, columns, multiple_of=args.multiple_of)
+    rows_needed = int(plan.row.max()) + 1
+    plan = plan._replace(num_rows=packing.bucket_rows(plan.num_rows, args.multiple_of, args.buckets, args.rollouts))
+    packed_real = np.zeros((plan.num_rows, columns), np.int8)
+    for r in range(args.rollouts):
+        packed_real[plan.row[r], plan.start[r] : plan.start[r] + plan.length[r]] = 1
+    print(
+        json.dumps(
+            {
+                'padding_fraction_before': round(packing.padding_fraction(input_mask), 4),
+                'padding_fraction_after': round(packing.padding_fraction(packed_real), 4),
+                'rows_before': args.rollouts,
+                'rows_needed': rows_needed,
+                'rows_after': plan.num_rows,
+                'row_length': columns,
+                'real_tokens': int(input_mask.sum()),
+                'mean_response': round(float(responses.mean()), 1),
+                'rollouts': args.rollouts,
+                'prompt': args.prompt,
+                'new_tokens': args.new_tokens,
+                'multiple_of': args.multiple_of,
+                'buckets': args.buckets,
+            }
+        )
+    )
 
 
 if __name__ == '__main__':
-  main()
+    main()

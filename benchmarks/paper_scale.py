@@ -27,8 +27,14 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
-    'before': ('configs/math.py', ['--programs=student_grad,teacher_scoring,train_step',
-                                   '--config.model.attention=naive', '--config.model.remat=none']),
+    'before': (
+        'configs/math.py',
+        [
+            '--programs=student_grad,teacher_scoring,train_step',
+            '--config.model.attention=naive',
+            '--config.model.remat=none',
+        ],
+    ),
     'after': ('configs/math.py', []),
     'multidomain': ('configs/multidomain.py', []),
     'growth_4k': ('configs/math.py', ['--programs=student_grad', '--config.rollout.max_new_tokens=3072']),
@@ -41,46 +47,67 @@ DEFAULT_RUNS = tuple(RUNS)
 # own half of the chips (`--runs` names them; run each on --topology=v5p-8 and v5p-16). The 32B teacher's KV cache
 # (256 KiB per token) takes 32 decode slots instead of the recipe's 128.
 for _size, _extra in (('8b', []), ('32b', ['--config.rollout.decode_slots=32'])):
-  for _placement in ('colocated', 'separate'):
-    RUNS[f'teacher{_size}_{_placement}'] = ('configs/math.py', [
-        f'--config.model.teacher_path=models/Qwen3-{_size[:-1]}B', f'--config.model.teacher_placement={_placement}',
-        *_extra])
+    for _placement in ('colocated', 'separate'):
+        RUNS[f'teacher{_size}_{_placement}'] = (
+            'configs/math.py',
+            [
+                f'--config.model.teacher_path=models/Qwen3-{_size[:-1]}B',
+                f'--config.model.teacher_placement={_placement}',
+                *_extra,
+            ],
+        )
 
 
 def run(name: str, topology: str) -> dict:
-  """One aot run: program -> {'gib': total per chip (or what the compiler asked for), 'fits': bool}."""
-  config, extra = RUNS[name]
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, 'aot.json')
-    command = [sys.executable, '-m', 'tropd_jax.aot', f'--config={config}', f'--topology={topology}',
-               f'--json={out}', *extra]
-    print(f'== {name}: {" ".join(command[1:])}', file=sys.stderr, flush=True)
-    subprocess.run(command, cwd=ROOT, stdout=sys.stderr, check=False)
-    with open(out) as f:
-      report = json.load(f)
-  result = {}
-  for p in report['programs']:
-    # With what the trainer holds on the chips meanwhile (its rows are in `rows` when the compile ran out of memory).
-    total = p['total'] + p.get('resident', 0.0) if p['total'] is not None else sum(p['rows'].values())
-    result[p['program']] = {'gib': round(total / 2 ** 30, 2), 'fits': p['fits'],
-                            'temporaries_gib': round(p['rows']['temporaries'] / 2 ** 30, 2)}
-  return result
+    """One aot run: program -> {'gib': total per chip (or what the compiler asked for), 'fits': bool}."""
+    config, extra = RUNS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'aot.json')
+        command = [
+            sys.executable,
+            '-m',
+            'tropd_jax.aot',
+            f'--config={config}',
+            f'--topology={topology}',
+            f'--json={out}',
+            *extra,
+        ]
+        print(f'== {name}: {" ".join(command[1:])}', file=sys.stderr, flush=True)
+        subprocess.run(command, cwd=ROOT, stdout=sys.stderr, check=False)
+        with open(out) as f:
+            report = json.load(f)
+    result = {}
+    for p in report['programs']:
+        # With what the trainer holds on the chips meanwhile (its rows are in `rows` when the compile ran out of
+        # memory).
+        total = p['total'] + p.get('resident', 0.0) if p['total'] is not None else sum(p['rows'].values())
+        result[p['program']] = {
+            'gib': round(total / 2**30, 2),
+            'fits': p['fits'],
+            'temporaries_gib': round(p['rows']['temporaries'] / 2**30, 2),
+        }
+    return result
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--topology', default='v5p-8')
-  parser.add_argument('--runs', default=','.join(DEFAULT_RUNS), help=f'comma-separated, from {", ".join(RUNS)}')
-  args = parser.parse_args()
-  result = {'benchmark': 'paper_scale', 'date': datetime.date.today().isoformat(), 'machine': platform.machine(),
-            'topology': args.topology}
-  for name in args.runs.split(','):
-    result[name] = run(name, args.topology)
-  if 'before' in result and 'after' in result:
-    result['student_grad_ratio'] = round(result['before']['student_grad']['gib'] /
-                                         result['after']['student_grad']['gib'], 1)
-  print(json.dumps(result))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--topology', default='v5p-8')
+    parser.add_argument('--runs', default=','.join(DEFAULT_RUNS), help=f'comma-separated, from {", ".join(RUNS)}')
+    args = parser.parse_args()
+    result = {
+        'benchmark': 'paper_scale',
+        'date': datetime.date.today().isoformat(),
+        'machine': platform.machine(),
+        'topology': args.topology,
+    }
+    for name in args.runs.split(','):
+        result[name] = run(name, args.topology)
+    if 'before' in result and 'after' in result:
+        result['student_grad_ratio'] = round(
+            result['before']['student_grad']['gib'] / result['after']['student_grad']['gib'], 1
+        )
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':
-  main()
+    main()

@@ -6,7 +6,8 @@
 
 `configs/multidomain.py:deepseek` is the other multi-domain pair of the paper: DeepSeek-R1-Distill-Qwen-1.5B from
 Skywork-OR1-7B. Recommended hardware: a TPU v5p-8 (4 chips) or larger; check it fits first:
-`python -m tropd_jax.aot --config=configs/multidomain.py --topology=v5p-8`. Everything else is the math recipe (`configs/math.py`): 200 steps, lr 5e-6 constant, k = 64,
+`python -m tropd_jax.aot --config=configs/multidomain.py --topology=v5p-8`. Everything else is the math recipe
+(`configs/math.py`): 200 steps, lr 5e-6 constant, k = 64,
 beta = 0.001, 128 prompts x 4 rollouts, 8096 new tokens, temperature 1.
 """
 

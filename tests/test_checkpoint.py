@@ -23,8 +23,12 @@ def make_state(i):
     opt_state = optimizer.init(params)
     grads = jax.tree.map(lambda x: x + 1.0, params)
     _, opt_state = optimizer.update(grads, opt_state, params)
-    return {'params': params, 'opt_state': opt_state, 'step': jnp.asarray(i),
-            'rng': jax.random.key_data(jax.random.key(i))}
+    return {
+        'params': params,
+        'opt_state': opt_state,
+        'step': jnp.asarray(i),
+        'rng': jax.random.key_data(jax.random.key(i)),
+    }
 
 
 def abstract(state):
@@ -140,9 +144,15 @@ def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(monkeypatc
 
     # An Orbax read coroutine closed unfinished, which turns the GeneratorExit into its own error.
     namespace = {'Suspend': Suspend}
-    exec(compile('async def read():\n    try:\n        await Suspend()\n    except GeneratorExit as e:\n'
-                 '        raise Exception("error while reading array index") from e\n',
-                 os.path.join('orbax', 'checkpoint', 'serialization.py'), 'exec'), namespace)
+    exec(
+        compile(
+            'async def read():\n    try:\n        await Suspend()\n    except GeneratorExit as e:\n'
+            '        raise Exception("error while reading array index") from e\n',
+            os.path.join('orbax', 'checkpoint', 'serialization.py'),
+            'exec',
+        ),
+        namespace,
+    )
 
     with checkpoint.absorb_abandoned_read_reports():
         LateRead()
@@ -179,8 +189,13 @@ def test_train_state_restores_the_trainers_checkpoint_layout(tmp_path):
 
     directory = str(tmp_path / 'ckpt')
     state = make_state(3)
-    on_disk = {'params': state['params'], 'opt_state': state['opt_state'], 'step': np.asarray(3, np.int32),
-               'skipped_steps': np.asarray(1, np.int32), 'rng': np.asarray(state['rng'])}
+    on_disk = {
+        'params': state['params'],
+        'opt_state': state['opt_state'],
+        'step': np.asarray(3, np.int32),
+        'skipped_steps': np.asarray(1, np.int32),
+        'rng': np.asarray(state['rng']),
+    }
     ckpt = Checkpointer(directory, every_steps=1, keep=3)
     ckpt.save(3, on_disk, {'iterator': {'next_index': 30}})
     ckpt.close()
@@ -188,8 +203,7 @@ def test_train_state_restores_the_trainers_checkpoint_layout(tmp_path):
     mesh = sharding.make_mesh(1, 1, 1)
     fresh = make_state(0)
     initial = train.TrainState.create(fresh['params'], fresh['opt_state'], 0, 0, jax.random.key(0))
-    to_mesh = lambda tree: jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                                        tree)
+    to_mesh = lambda tree: jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), tree)
     ckpt = Checkpointer(directory, every_steps=1, keep=3)
     restored, data_state = train.restore_or_init(ckpt, initial, to_mesh(fresh['params']), to_mesh(fresh['opt_state']))
     ckpt.close()

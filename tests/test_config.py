@@ -7,7 +7,8 @@ import pathlib
 import ml_collections
 import pytest
 
-from tropd_jax import config as config_lib, losses
+from tropd_jax import config as config_lib
+from tropd_jax import losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,7 @@ def _set(path, value):
     def mutate(config):
         section, name = path.split('.')
         config[section][name] = value
+
     return mutate
 
 
@@ -108,22 +110,34 @@ ERRORS = [
     (_set('loss.jsd_beta', 1.5), ValueError, r'loss: jsd_beta=1.5 must be in \(0, 1\)'),
     (_set('loss.aggregation', 'sum'), ValueError, r"loss: aggregation='sum' must be one of"),
     (_set('loss.k', 121), ValueError, r'loss.k=121 is larger than the vocabulary \(120 tokens\)'),
-    (_set('train.micro_batch_size', 3), ValueError,
-     r'train.micro_batch_size=3 does not divide the batch of 8 sequences \(train.prompts_per_step=4 x '
-     r'rollout.num_rollouts=2\)'),
-    (_set('train.micro_batch_size', 2), ValueError,
-     r'train.micro_batch_size=2 must be a multiple of mesh data x fsdp = 4'),
+    (
+        _set('train.micro_batch_size', 3),
+        ValueError,
+        r'train.micro_batch_size=3 does not divide the batch of 8 sequences \(train.prompts_per_step=4 x '
+        r'rollout.num_rollouts=2\)',
+    ),
+    (
+        _set('train.micro_batch_size', 2),
+        ValueError,
+        r'train.micro_batch_size=2 must be a multiple of mesh data x fsdp = 4',
+    ),
     (_set('mesh.tensor', 3), ValueError, r'mesh \(data, fsdp, tensor\)=\(1, -1, 3\) cannot fill 4 devices'),
     (_set('mesh.fsdp', 2), ValueError, r'mesh \(data, fsdp, tensor\)=\(1, 2, 1\) needs 2 devices but 4 are available'),
     (_set('mesh.data', -1), ValueError, r'at most one size may be -1'),
     (_set('train.packing_buckets', -1), ValueError, r'train.packing_buckets=-1 must be an integer >= 0'),
-    (_packed_with_teacher_template, ValueError,
-     r"train.packing=True cannot be combined with data.teacher_template='teacher'"),
+    (
+        _packed_with_teacher_template,
+        ValueError,
+        r"train.packing=True cannot be combined with data.teacher_template='teacher'",
+    ),
     (_set('rollout.batch_size', 3), ValueError, r'rollout.batch_size=3 must be 0 or divide train.prompts_per_step=4'),
     (_set('rollout.temperature', 0.0), ValueError, r'rollout.temperature=0.0 must be > 0'),
     (_set('rollout.top_p', 1.5), ValueError, r'rollout.top_p=1.5 must be in \(0, 1\]'),
-    (_set('prefix.max_length', 17), ValueError,
-     r'prefix.max_length=17 must be -1 or in \[0, rollout.max_new_tokens=16\]'),
+    (
+        _set('prefix.max_length', 17),
+        ValueError,
+        r'prefix.max_length=17 must be -1 or in \[0, rollout.max_new_tokens=16\]',
+    ),
     (_set('prefix.schedule', 'step'), ValueError, r"prefix.schedule='step' is not one of"),
     (_set('optim.schedule', 'exponential'), ValueError, r"optim.schedule='exponential' is not one of"),
     (_set('optim.warmup_steps', -1), ValueError, r'optim.warmup_steps=-1 must be >= 0'),
@@ -131,18 +145,33 @@ ERRORS = [
     (_set('model.teacher_dtype', 'float16'), ValueError, r"model.teacher_dtype='float16' is not one of"),
     (_set('data.on_bad_record', 'ignore'), ValueError, r"data.on_bad_record='ignore' is not one of \('skip', 'fail'\)"),
     (_set('checkpoint.keep', 0), ValueError, r'checkpoint.keep=0 must be >= 1'),
-    (_set('data.prompt_template', 'Solve it.'), ValueError,
-     r"data.prompt_template='Solve it.' must contain \{prompt\} once"),
-    (_set('data.prompt_template', '{prompt} in \\boxed{}'), ValueError,
-     r'data.prompt_template=.* is not a format string with only \{prompt\}'),
+    (
+        _set('data.prompt_template', 'Solve it.'),
+        ValueError,
+        r"data.prompt_template='Solve it.' must contain \{prompt\} once",
+    ),
+    (
+        _set('data.prompt_template', '{prompt} in \\boxed{}'),
+        ValueError,
+        r'data.prompt_template=.* is not a format string with only \{prompt\}',
+    ),
     (_set('model.student_path', ''), FileNotFoundError, r'model.student_path is empty'),
-    (_set('model.student_path', '/nonexistent/student'), FileNotFoundError,
-     r"model.student_path='/nonexistent/student' is not a checkpoint directory \(no config.json there\)"),
+    (
+        _set('model.student_path', '/nonexistent/student'),
+        FileNotFoundError,
+        r"model.student_path='/nonexistent/student' is not a checkpoint directory \(no config.json there\)",
+    ),
     (_remove_config_json, FileNotFoundError, r'model.teacher_path=.* is not a checkpoint directory'),
-    (_set('data.train_path', '/nonexistent/train.jsonl'), FileNotFoundError,
-     r"data.train_path='/nonexistent/train.jsonl' does not exist"),
-    (_set('eval.path', '/nonexistent/eval.jsonl'), FileNotFoundError,
-     r"eval.path='/nonexistent/eval.jsonl' does not exist"),
+    (
+        _set('data.train_path', '/nonexistent/train.jsonl'),
+        FileNotFoundError,
+        r"data.train_path='/nonexistent/train.jsonl' does not exist",
+    ),
+    (
+        _set('eval.path', '/nonexistent/eval.jsonl'),
+        FileNotFoundError,
+        r"eval.path='/nonexistent/eval.jsonl' does not exist",
+    ),
 ]
 
 

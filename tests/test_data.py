@@ -15,7 +15,7 @@ from tropd_jax import data
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    '{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}'
 )
 
 
@@ -121,6 +121,7 @@ def make_prompts(n):
 
 def test_shuffle_is_seeded_epochwise_and_complete():
     prompts = make_prompts(10)
+
     def take(seed, n):
         iterator = data.prompt_iterator(prompts, batch_size=5, seed=seed)
         return [[p['index'] for p in next(iterator)] for _ in range(n)]

@@ -20,7 +20,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from test_train import ROOT, curve, make_tiny_pair, params_of, run_args, run_main
 
 
@@ -38,7 +37,7 @@ PAUSE = 5.0  # seconds the signalled step lasts (see SIGNAL_AT_STEP)
 # needs a few round trips through the coordination service (notice, every process's step, a barrier) before the stop
 # step is agreed; on a loaded host that can outlast the rest of a short run. Real steps take seconds to minutes, and the
 # pause stands in for one.
-SIGNAL_AT_STEP = '''
+SIGNAL_AT_STEP = """
 import os, signal, sys, time
 from absl import app
 from tropd_jax import main, train
@@ -51,7 +50,7 @@ def make_rollouts(*args, **kwargs):
 train.make_rollouts = make_rollouts
 sys.argv[0] = 'tropd_jax.main'
 app.run(main.main, flags_parser=main.parse_flags)
-'''
+"""
 
 
 def start_processes(pair, workdir, cache, *, extra=(), signal_in_process_1=None):
@@ -61,14 +60,24 @@ def start_processes(pair, workdir, cache, *, extra=(), signal_in_process_1=None)
     env = {'XLA_FLAGS': '', 'JAX_COMPILATION_CACHE_DIR': cache}
     processes = []
     for i in range(2):
-        flags = run_args(pair, workdir, train__steps=STEPS) + list(extra) + [
-            f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+        flags = (
+            run_args(pair, workdir, train__steps=STEPS)
+            + list(extra)
+            + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+        )
         if i == 1 and signal_in_process_1 is not None:
             name, step = signal_in_process_1
             code = SIGNAL_AT_STEP.format(signal=name, step=step, pause=PAUSE)
-            processes.append(subprocess.Popen([sys.executable, '-c', code, *flags], cwd=ROOT,
-                                              env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, '-c', code, *flags],
+                    cwd=ROOT,
+                    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         else:
             processes.append(run_main(flags, env=env))
     return processes
@@ -124,8 +133,11 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
     # Only process 1 is signalled, as it enters step 2; checkpoints otherwise only at the end. The notice reaches
     # process 0 through the coordination service, and the two agree on a step to stop after: the first one after
     # the notice that neither has passed.
-    outputs = finish(start_processes(pair, workdir, cache, extra=['--config.checkpoint.every_steps=0'],
-                                     signal_in_process_1=('SIGTERM', 1)))
+    outputs = finish(
+        start_processes(
+            pair, workdir, cache, extra=['--config.checkpoint.every_steps=0'], signal_in_process_1=('SIGTERM', 1)
+        )
+    )
     stops = [re.findall(r'preempted: checkpoint of step (\d+) written', out) for out in outputs]
     assert stops[0] and stops[0] == stops[1], '\n\n'.join(out[-3000:] for out in outputs)
     stop = int(stops[0][0])
@@ -137,8 +149,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(two_proc
     assert_same_run(workdir, two_process_run)
 
 
-SEPARATE = dict(model__teacher_placement='separate', model__teacher_devices=2, train__steps=2,
-                checkpoint__every_steps=0)
+SEPARATE = dict(
+    model__teacher_placement='separate', model__teacher_devices=2, train__steps=2, checkpoint__every_steps=0
+)
 
 
 def test_a_separate_teacher_on_the_other_process_gives_the_one_process_curve(pair, cache, tmp_path):
@@ -148,15 +161,27 @@ def test_a_separate_teacher_on_the_other_process_gives_the_one_process_curve(pai
     spread over both. The metrics curve equals, bit for bit, that of the same config in one process with 4 devices:
     each mesh runs the same programs on the same shapes, and the transfers copy values exactly."""
     one = str(tmp_path / 'one')
-    output = finish([run_main(run_args(pair, one, **SEPARATE),
-                              env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-                                   'JAX_COMPILATION_CACHE_DIR': cache})])[0]
+    output = finish(
+        [
+            run_main(
+                run_args(pair, one, **SEPARATE),
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_COMPILATION_CACHE_DIR': cache},
+            )
+        ]
+    )[0]
     assert 'separate teacher on 2 devices of processes [0], student on 2 devices of processes [0]' in output
     two = str(tmp_path / 'two')
     port = free_port()
-    outputs = finish([run_main(run_args(pair, two, **SEPARATE) + [
-        f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-        env={'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '2', 'JAX_COMPILATION_CACHE_DIR': cache}) for i in range(2)])
+    outputs = finish(
+        [
+            run_main(
+                run_args(pair, two, **SEPARATE)
+                + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+                env={'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '2', 'JAX_COMPILATION_CACHE_DIR': cache},
+            )
+            for i in range(2)
+        ]
+    )
     assert 'separate teacher on 2 devices of processes [1], student on 2 devices of processes [0]' in outputs[0]
     steps = curve(two)
     assert [r['step'] for r in steps] == [1, 2] and all(r['prefix_length'] > 0 for r in steps)
@@ -170,8 +195,9 @@ def test_a_hung_worker_ends_the_run_and_the_restart_resumes(two_process_run, pai
     workdir = str(tmp_path / 'run')
     # Process 1 freezes as it enters step 3 (SIGSTOP: alive, connections open, silent, like a hung host), so
     # process 0 waits in a collective that never completes; the 5 s heartbeat timeout ends it.
-    processes = start_processes(pair, workdir, cache, extra=['--heartbeat_timeout_seconds=5'],
-                                signal_in_process_1=('SIGSTOP', 2))
+    processes = start_processes(
+        pair, workdir, cache, extra=['--heartbeat_timeout_seconds=5'], signal_in_process_1=('SIGSTOP', 2)
+    )
     out = processes[0].communicate()[0]
     processes[1].kill()
     processes[1].communicate()

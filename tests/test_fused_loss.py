@@ -45,19 +45,19 @@ def make_data(length=T, seed=0):
         tokens=rng.integers(0, VOCAB, (B, length)).astype(np.int32),
     )
     t = np.arange(length)[None]
-    d["response_mask"] = ((t >= np.array([[2], [3]])) & (t < np.array([[length], [length - 2]]))).astype(np.float32)
-    d["prefix_mask"] = d["response_mask"] * (t < np.array([[5], [0]]))
-    student_logits = (d["student_hidden"] @ d["student_head"])[..., :VOCAB]
-    teacher_logits = (d["teacher_hidden"] @ d["teacher_head"])[..., :VOCAB]
-    s = ref.token_logprobs(student_logits, d["tokens"])
-    d["rollout_logprobs"] = ((s + rng.normal(0.0, 0.3, s.shape)) * d["response_mask"]).astype(np.float32)
+    d['response_mask'] = ((t >= np.array([[2], [3]])) & (t < np.array([[length], [length - 2]]))).astype(np.float32)
+    d['prefix_mask'] = d['response_mask'] * (t < np.array([[5], [0]]))
+    student_logits = (d['student_hidden'] @ d['student_head'])[..., :VOCAB]
+    teacher_logits = (d['teacher_hidden'] @ d['teacher_head'])[..., :VOCAB]
+    s = ref.token_logprobs(student_logits, d['tokens'])
+    d['rollout_logprobs'] = ((s + rng.normal(0.0, 0.3, s.shape)) * d['response_mask']).astype(np.float32)
     # An EOPD threshold at the median teacher entropy splits the batch.
     hp = dict(HP, eopd_entropy_threshold=float(np.median(ref.entropy(teacher_logits))))
     # M_t ~ Bernoulli(P_t) must not hinge on float32 rounding of P_t.
     key = jax.random.key(3)
-    p = ref.trust_probability(s, ref.token_logprobs(teacher_logits, d["tokens"]))
+    p = ref.trust_probability(s, ref.token_logprobs(teacher_logits, d['tokens']))
     u = np.asarray(jax.random.uniform(key, p.shape, jnp.float32), np.float64)
-    assert not ((np.abs(u - p) < 1e-4) & (p < 1)).any(), "test data: a trust draw sits on P_t; pick another key"
+    assert not ((np.abs(u - p) < 1e-4) & (p < 1)).any(), 'test data: a trust draw sits on P_t; pick another key'
     return d, hp, key
 
 
@@ -65,21 +65,33 @@ def reference(methods, d, hp, key):
     """{method: (loss, metrics, (d hidden, d head))} of `losses.distillation_loss` on full logits."""
 
     def run(method, hidden, head):
-        if method == "jsd":  # the fused jsd is the top-k-plus-tail JSD (test_losses checks it against the exact one)
-            teacher_logits = (d["teacher_hidden"] @ d["teacher_head"])[..., :VOCAB]
-            stats = losses.token_statistics((hidden @ head)[..., :VOCAB], teacher_logits, d["tokens"], K)
-            return losses.loss_from_stats(method, stats, d["response_mask"], d["prefix_mask"], key,
-                                          rollout_logprobs=d["rollout_logprobs"], **hp)
+        if method == 'jsd':  # the fused jsd is the top-k-plus-tail JSD (test_losses checks it against the exact one)
+            teacher_logits = (d['teacher_hidden'] @ d['teacher_head'])[..., :VOCAB]
+            stats = losses.token_statistics((hidden @ head)[..., :VOCAB], teacher_logits, d['tokens'], K)
+            return losses.loss_from_stats(
+                method, stats, d['response_mask'], d['prefix_mask'], key, rollout_logprobs=d['rollout_logprobs'], **hp
+            )
         return losses.distillation_loss(
-            method, hidden @ head, d["teacher_hidden"] @ d["teacher_head"], d["tokens"], d["response_mask"],
-            d["prefix_mask"], key, rollout_logprobs=d["rollout_logprobs"], vocab_size=VOCAB, **hp)
+            method,
+            hidden @ head,
+            d['teacher_hidden'] @ d['teacher_head'],
+            d['tokens'],
+            d['response_mask'],
+            d['prefix_mask'],
+            key,
+            rollout_logprobs=d['rollout_logprobs'],
+            vocab_size=VOCAB,
+            **hp,
+        )
 
     @jax.jit
     def all_methods(hidden, head):
-        return {m: jax.value_and_grad(lambda h, w: run(m, h, w), argnums=(0, 1), has_aux=True)(hidden, head)
-                for m in methods}
+        return {
+            m: jax.value_and_grad(lambda h, w: run(m, h, w), argnums=(0, 1), has_aux=True)(hidden, head)
+            for m in methods
+        }
 
-    return jax.device_get(all_methods(d["student_hidden"], d["student_head"]))
+    return jax.device_get(all_methods(d['student_hidden'], d['student_head']))
 
 
 def fused(methods, d, hp, key, chunk_size, put=lambda name, x: x):
@@ -88,16 +100,32 @@ def fused(methods, d, hp, key, chunk_size, put=lambda name, x: x):
 
     @jax.jit
     def all_methods(a):
-        targets = fused_loss.teacher_pass(a["teacher_hidden"], a["teacher_head"], a["tokens"], k=K,
-                                          vocab_size=VOCAB, chunk_size=chunk_size)
+        targets = fused_loss.teacher_pass(
+            a['teacher_hidden'], a['teacher_head'], a['tokens'], k=K, vocab_size=VOCAB, chunk_size=chunk_size
+        )
 
         def run(method, hidden, head):
             return fused_loss.fused_distillation_loss(
-                method, hidden, head, targets, a["tokens"], a["response_mask"], a["prefix_mask"], key,
-                rollout_logprobs=a["rollout_logprobs"], vocab_size=VOCAB, chunk_size=chunk_size, **hp)
+                method,
+                hidden,
+                head,
+                targets,
+                a['tokens'],
+                a['response_mask'],
+                a['prefix_mask'],
+                key,
+                rollout_logprobs=a['rollout_logprobs'],
+                vocab_size=VOCAB,
+                chunk_size=chunk_size,
+                **hp,
+            )
 
-        return {m: jax.value_and_grad(lambda h, w: run(m, h, w), argnums=(0, 1), has_aux=True)(
-            a["student_hidden"], a["student_head"]) for m in methods}
+        return {
+            m: jax.value_and_grad(lambda h, w: run(m, h, w), argnums=(0, 1), has_aux=True)(
+                a['student_hidden'], a['student_head']
+            )
+            for m in methods
+        }
 
     return jax.device_get(all_methods(args)), all_methods, args
 
@@ -108,68 +136,69 @@ def assert_same(expected, actual):
     np.testing.assert_allclose(f_loss, loss, **VALUE_TOL)
     for name, value in losses.metric_values(metrics).items():
         np.testing.assert_allclose(losses.metric_values(f_metrics)[name], value, **VALUE_TOL, err_msg=name)
-    for name, g, f_g in zip(("hidden", "head"), grads, f_grads):
-        assert np.abs(g).max() > 0, f"reference gradient w.r.t. the {name} is zero: the test would be vacuous"
-        np.testing.assert_allclose(f_g, g, **GRAD_TOL, err_msg=f"gradient w.r.t. the {name}")
+    for name, g, f_g in zip(('hidden', 'head'), grads, f_grads):
+        assert np.abs(g).max() > 0, f'reference gradient w.r.t. the {name} is zero: the test would be vacuous'
+        np.testing.assert_allclose(f_g, g, **GRAD_TOL, err_msg=f'gradient w.r.t. the {name}')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One device.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def data():
     return make_data()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def single_device(data):
     d, hp, key = data
     # chunk_size 6 with B = 2: 3 positions per row per chunk, 4 chunks over T = 11 (one padded position per row).
     return reference(losses.METHODS, d, hp, key), fused(losses.METHODS, d, hp, key, chunk_size=6)[0]
 
 
-@pytest.mark.parametrize("method", losses.METHODS)
+@pytest.mark.parametrize('method', losses.METHODS)
 def test_fused_loss_equals_reference(single_device, method):
     expected, actual = single_device
     assert_same(expected[method], actual[method])
 
 
 # 1: one position per row per chunk (11 chunks); 5: 2 per row, 6 chunks, one padded position; 1000: a single chunk.
-@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+@pytest.mark.parametrize('chunk_size', [1, 5, 1000])
 def test_chunk_sizes(data, single_device, chunk_size):
     d, hp, key = data
-    expected = single_device[0]["tropd"]
-    assert_same(expected, fused(["tropd"], d, hp, key, chunk_size)[0]["tropd"])
+    expected = single_device[0]['tropd']
+    assert_same(expected, fused(['tropd'], d, hp, key, chunk_size)[0]['tropd'])
 
 
-@pytest.mark.parametrize("chunk_size", [1, 6, 64])
+@pytest.mark.parametrize('chunk_size', [1, 6, 64])
 def test_teacher_pass_matches_float64(data, chunk_size):
     d, _, _ = data
-    logits = (d["teacher_hidden"].astype(np.float64) @ d["teacher_head"])[..., :VOCAB]
-    targets = fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], d["tokens"], k=K, vocab_size=VOCAB,
-                                      chunk_size=chunk_size)
+    logits = (d['teacher_hidden'].astype(np.float64) @ d['teacher_head'])[..., :VOCAB]
+    targets = fused_loss.teacher_pass(
+        d['teacher_hidden'], d['teacher_head'], d['tokens'], k=K, vocab_size=VOCAB, chunk_size=chunk_size
+    )
     ids = ref.teacher_topk(logits, K)
     assert targets.topk_ids.dtype == jnp.int32
     np.testing.assert_array_equal(targets.topk_ids, ids)
     np.testing.assert_allclose(targets.topk_logprobs, np.take_along_axis(ref.log_softmax(logits), ids, -1), atol=1e-5)
-    np.testing.assert_allclose(targets.teacher_logprobs, ref.token_logprobs(logits, d["tokens"]), atol=1e-5)
+    np.testing.assert_allclose(targets.teacher_logprobs, ref.token_logprobs(logits, d['tokens']), atol=1e-5)
     np.testing.assert_allclose(targets.teacher_entropy, ref.entropy(logits), atol=1e-5)
 
 
 def test_teacher_pass_takes_a_function_and_has_no_gradient(data):
     d, _, _ = data
     kwargs = dict(k=K, vocab_size=VOCAB, chunk_size=4)
-    direct = fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], d["tokens"], **kwargs)
-    lazy = fused_loss.teacher_pass(lambda: jnp.asarray(d["teacher_hidden"]), d["teacher_head"], d["tokens"], **kwargs)
+    direct = fused_loss.teacher_pass(d['teacher_hidden'], d['teacher_head'], d['tokens'], **kwargs)
+    lazy = fused_loss.teacher_pass(lambda: jnp.asarray(d['teacher_hidden']), d['teacher_head'], d['tokens'], **kwargs)
     for a, b in zip(direct, lazy):
         np.testing.assert_array_equal(a, b)
 
     def total(hidden, head):
-        t = fused_loss.teacher_pass(hidden, head, d["tokens"], **kwargs)
+        t = fused_loss.teacher_pass(hidden, head, d['tokens'], **kwargs)
         return jnp.sum(t.topk_logprobs) + jnp.sum(t.teacher_logprobs) + jnp.sum(t.teacher_entropy)
 
-    for g in jax.grad(total, argnums=(0, 1))(d["teacher_hidden"], d["teacher_head"]):
+    for g in jax.grad(total, argnums=(0, 1))(d['teacher_hidden'], d['teacher_head']):
         np.testing.assert_array_equal(g, 0.0)
 
 
@@ -177,13 +206,13 @@ def test_bfloat16_inputs(data):
     """bf16 hidden states and head: logits are exact float32 products, so the loss equals the float32 reference on the
     rounded inputs; gradients come back in bf16, within bf16 rounding of the reference."""
     d, hp, key = data
-    names = ("student_hidden", "student_head", "teacher_hidden", "teacher_head")
+    names = ('student_hidden', 'student_head', 'teacher_hidden', 'teacher_head')
     rounded = dict(d)
     for name in names:
         rounded[name] = np.asarray(jnp.asarray(d[name], jnp.bfloat16).astype(jnp.float32))
-    expected = reference(["tropd"], rounded, hp, key)["tropd"]
+    expected = reference(['tropd'], rounded, hp, key)['tropd']
     bf16 = {n: jnp.asarray(x, jnp.bfloat16) if n in names else x for n, x in d.items()}
-    (loss, _), grads = fused(["tropd"], bf16, hp, key, chunk_size=6)[0]["tropd"]
+    (loss, _), grads = fused(['tropd'], bf16, hp, key, chunk_size=6)[0]['tropd']
     np.testing.assert_allclose(loss, expected[0][0], rtol=1e-4, atol=1e-5)
     for g, g_ref in zip(grads, expected[1]):
         assert g.dtype == jnp.bfloat16
@@ -203,24 +232,33 @@ def test_memory_grows_with_chunk_not_tokens():
     def sizes(n):
         h, w = s((1, n, hidden), jnp.float32), s((hidden, vocab), jnp.float32)
         tok, mask = s((1, n), jnp.int32), s((1, n), jnp.float32)
-        targets = fused_loss.TeacherTargets(s((1, n), jnp.float32), s((1, n, k), jnp.int32),
-                                            s((1, n, k), jnp.float32), s((1, n), jnp.float32))
+        targets = fused_loss.TeacherTargets(
+            s((1, n), jnp.float32), s((1, n, k), jnp.int32), s((1, n, k), jnp.float32), s((1, n), jnp.float32)
+        )
         key = jax.random.key(0)
 
         def fused_step(h, w, targets, tok, mask):
-            return jax.grad(lambda h, w: fused_loss.fused_distillation_loss(
-                "tropd", h, w, targets, tok, mask, mask, key, vocab_size=vocab, chunk_size=chunk, k=k)[0],
-                argnums=(0, 1))(h, w)
+            return jax.grad(
+                lambda h, w: fused_loss.fused_distillation_loss(
+                    'tropd', h, w, targets, tok, mask, mask, key, vocab_size=vocab, chunk_size=chunk, k=k
+                )[0],
+                argnums=(0, 1),
+            )(h, w)
 
         def naive_step(h, w, teacher_logits, tok, mask):
-            return jax.grad(lambda h, w: losses.distillation_loss(
-                "tropd", h @ w, teacher_logits, tok, mask, mask, key, k=k)[0], argnums=(0, 1))(h, w)
+            return jax.grad(
+                lambda h, w: losses.distillation_loss('tropd', h @ w, teacher_logits, tok, mask, mask, key, k=k)[0],
+                argnums=(0, 1),
+            )(h, w)
 
         def teacher_step(h, w, tok):
             return fused_loss.teacher_pass(h, w, tok, k=k, vocab_size=vocab, chunk_size=chunk)
 
-        return (temp(fused_step, h, w, targets, tok, mask), temp(naive_step, h, w, s((1, n, vocab), jnp.float32),
-                tok, mask), temp(teacher_step, h, w, tok))
+        return (
+            temp(fused_step, h, w, targets, tok, mask),
+            temp(naive_step, h, w, s((1, n, vocab), jnp.float32), tok, mask),
+            temp(teacher_step, h, w, tok),
+        )
 
     small, large = sizes(1024), sizes(4096)
     fused_slope, naive_slope, teacher_slope = [(b - a) / 3072 for a, b in zip(small, large)]
@@ -232,26 +270,28 @@ def test_memory_grows_with_chunk_not_tokens():
 
 def test_validation_errors(data):
     d, hp, key = data
-    hidden, head, tokens = d["student_hidden"], d["student_head"], d["tokens"]
-    targets = fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], tokens, k=4, vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="vocab_size=97"):
-        fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], tokens, k=4, vocab_size=97)
-    with pytest.raises(ValueError, match="k=91"):
-        fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], tokens, k=91, vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="chunk_size=0"):
-        fused_loss.teacher_pass(d["teacher_hidden"], d["teacher_head"], tokens, k=4, vocab_size=VOCAB, chunk_size=0)
-    with pytest.raises(ValueError, match="tokens must be"):
+    hidden, head, tokens = d['student_hidden'], d['student_head'], d['tokens']
+    targets = fused_loss.teacher_pass(d['teacher_hidden'], d['teacher_head'], tokens, k=4, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match='vocab_size=97'):
+        fused_loss.teacher_pass(d['teacher_hidden'], d['teacher_head'], tokens, k=4, vocab_size=97)
+    with pytest.raises(ValueError, match='k=91'):
+        fused_loss.teacher_pass(d['teacher_hidden'], d['teacher_head'], tokens, k=91, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match='chunk_size=0'):
+        fused_loss.teacher_pass(d['teacher_hidden'], d['teacher_head'], tokens, k=4, vocab_size=VOCAB, chunk_size=0)
+    with pytest.raises(ValueError, match='tokens must be'):
         fused_loss.student_stats(hidden, head, tokens[:, :-1], targets, vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="student_lm_head"):
+    with pytest.raises(ValueError, match='student_lm_head'):
         fused_loss.student_stats(hidden, head.T, tokens, targets, vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="targets.teacher_logprobs"):
+    with pytest.raises(ValueError, match='targets.teacher_logprobs'):
         fused_loss.student_stats(hidden[:1], head, tokens[:1], targets, vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="needs 8 teacher top-k entries"):
-        fused_loss.fused_distillation_loss("tropd", hidden, head, targets, tokens, d["response_mask"],
-                                           d["prefix_mask"], key, vocab_size=VOCAB, **hp)
-    with pytest.raises(ValueError, match="unknown method"):
-        fused_loss.fused_distillation_loss("nope", hidden, head, targets, tokens, d["response_mask"],
-                                           d["prefix_mask"], key, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match='needs 8 teacher top-k entries'):
+        fused_loss.fused_distillation_loss(
+            'tropd', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB, **hp
+        )
+    with pytest.raises(ValueError, match='unknown method'):
+        fused_loss.fused_distillation_loss(
+            'nope', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,8 +302,8 @@ def test_validation_errors(data):
 # (batch on 'data', model dimension on 'fsdp', vocabulary on 'tensor'), with padding; the second splits the tokens
 # over both 'data' and 'fsdp'.
 MESH_LAYOUTS = (
-    (11, ("data", None, "fsdp"), ("fsdp", "tensor"), 8, losses.METHODS),
-    (12, ("data", "fsdp", None), (None, "tensor"), 10, ("tropd", "eopd", "jsd")),
+    (11, ('data', None, 'fsdp'), ('fsdp', 'tensor'), 8, losses.METHODS),
+    (12, ('data', 'fsdp', None), (None, 'tensor'), 10, ('tropd', 'eopd', 'jsd')),
 )
 
 
@@ -281,7 +321,7 @@ def mesh_check() -> dict:
         expected = reference(methods, d, hp, key)
 
         def put(name, x):
-            spec = head_spec if "head" in name else hidden_spec[: x.ndim]
+            spec = head_spec if 'head' in name else hidden_spec[: x.ndim]
             return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
         with jax.set_mesh(mesh):
@@ -294,33 +334,33 @@ def mesh_check() -> dict:
                 errors[m] = None
             except AssertionError as e:
                 errors[m] = str(e)
-        lines = [line for line in text.splitlines() if "all-gather(" in line]
-        gathers = [line.split("= ", 1)[1].split(" all-gather")[0] for line in lines]
+        lines = [line for line in text.splitlines() if 'all-gather(' in line]
+        gathers = [line.split('= ', 1)[1].split(' all-gather')[0] for line in lines]
         results[str(i)] = dict(errors=errors, all_gathers=gathers)
     return results
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def mesh_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    env['PYTHONPATH'] = os.pathsep.join([tests_dir, env.get('PYTHONPATH', '')])
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", range(len(MESH_LAYOUTS)))
+@pytest.mark.parametrize('layout', range(len(MESH_LAYOUTS)))
 def test_mesh_equals_reference(mesh_results, layout):
     result = mesh_results[str(layout)]
-    assert set(result["errors"]) == set(MESH_LAYOUTS[layout][4])
-    failed = {m: e for m, e in result["errors"].items() if e is not None}
+    assert set(result['errors']) == set(MESH_LAYOUTS[layout][4])
+    failed = {m: e for m, e in result['errors'].items() if e is not None}
     assert not failed, failed
     # The top-k gathers k candidates per vocabulary shard, never a chunk of logits over the whole vocabulary.
-    for shape in result["all_gathers"]:
-        assert f",{STUDENT_ROWS}]" not in shape and f",{TEACHER_ROWS}]" not in shape, shape
+    for shape in result['all_gathers']:
+        assert f',{STUDENT_ROWS}]' not in shape and f',{TEACHER_ROWS}]' not in shape, shape
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     print(json.dumps(mesh_check()))

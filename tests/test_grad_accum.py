@@ -36,23 +36,28 @@ def make_batch(packed: bool, seed=0) -> dict:
             segment_ids[r, span] = segment + 1
             rollout_ids[r, span] = 2 * r + segment
             positions[r, span] = np.arange(1 + length)
-            response[r, column + 1:column + 1 + length] = 1
-            prefix[r, column + 1:column + 1 + prefix_length] = 1
+            response[r, column + 1 : column + 1 + length] = 1
+            prefix[r, column + 1 : column + 1 + prefix_length] = 1
             column += 1 + length
     student_logprobs = rng.normal(size=(b, T)).astype(np.float32) - 3.0
     return dict(
         x=rng.normal(size=(b, T, H)).astype(np.float32),
         teacher_logits=(2.0 * rng.normal(size=(b, T, V))).astype(np.float32),
         tokens=rng.integers(0, V, size=(b, T)).astype(np.int32),
-        response_mask=response, prefix_mask=prefix, segment_ids=segment_ids, rollout_ids=rollout_ids,
-        positions=positions, rollout_logprobs=student_logprobs * response,
+        response_mask=response,
+        prefix_mask=prefix,
+        segment_ids=segment_ids,
+        rollout_ids=rollout_ids,
+        positions=positions,
+        rollout_logprobs=student_logprobs * response,
     )
 
 
 def make_params(seed=1):
     rng = np.random.default_rng(seed)
-    return dict(w=jnp.asarray(rng.normal(size=(H, V)), jnp.float32),
-                b=jnp.asarray(0.5 * rng.normal(size=(V,)), jnp.float32))
+    return dict(
+        w=jnp.asarray(rng.normal(size=(H, V)), jnp.float32), b=jnp.asarray(0.5 * rng.normal(size=(V,)), jnp.float32)
+    )
 
 
 def loss_fn(method, aggregation, packed):
@@ -61,9 +66,20 @@ def loss_fn(method, aggregation, packed):
     def fn(params, batch):
         logits = batch['x'] @ params['w'] + params['b']
         return losses.distillation_loss(
-            method, logits, batch['teacher_logits'], batch['tokens'], batch['response_mask'], batch['prefix_mask'],
-            key, rollout_logprobs=batch['rollout_logprobs'], draw_ids=(batch['rollout_ids'], batch['positions']),
-            segment_ids=batch['segment_ids'] if packed else None, aggregation=aggregation, **HP)
+            method,
+            logits,
+            batch['teacher_logits'],
+            batch['tokens'],
+            batch['response_mask'],
+            batch['prefix_mask'],
+            key,
+            rollout_logprobs=batch['rollout_logprobs'],
+            draw_ids=(batch['rollout_ids'], batch['positions']),
+            segment_ids=batch['segment_ids'] if packed else None,
+            aggregation=aggregation,
+            **HP,
+        )
+
     return fn
 
 
@@ -80,8 +96,10 @@ def test_micro_batch_weights_count_tokens_or_sequences(aggregation):
     assert not np.any(grad_accum.micro_batch_weights(jnp.zeros((4, T)), MICRO, aggregation))  # no response token
 
 
-@pytest.mark.parametrize('aggregation, packed', [('token_mean', False), ('seq_mean_token_mean', False),
-                                                 ('token_mean', True), ('seq_mean_token_mean', True)])
+@pytest.mark.parametrize(
+    'aggregation, packed',
+    [('token_mean', False), ('seq_mean_token_mean', False), ('token_mean', True), ('seq_mean_token_mean', True)],
+)
 def test_accumulated_gradient_and_metrics_equal_the_whole_batch(aggregation, packed):
     batch = {k: jnp.asarray(v) for k, v in make_batch(packed).items()}
     params = make_params()
@@ -93,8 +111,9 @@ def test_accumulated_gradient_and_metrics_equal_the_whole_batch(aggregation, pac
     @jax.jit
     def accumulated(params, batch):
         weights = grad_accum.micro_batch_weights(batch['response_mask'], MICRO, aggregation)
-        return grad_accum.accumulate(jax.grad(fn, has_aux=True), params, weights,
-                                     grad_accum.micro_batches(batch, MICRO))
+        return grad_accum.accumulate(
+            jax.grad(fn, has_aux=True), params, weights, grad_accum.micro_batches(batch, MICRO)
+        )
 
     got_grads, got_pairs = accumulated(params, batch)
     got = losses.metric_values(got_pairs)

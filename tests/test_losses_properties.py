@@ -27,42 +27,72 @@ def cases(draw, methods=losses.METHODS):
     batch_size, length, vocab = TRUST_SHAPE if method in ref.TRUST_METHODS else draw(st.sampled_from(SHAPES))
     top_k = st.sampled_from(sorted({1, 2, vocab}))
     data = ref.random_batch(
-        np.random.default_rng(draw(st.integers(0, 2**32 - 1))), batch_size, length, vocab,
-        scale=draw(st.sampled_from([0.3, 1.0, 3.0])), prefixes=draw(st.booleans()), empty_row=draw(st.booleans()),
-        rollout_noise=draw(st.sampled_from([0.0, 0.3])))
+        np.random.default_rng(draw(st.integers(0, 2**32 - 1))),
+        batch_size,
+        length,
+        vocab,
+        scale=draw(st.sampled_from([0.3, 1.0, 3.0])),
+        prefixes=draw(st.booleans()),
+        empty_row=draw(st.booleans()),
+        rollout_noise=draw(st.sampled_from([0.0, 0.3])),
+    )
     hp = dict(
-        k=draw(top_k), eopd_k=draw(top_k), beta=draw(st.sampled_from([0.001, 0.5])),
-        renormalize=draw(st.booleans()), jsd_beta=draw(st.sampled_from([0.1, 0.5, 0.9])),
-        entropy_top_q=draw(st.sampled_from([0.3, 0.7, 1.0])), reward_floor=draw(st.sampled_from([-2.0, -0.5])),
+        k=draw(top_k),
+        eopd_k=draw(top_k),
+        beta=draw(st.sampled_from([0.001, 0.5])),
+        renormalize=draw(st.booleans()),
+        jsd_beta=draw(st.sampled_from([0.1, 0.5, 0.9])),
+        entropy_top_q=draw(st.sampled_from([0.3, 0.7, 1.0])),
+        reward_floor=draw(st.sampled_from([-2.0, -0.5])),
         eopd_entropy_threshold=draw(st.sampled_from([0.3, 0.8, 1.5])),
         reopold_entropy_top_q=draw(st.sampled_from([0.2, 0.45])),
-        reopold_mixture_weight=draw(st.sampled_from([0.5, 0.9])), progress=draw(st.sampled_from([None, 0.7])),
+        reopold_mixture_weight=draw(st.sampled_from([0.5, 0.9])),
+        progress=draw(st.sampled_from([None, 0.7])),
         importance_ratio_cap=draw(st.sampled_from([None, 1.1])),  # continuous in rho: no margin needed
-        aggregation=draw(st.sampled_from(["token_mean", "seq_mean_token_mean"])))
+        aggregation=draw(st.sampled_from(['token_mean', 'seq_mean_token_mean'])),
+    )
     return method, data, hp, jax.random.key(draw(st.integers(0, 2**31 - 1)))
 
 
 def run(method, data, key, **hp):
     def f(student_logits):
-        return losses.distillation_loss(method, student_logits, data["teacher_logits"], data["tokens"],
-                                        data["response_mask"], data["prefix_mask"], key,
-                                        rollout_logprobs=data["rollout_logprobs"], **hp)[0]
+        return losses.distillation_loss(
+            method,
+            student_logits,
+            data['teacher_logits'],
+            data['tokens'],
+            data['response_mask'],
+            data['prefix_mask'],
+            key,
+            rollout_logprobs=data['rollout_logprobs'],
+            **hp,
+        )[0]
 
-    loss, grad = jax.value_and_grad(f)(jnp.asarray(data["student_logits"]))
+    loss, grad = jax.value_and_grad(f)(jnp.asarray(data['student_logits']))
     return float(loss), np.asarray(grad)
 
 
 def uniforms(method, data, key):
     """The draws of the trust mask, M_t = uniforms < P_t (jax.random.bernoulli); unused outside trust methods."""
     if method not in ref.TRUST_METHODS:  # skip compiling the PRNG for shapes that never need it
-        return np.ones(data["tokens"].shape)
-    return np.asarray(jax.random.uniform(key, data["tokens"].shape, jnp.float32))
+        return np.ones(data['tokens'].shape)
+    return np.asarray(jax.random.uniform(key, data['tokens'].shape, jnp.float32))
 
 
 def far_from_thresholds(method, data, key, hp):
-    return ref.distance_to_thresholds(method, data["student_logits"], data["teacher_logits"], data["tokens"],
-                                      data["response_mask"], data["prefix_mask"], uniforms(method, data, key),
-                                      **hp) > MARGIN
+    return (
+        ref.distance_to_thresholds(
+            method,
+            data['student_logits'],
+            data['teacher_logits'],
+            data['tokens'],
+            data['response_mask'],
+            data['prefix_mask'],
+            uniforms(method, data, key),
+            **hp,
+        )
+        > MARGIN
+    )
 
 
 @SETTINGS
@@ -72,11 +102,20 @@ def test_loss_and_gradient_match_reference(case):
     assume(far_from_thresholds(method, data, key, hp))
     loss, grad = run(method, data, key, **hp)
     trust_mask = uniforms(method, data, key) < ref.trust_probability(
-        ref.token_logprobs(data["student_logits"], data["tokens"]),
-        ref.token_logprobs(data["teacher_logits"], data["tokens"]))
+        ref.token_logprobs(data['student_logits'], data['tokens']),
+        ref.token_logprobs(data['teacher_logits'], data['tokens']),
+    )
     want_loss, want_grad, _ = ref.distillation_loss(
-        method, data["student_logits"], data["teacher_logits"], data["tokens"], data["response_mask"],
-        data["prefix_mask"], trust_mask, rollout_logprobs=data["rollout_logprobs"], **hp)
+        method,
+        data['student_logits'],
+        data['teacher_logits'],
+        data['tokens'],
+        data['response_mask'],
+        data['prefix_mask'],
+        trust_mask,
+        rollout_logprobs=data['rollout_logprobs'],
+        **hp,
+    )
     np.testing.assert_allclose(loss, want_loss, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-3, atol=5e-5)
 
@@ -89,21 +128,21 @@ def test_invariances(case, seed):
     rng = np.random.default_rng(seed)
     loss, grad = run(method, data, key, **hp)
     assert np.isfinite(loss) and np.isfinite(grad).all()
-    outside = data["response_mask"] == 0
+    outside = data['response_mask'] == 0
     # Nothing flows to or from prompt and padding positions.
     assert np.all(grad[outside] == 0.0)
     other = dict(data)
-    for name in ("student_logits", "teacher_logits"):
+    for name in ('student_logits', 'teacher_logits'):
         other[name] = np.where(outside[..., None], rng.normal(size=data[name].shape) * 5, data[name]).astype(np.float32)
     np.testing.assert_allclose(run(method, other, key, **hp)[0], loss, rtol=1e-6, atol=1e-7)
     # Softmax is invariant to a per-position constant added to either model's logits.
     shifted = dict(data)
-    for name in ("student_logits", "teacher_logits"):
+    for name in ('student_logits', 'teacher_logits'):
         shifted[name] = (data[name] + rng.uniform(-4, 4, size=data[name].shape[:2] + (1,))).astype(np.float32)
     assume(far_from_thresholds(method, shifted, key, hp))
     np.testing.assert_allclose(run(method, shifted, key, **hp)[0], loss, rtol=1e-4, atol=1e-4)
     # An empty response is a zero loss with zero gradients.
-    empty_loss, empty_grad = run(method, dict(data, response_mask=np.zeros_like(data["response_mask"])), key, **hp)
+    empty_loss, empty_grad = run(method, dict(data, response_mask=np.zeros_like(data['response_mask'])), key, **hp)
     assert empty_loss == 0.0 and np.all(empty_grad == 0.0)
 
 
@@ -132,16 +171,16 @@ def test_per_token_functions(shape, data):
 
 
 @settings(SETTINGS, max_examples=6)
-@given(cases(methods=("tropd",)), st.floats(0.5, 5.0))
+@given(cases(methods=('tropd',)), st.floats(0.5, 5.0))
 def test_trust_region_limits(case, bonus):
     _, data, hp, key = case
-    onehot = np.eye(data["student_logits"].shape[-1], dtype=np.float32)[data["tokens"]]
+    onehot = np.eye(data['student_logits'].shape[-1], dtype=np.float32)[data['tokens']]
     # The teacher out-scores the student on every realised token: P_t = M_t = 1, the trust methods are OPD / AOPD.
-    out_scoring = dict(data, teacher_logits=data["student_logits"] + bonus * onehot)
-    for method, baseline in (("tropd", "opd"), ("tropd_clip", "opd"), ("tropd_aopd", "aopd")):
+    out_scoring = dict(data, teacher_logits=data['student_logits'] + bonus * onehot)
+    for method, baseline in (('tropd', 'opd'), ('tropd_clip', 'opd'), ('tropd_aopd', 'aopd')):
         for got, want in zip(run(method, out_scoring, key, **hp), run(baseline, out_scoring, key, **hp)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # The teacher gives every realised token probability 0: P_t = M_t = 0, TrOPD is top-k FKL.
-    rejecting = dict(data, teacher_logits=np.where(onehot > 0, -1e4, data["teacher_logits"]).astype(np.float32))
-    for got, want in zip(run("tropd", rejecting, key, **hp), run("topk_fkl", rejecting, key, **hp)):
+    rejecting = dict(data, teacher_logits=np.where(onehot > 0, -1e4, data['teacher_logits']).astype(np.float32))
+    for got, want in zip(run('tropd', rejecting, key, **hp), run('topk_fkl', rejecting, key, **hp)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

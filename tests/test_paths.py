@@ -18,7 +18,8 @@ from etils import epath
 from flax import nnx
 from fsspec.implementations.memory import MemoryFileSystem
 
-from tropd_jax import config as config_lib, data, metrics, paths
+from tropd_jax import config as config_lib
+from tropd_jax import data, metrics, paths
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -37,7 +38,7 @@ class InMemoryGCS(MemoryFileSystem):
     def _strip_protocol(cls, path):
         for prefix in ('gs://', 'gcs://'):
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return '/' + path.lstrip('/').rstrip('/')
 
 
@@ -74,8 +75,9 @@ def test_data_records_read_alike_from_gcs_and_local(gcs, tmp_path):
     (local / 'notes.txt').write_text('ignored')
     upload(local, 'gs://bucket/data')
     remote = data.read_records('gs://bucket/data')
-    expected = [(location.replace(str(local), 'gs://bucket/data'), record)
-                for location, record in data.read_records(str(local))]
+    expected = [
+        (location.replace(str(local), 'gs://bucket/data'), record) for location, record in data.read_records(str(local))
+    ]
     assert remote == expected
     assert [r for _, r in remote][-1] == {'problem': '4+4', 'answer': '8'} and len(remote) == 5
     assert remote[1] == ('gs://bucket/data/a.jsonl:3', 'invalid JSON (Expecting value)')
@@ -85,9 +87,19 @@ def test_data_records_read_alike_from_gcs_and_local(gcs, tmp_path):
 
 def tiny_model():
     tokenizer = arithmetic.build_tokenizer()
-    config = ModelConfig(architecture='qwen3', vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = ModelConfig(
+        architecture='qwen3',
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        qk_norm=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Decoder(config, rngs=nnx.Rngs(0)), tokenizer
 
 
@@ -122,7 +134,10 @@ def test_metrics_rows_on_gcs_survive_a_resume(gcs):
     resumed.write(3, {'loss': 0.0625})
     resumed.close()
     assert metrics.read_metrics('gs://bucket/run/metrics.jsonl') == [
-        {'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.125}, {'step': 3, 'loss': 0.0625}]
+        {'step': 1, 'loss': 0.5},
+        {'step': 2, 'loss': 0.125},
+        {'step': 3, 'loss': 0.0625},
+    ]
 
 
 def test_config_paths_are_checked_on_gcs(gcs, tmp_path):

@@ -12,31 +12,31 @@ from tropd_jax import sharding
 
 
 def test_logical_to_spec_follows_the_rules():
-  assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
-  assert sharding.logical_to_spec(('embed', 'heads', 'head_dim')) == P('fsdp', 'tensor', None)
-  assert sharding.logical_to_spec(('batch', 'length', None)) == P(('data', 'fsdp'), None, None)
-  # A mesh axis is used at most once per array: 'embed' cannot take 'fsdp' after 'batch' did.
-  assert sharding.logical_to_spec(('batch', 'embed')) == P(('data', 'fsdp'), None)
+    assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
+    assert sharding.logical_to_spec(('embed', 'heads', 'head_dim')) == P('fsdp', 'tensor', None)
+    assert sharding.logical_to_spec(('batch', 'length', None)) == P(('data', 'fsdp'), None, None)
+    # A mesh axis is used at most once per array: 'embed' cannot take 'fsdp' after 'batch' did.
+    assert sharding.logical_to_spec(('batch', 'embed')) == P(('data', 'fsdp'), None)
 
 
 def test_logical_to_spec_errors():
-  with pytest.raises(ValueError, match="'hidden'"):
-    sharding.logical_to_spec(('hidden',))
-  with pytest.raises(ValueError, match=r'shape \(3,\)'):
-    sharding.logical_to_spec(('vocab', 'embed'), (3,))
+    with pytest.raises(ValueError, match="'hidden'"):
+        sharding.logical_to_spec(('hidden',))
+    with pytest.raises(ValueError, match=r'shape \(3,\)'):
+        sharding.logical_to_spec(('vocab', 'embed'), (3,))
 
 
 def test_make_mesh_errors():
-  with pytest.raises(ValueError, match=r'needs 8 devices; 1 are available'):
-    sharding.make_mesh(2, 2, 2)
-  with pytest.raises(ValueError, match='At most one'):
-    sharding.make_mesh(-1, -1, 1)
-  mesh = sharding.make_mesh(1, -1, 1)
-  assert mesh.axis_names == ('data', 'fsdp', 'tensor') and mesh.devices.size == 1
+    with pytest.raises(ValueError, match=r'needs 8 devices; 1 are available'):
+        sharding.make_mesh(2, 2, 2)
+    with pytest.raises(ValueError, match='At most one'):
+        sharding.make_mesh(-1, -1, 1)
+    mesh = sharding.make_mesh(1, -1, 1)
+    assert mesh.axis_names == ('data', 'fsdp', 'tensor') and mesh.devices.size == 1
 
 
 # Runs with 8 fake CPU devices; XLA_FLAGS must be set before jax is imported, hence a separate process.
-_SHARDED_CHECK = textwrap.dedent('''
+_SHARDED_CHECK = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
@@ -107,12 +107,13 @@ _SHARDED_CHECK = textwrap.dedent('''
     odd = init_decoder(config.replace(num_heads=6, num_kv_heads=3, head_dim=8), mesh=mesh)
     assert odd.layers[0].attn.k_proj.get_value().sharding.is_equivalent_to(NamedSharding(mesh, P('fsdp')), 3)
     print('OK')
-''')
+""")
 
 
 def test_sharded_model_on_8_fake_devices(tiny_hf_checkpoint, tmp_path):
-  path, _ = tiny_hf_checkpoint('qwen2', max_shard_size='20KB')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _SHARDED_CHECK, path, str(tmp_path / 'export')], env=env,
-                          capture_output=True, text=True)
-  assert result.returncode == 0 and result.stdout.strip().endswith('OK'), result.stderr[-4000:]
+    path, _ = tiny_hf_checkpoint('qwen2', max_shard_size='20KB')
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    result = subprocess.run(
+        [sys.executable, '-c', _SHARDED_CHECK, path, str(tmp_path / 'export')], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith('OK'), result.stderr[-4000:]

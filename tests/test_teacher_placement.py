@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CHECK = r'''
+_CHECK = r"""
 import dataclasses, importlib.util, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -93,19 +93,22 @@ for a, b in zip(flat_c, flat_s):
 norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in flat_c)))
 np.testing.assert_allclose(norm, float(metrics_c['grad_norm']), rtol=1e-3)
 print('OK', float(metrics_c['loss']), float(metrics_s['loss']), norm)
-'''
+"""
 
 
-@pytest.mark.parametrize('loss, rows', [('fused', 'unpacked'), ('fused', 'packed'),
-                                        pytest.param('logits', 'unpacked', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'loss, rows',
+    [('fused', 'unpacked'), ('fused', 'packed'), pytest.param('logits', 'unpacked', marks=pytest.mark.slow)],
+)
 def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(loss, rows):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _CHECK, loss, rows], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-  assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    result = subprocess.run(
+        [sys.executable, '-c', _CHECK, loss, rows], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]
 
 
-_PREFIX_CHECK = r'''
+_PREFIX_CHECK = r"""
 import importlib.util, sys
 import jax, numpy as np
 from tropd_jax import data, sampling, train
@@ -174,17 +177,22 @@ for case in sys.argv[1].split(','):  # placement:decode_slots
     failed.append(f'{label}: the student continuation differs')
 assert not failed, '\n'.join(failed)
 print('OK', sum(len(w) for w in written(own)))
-'''
+"""
 
 
-@pytest.mark.parametrize('cases', [
-    'colocated:0,separate:4',  # each placement, each decode (rollout.decode_slots 0 = static, 4 = continuous)
-    pytest.param('colocated:4,separate:0', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'cases',
+    [
+        'colocated:0,separate:4',  # each placement, each decode (rollout.decode_slots 0 = static, 4 = continuous)
+        pytest.param('colocated:4,separate:0', marks=pytest.mark.slow),
+    ],
+)
 def test_the_teacher_writes_its_prefix_after_its_own_prompt(cases):
-  """`data.teacher_template=teacher`: the teacher's prefix tokens are its own samples after the prompt rendered
-  its way (here with a system turn the student's rendering lacks) with the same key, which differ from its samples
-  after the student's rendering; the student continues after its own prompt. On 8 fake CPU devices."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _PREFIX_CHECK, cases], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-  assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]
+    """`data.teacher_template=teacher`: the teacher's prefix tokens are its own samples after the prompt rendered
+    its way (here with a system turn the student's rendering lacks) with the same key, which differ from its samples
+    after the student's rendering; the student continues after its own prompt. On 8 fake CPU devices."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    result = subprocess.run(
+        [sys.executable, '-c', _PREFIX_CHECK, cases], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and 'OK' in result.stdout, result.stdout + result.stderr[-6000:]

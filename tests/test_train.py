@@ -21,7 +21,8 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from tropd_jax import config as config_lib, data, losses, metrics, sampling, schedules, sharding, train
+from tropd_jax import config as config_lib
+from tropd_jax import data, losses, metrics, sampling, schedules, sharding, train
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -29,12 +30,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 TIMING = ('rollout_time', 'train_time', 'tokens_per_second')
 # The metrics SPEC.md requires every step, plus the trainer's own.
-SPEC_METRICS = ('loss', 'pg_loss', 'fkl_loss', 'prefix_loss', 'trust_fraction', 'trust_probability', 'reward',
-                'outlier_fraction', 'student_entropy', 'teacher_entropy', 'prefix_fraction', 'max_prefix_length',
-                'grad_norm', 'response_length', 'learning_rate')
-TRAINER_METRICS = ('skipped', 'skipped_steps', 'rollout_time', 'train_time', 'tokens_per_second', 'prefix_length',
-                   'truncated_fraction', 'num_tokens', 'prefix_student_entropy', 'prefix_teacher_entropy',
-                   'logprob_mismatch', 'logprob_mismatch_max', 'ratio_truncated_fraction')
+SPEC_METRICS = (
+    'loss',
+    'pg_loss',
+    'fkl_loss',
+    'prefix_loss',
+    'trust_fraction',
+    'trust_probability',
+    'reward',
+    'outlier_fraction',
+    'student_entropy',
+    'teacher_entropy',
+    'prefix_fraction',
+    'max_prefix_length',
+    'grad_norm',
+    'response_length',
+    'learning_rate',
+)
+TRAINER_METRICS = (
+    'skipped',
+    'skipped_steps',
+    'rollout_time',
+    'train_time',
+    'tokens_per_second',
+    'prefix_length',
+    'truncated_fraction',
+    'num_tokens',
+    'prefix_student_entropy',
+    'prefix_teacher_entropy',
+    'logprob_mismatch',
+    'logprob_mismatch_max',
+    'ratio_truncated_fraction',
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,10 +78,20 @@ def make_tiny_pair(root: str) -> dict:
     paths = {}
     for name, seed, hidden in (('student', 0, 32), ('teacher', 1, 48)):
         config = ModelConfig(
-            architecture='qwen3', vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=1,
-            num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, tie_word_embeddings=name == 'student',
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id)
+            architecture='qwen3',
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            qk_norm=True,
+            tie_word_embeddings=name == 'student',
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         model = Decoder(config, rngs=nnx.Rngs(seed))
         # Larger weights than the default init, so the two models disagree and the losses are not all ~0.
         state = nnx.state(model, nnx.Param)
@@ -129,8 +166,11 @@ def reference_run(pair, compile_cache, tmp_path_factory):
 
 
 def curve(workdir):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in metrics.read_metrics(
-        os.path.join(workdir, 'metrics.jsonl')) if 'loss' in row]
+    return [
+        {k: v for k, v in row.items() if k not in TIMING}
+        for row in metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+        if 'loss' in row
+    ]
 
 
 def params_of(path):
@@ -174,8 +214,10 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     writer.write(1, {'eval_avg_at_k': 0.75})  # joins step 1
     writer.close()
     rows = metrics.read_metrics(str(tmp_path / 'metrics.jsonl'))
-    assert rows == [{'step': 1, 'loss': 0.5, 'note': 'x', 'bad': 'nan', 'eval_avg_at_k': 0.75},
-                    {'step': 2, 'loss': 0.25}]
+    assert rows == [
+        {'step': 1, 'loss': 0.5, 'note': 'x', 'bad': 'nan', 'eval_avg_at_k': 0.75},
+        {'step': 2, 'loss': 0.25},
+    ]
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
     stream = io.StringIO()
     bar = metrics.ProgressBar(10, 2, file=stream)
@@ -259,8 +301,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path,
-                                                                                    monkeypatch):
+def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_run(
+    reference_run, pair, tmp_path, monkeypatch
+):
     # Checkpoints only at the end: the checkpoint of step 2 can only come from the SIGTERM.
     workdir = str(tmp_path)
     original = train.make_rollouts
@@ -348,9 +391,18 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
     with jax.set_mesh(mesh):
-        rollout, _ = train.make_rollouts(teacher, student, prompts[:4], jax.random.key(3), 0, config, mesh,
-                                         pad_id=tokenizer.pad_token_id, eos=sampling.eos_ids(tokenizer, student_config),
-                                         vocab_size=vocab)
+        rollout, _ = train.make_rollouts(
+            teacher,
+            student,
+            prompts[:4],
+            jax.random.key(3),
+            0,
+            config,
+            mesh,
+            pad_id=tokenizer.pad_token_id,
+            eos=sampling.eos_ids(tokenizer, student_config),
+            vocab_size=vocab,
+        )
     batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
     assert batch['prefix_mask'].sum() > 0 and batch['response_mask'].sum() > batch['prefix_mask'].sum()
 
@@ -358,19 +410,29 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     teacher_graphdef, teacher_state = nnx.split(teacher)
     settings = train.step_settings(config, vocab, rollout.prompt_length)
     assert len(batch['tokens']) // settings.micro_batch_size == 2
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8,
-                                                                           weight_decay=0.0))
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    )
 
     def reference_loss(params):
         def logits(graphdef, state):
             inputs, mask = batch['tokens'][:, :-1], batch['input_mask'][:, :-1]
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
             return nnx.merge(graphdef, state)(inputs, positions, mask)[0]
+
         hp = config_lib.loss_hyperparameters(config.loss)
         return losses.distillation_loss(
-            'opd', logits(student_graphdef, params), logits(teacher_graphdef, teacher_state), batch['tokens'][:, 1:],
-            batch['response_mask'][:, 1:], batch['prefix_mask'][:, 1:], None,
-            rollout_logprobs=batch['logprobs'][:, 1:], vocab_size=vocab, **hp)
+            'opd',
+            logits(student_graphdef, params),
+            logits(teacher_graphdef, teacher_state),
+            batch['tokens'][:, 1:],
+            batch['response_mask'][:, 1:],
+            batch['prefix_mask'][:, 1:],
+            None,
+            rollout_logprobs=batch['logprobs'][:, 1:],
+            vocab_size=vocab,
+            **hp,
+        )
 
     (ref_loss, ref_metrics), ref_grads = jax.value_and_grad(reference_loss, has_aux=True)(params)
     updates, _ = optimizer.update(ref_grads, optimizer.init(params), params)
@@ -379,8 +441,16 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
 
     initial = [np.asarray(x) for x in jax.tree.leaves(params)]  # the step donates (deletes) its input params
     opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(mesh, params, jax.eval_shape(lambda: opt_state), teacher_state,
-                                     train.BATCH_KEYS, settings, student_graphdef, teacher_graphdef)
+    step, *_ = train.jit_train_step(
+        mesh,
+        params,
+        jax.eval_shape(lambda: opt_state),
+        teacher_state,
+        train.BATCH_KEYS,
+        settings,
+        student_graphdef,
+        teacher_graphdef,
+    )
     with jax.set_mesh(mesh):
         new_params, _, out = step(params, opt_state, teacher_state, batch, jax.random.key(0), settings)
     out = jax.device_get(out)
@@ -402,24 +472,42 @@ def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, c
     then cosine decay: three different values), with and without gradient clipping in the optimizer's chain."""
     if jax.device_count() != 1:
         pytest.skip('needs a single-device process')
-    config = make_config(pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm,
-                         train__steps=4)
+    config = make_config(
+        pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm, train__steps=4
+    )
     mesh = sharding.make_mesh(1, 1, 1)
     tokenizer = load_tokenizer(pair['student'])
     student, student_config = from_pretrained(pair['student'], mesh=mesh)
     teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
     with jax.set_mesh(mesh):
-        rollout, _ = train.make_rollouts(teacher, student, prompts[:4], jax.random.key(3), 0, config, mesh,
-                                         pad_id=tokenizer.pad_token_id, eos=sampling.eos_ids(tokenizer, student_config),
-                                         vocab_size=len(tokenizer))
+        rollout, _ = train.make_rollouts(
+            teacher,
+            student,
+            prompts[:4],
+            jax.random.key(3),
+            0,
+            config,
+            mesh,
+            pad_id=tokenizer.pad_token_id,
+            eos=sampling.eos_ids(tokenizer, student_config),
+            vocab_size=len(tokenizer),
+        )
     batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
     settings = train.step_settings(config, len(tokenizer), rollout.prompt_length)
     opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(mesh, params, jax.eval_shape(lambda: opt_state), teacher_state,
-                                     train.BATCH_KEYS, settings, student_graphdef, teacher_graphdef)
+    step, *_ = train.jit_train_step(
+        mesh,
+        params,
+        jax.eval_shape(lambda: opt_state),
+        teacher_state,
+        train.BATCH_KEYS,
+        settings,
+        student_graphdef,
+        teacher_graphdef,
+    )
     schedule = schedules.learning_rate_schedule(1e-2, 4, schedule='cosine', warmup_steps=2)
     logged = []
     with jax.set_mesh(mesh):
@@ -433,8 +521,15 @@ def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, c
 
 def run_main(flags, *, env=None, **popen):
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-    return subprocess.Popen([sys.executable, '-m', 'tropd_jax.main', *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'tropd_jax.main', *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def assert_same_curve(got, want, rtol=1e-4, atol=1e-5):
@@ -454,8 +549,9 @@ def test_sharded_2x2x2_mesh_matches_one_device(reference_run, pair, compile_cach
     rtol=1e-4 / atol=1e-5 per metric, and the same sampled response and prefix lengths."""
     workdir = str(tmp_path / 'run')
     flags = run_args(pair, workdir, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-    process = run_main(flags, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                                   'JAX_COMPILATION_CACHE_DIR': compile_cache})
+    process = run_main(
+        flags, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_COMPILATION_CACHE_DIR': compile_cache}
+    )
     output, _ = process.communicate()
     errors = [line for line in output.splitlines() if 'Check failed' in line or 'Error' in line]
     assert process.returncode == 0, '\n'.join(errors[:5]) + '\n...\n' + output[-2000:]

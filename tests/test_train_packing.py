@@ -26,9 +26,19 @@ PREFIX_LENGTHS = [3, 0, 1, 0, 0, 9, 2, 0]  # row 5 is all teacher prefix (no on-
 MICRO = 2
 VOCAB = 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = ModelConfig(architecture='qwen3', vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, tie_word_embeddings=True,
-                     attention='naive')
+CONFIG = ModelConfig(
+    architecture='qwen3',
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qk_norm=True,
+    tie_word_embeddings=True,
+    attention='naive',
+)
 ALLCLOSE = dict(rtol=2e-5, atol=1e-6)
 # Per-batch by construction: what packing is meant to change.
 PACKING_METRICS = ('padding_fraction',)
@@ -41,15 +51,22 @@ def rollouts(seed=0) -> dict:
     tokens = np.zeros((r, P + N), np.int32)
     input_mask, response_mask, prefix_mask = (np.zeros((r, P + N), np.int32) for _ in range(3))
     for row, (prompt, response, prefix) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS, PREFIX_LENGTHS)):
-        tokens[row, P - prompt:P + response] = rng.integers(1, VOCAB - 3, prompt + response)  # the shared vocabulary
-        input_mask[row, P - prompt:P + response] = 1
-        response_mask[row, P:P + response] = 1
-        prefix_mask[row, P:P + prefix] = 1
+        tokens[row, P - prompt : P + response] = rng.integers(1, VOCAB - 3, prompt + response)  # the shared vocabulary
+        input_mask[row, P - prompt : P + response] = 1
+        response_mask[row, P : P + response] = 1
+        prefix_mask[row, P : P + prefix] = 1
     logprobs = (-rng.uniform(0.5, 4.0, size=(r, P + N)) * response_mask).astype(np.float32)
-    finish_reason = np.where(np.asarray(RESPONSE_LENGTHS) == N, sampling.FINISH_LENGTH,
-                             sampling.FINISH_EOS).astype(np.int32)
-    return dict(tokens=tokens, input_mask=input_mask, response_mask=response_mask, prefix_mask=prefix_mask,
-                logprobs=logprobs, finish_reason=finish_reason)
+    finish_reason = np.where(np.asarray(RESPONSE_LENGTHS) == N, sampling.FINISH_LENGTH, sampling.FINISH_EOS).astype(
+        np.int32
+    )
+    return dict(
+        tokens=tokens,
+        input_mask=input_mask,
+        response_mask=response_mask,
+        prefix_mask=prefix_mask,
+        logprobs=logprobs,
+        finish_reason=finish_reason,
+    )
 
 
 def model(seed):
@@ -67,11 +84,29 @@ def models():
 
 def settings(method, aggregation, fused, packed):
     hp = dict(losses.DEFAULT_HYPERPARAMETERS, k=8, aggregation=aggregation, beta=0.5)
-    optimizer = train.OptimizerSettings(learning_rate=1e-3, schedule='constant', warmup_steps=0, total_steps=10,
-                                        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0)
-    return train.StepSettings(method=method, hyperparameters=tuple(sorted(hp.items())), vocab_size=VOCAB - 3,
-                              prompt_length=1 if packed else P, micro_batch_size=MICRO, importance_ratio=True,
-                              fused=fused, chunk_size=7, optimizer=optimizer, packed=packed)
+    optimizer = train.OptimizerSettings(
+        learning_rate=1e-3,
+        schedule='constant',
+        warmup_steps=0,
+        total_steps=10,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=0.0,
+    )
+    return train.StepSettings(
+        method=method,
+        hyperparameters=tuple(sorted(hp.items())),
+        vocab_size=VOCAB - 3,
+        prompt_length=1 if packed else P,
+        micro_batch_size=MICRO,
+        importance_ratio=True,
+        fused=fused,
+        chunk_size=7,
+        optimizer=optimizer,
+        packed=packed,
+    )
 
 
 def packed_batch(arrays, buckets=0):
@@ -84,12 +119,21 @@ def reference_loss(params, student_graphdef, teacher_graphdef, teacher_state, ar
     hp = dict(losses.DEFAULT_HYPERPARAMETERS, k=8, aggregation=aggregation, beta=0.5)
     inputs, mask = arrays['tokens'][:, :-1], arrays['input_mask'][:, :-1]
     positions = jnp.maximum(jnp.cumsum(arrays['input_mask'], axis=1) - 1, 0)
-    logits = lambda graphdef, state: nnx.merge(graphdef, state)(inputs, positions[:, :-1], mask)[0][:, P - 1:]
+    logits = lambda graphdef, state: nnx.merge(graphdef, state)(inputs, positions[:, :-1], mask)[0][:, P - 1 :]
     rollout_ids = jnp.broadcast_to(jnp.arange(len(inputs))[:, None], (len(inputs), N))
     return losses.distillation_loss(
-        method, logits(student_graphdef, params), logits(teacher_graphdef, teacher_state), arrays['tokens'][:, P:],
-        arrays['response_mask'][:, P:], arrays['prefix_mask'][:, P:], key, rollout_logprobs=arrays['logprobs'][:, P:],
-        vocab_size=VOCAB - 3, draw_ids=(rollout_ids, positions[:, P:]), **hp)
+        method,
+        logits(student_graphdef, params),
+        logits(teacher_graphdef, teacher_state),
+        arrays['tokens'][:, P:],
+        arrays['response_mask'][:, P:],
+        arrays['prefix_mask'][:, P:],
+        key,
+        rollout_logprobs=arrays['logprobs'][:, P:],
+        vocab_size=VOCAB - 3,
+        draw_ids=(rollout_ids, positions[:, P:]),
+        **hp,
+    )
 
 
 def test_pack_rollouts_layout():
@@ -103,7 +147,7 @@ def test_pack_rollouts_layout():
     for r, (prompt, response) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS)):
         where = (packed['rollout_ids'] == r) & (packed['segment_ids'] > 0)
         assert where.sum() == prompt + response
-        np.testing.assert_array_equal(packed['tokens'][where], arrays['tokens'][r, P - prompt:P + response])
+        np.testing.assert_array_equal(packed['tokens'][where], arrays['tokens'][r, P - prompt : P + response])
         np.testing.assert_array_equal(packed['positions'][where], np.arange(prompt + response))
     # The micro-batches (rows i * n + j) hold different numbers of response tokens, packed and not.
     for batch in (packed, arrays):
@@ -113,43 +157,59 @@ def test_pack_rollouts_layout():
 
 
 def test_bucket_rows_bounds_the_compiled_shapes():
-    assert [packing.bucket_rows(r, 16, 4, 512) for r in (1, 16, 17, 33, 49, 65, 81, 97, 113, 129)] == \
-        [16, 16, 32, 48, 64, 80, 96, 112, 128, 160]
+    assert [packing.bucket_rows(r, 16, 4, 512) for r in (1, 16, 17, 33, 49, 65, 81, 97, 113, 129)] == [
+        16,
+        16,
+        32,
+        48,
+        64,
+        80,
+        96,
+        112,
+        128,
+        160,
+    ]
     assert packing.bucket_rows(500, 16, 4, 512) == 512 and packing.bucket_rows(130, 16, 0, 512) == 144
     shapes = {packing.bucket_rows(r, 16, 4, 512) for r in range(1, 513)}
     assert len(shapes) <= 4 * 5 + 2  # per_doubling * log2(512 / 16) + 2
     for r in range(1, 513):
         needed = -(-r // 16) * 16
-        assert needed <= packing.bucket_rows(r, 16, 4, 512) <= needed * 2 ** 0.25 + 16
+        assert needed <= packing.bucket_rows(r, 16, 4, 512) <= needed * 2**0.25 + 16
 
 
-@pytest.mark.parametrize('method, aggregation, fused', [
-    ('opd', 'token_mean', True),
-    ('tropd', 'token_mean', False),
-    ('tropd', 'seq_mean_token_mean', True),
-    ('opd', 'seq_mean_token_mean', False),
-])
+@pytest.mark.parametrize(
+    'method, aggregation, fused',
+    [
+        ('opd', 'token_mean', True),
+        ('tropd', 'token_mean', False),
+        ('tropd', 'seq_mean_token_mean', True),
+        ('opd', 'seq_mean_token_mean', False),
+    ],
+)
 def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
     (student_graphdef, params), teacher = models
     key = jax.random.key(7)
     arrays = rollouts()
-    batches = {False: {k: jnp.asarray(v) for k, v in arrays.items()},
-               True: {k: jnp.asarray(v) for k, v in packed_batch(arrays).items()}}
+    batches = {
+        False: {k: jnp.asarray(v) for k, v in arrays.items()},
+        True: {k: jnp.asarray(v) for k, v in packed_batch(arrays).items()},
+    }
     grads_fn = jax.jit(train.accumulate_gradients, static_argnames=('student_graphdef', 'teacher_graphdef', 's'))
     step_fn = jax.jit(train.train_step, static_argnums=(5, 6, 7))
     opt_state = train.make_optimizer(settings(method, aggregation, fused, False).optimizer).init(params)
     grads, metrics = {}, {}
     for packed, batch in batches.items():
         s = settings(method, aggregation, fused, packed)
-        grads[packed], _ = grads_fn(params, teacher[1], batch, key, student_graphdef=student_graphdef,
-                                    teacher_graphdef=teacher[0], s=s)
+        grads[packed], _ = grads_fn(
+            params, teacher[1], batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher[0], s=s
+        )
         _, _, metrics[packed] = step_fn(params, opt_state, teacher[1], batch, key, student_graphdef, teacher[0], s)
     metrics = jax.device_get(metrics)
 
     # The loss of the whole batch at once, and its metrics.
     (loss, reference_metrics), reference_grads = jax.jit(
-        jax.value_and_grad(reference_loss, has_aux=True), static_argnums=(1, 2, 5, 6))(
-        params, student_graphdef, *teacher, arrays, method, aggregation, key)
+        jax.value_and_grad(reference_loss, has_aux=True), static_argnums=(1, 2, 5, 6)
+    )(params, student_graphdef, *teacher, arrays, method, aggregation, key)
     if method == 'tropd':  # the trust region's draws matter here: some tokens are in it, some are not
         trust_fraction = losses.metric_values(reference_metrics)['trust_fraction']
         assert 0.1 < trust_fraction < 0.9, trust_fraction
@@ -163,8 +223,13 @@ def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
 
     # Per-rollout metrics of the step, from the rollouts themselves.
     lengths, prefixes = np.asarray(RESPONSE_LENGTHS), np.minimum(PREFIX_LENGTHS, RESPONSE_LENGTHS)
-    expected = dict(response_length=lengths.mean(), prefix_length=prefixes.mean(), response_tokens=lengths.sum(),
-                    num_tokens=lengths.sum(), truncated_fraction=1 / len(lengths))
+    expected = dict(
+        response_length=lengths.mean(),
+        prefix_length=prefixes.mean(),
+        response_tokens=lengths.sum(),
+        num_tokens=lengths.sum(),
+        truncated_fraction=1 / len(lengths),
+    )
     for packed in (False, True):
         for name, value in expected.items():
             np.testing.assert_allclose(metrics[packed][name], value, rtol=1e-6, err_msg=f'packed={packed} {name}')
@@ -185,8 +250,7 @@ def test_trust_draws_do_not_depend_on_where_a_token_sits():
     u = losses.keyed_uniforms(key, rollout, position)
     assert u.shape == (2, 3) and bool(jnp.all((u >= 0) & (u < 1)))
     assert len(set(np.asarray(u).ravel().tolist())) == 6  # six different (rollout, position) pairs
-    np.testing.assert_array_equal(losses.keyed_uniforms(key, rollout[::-1, ::-1], position[::-1, ::-1]),
-                                  u[::-1, ::-1])
+    np.testing.assert_array_equal(losses.keyed_uniforms(key, rollout[::-1, ::-1], position[::-1, ::-1]), u[::-1, ::-1])
     assert losses.keyed_uniforms(key, jnp.array([[1]]), jnp.array([[5]]))[0, 0] == u[1, 0]
 
 
@@ -212,10 +276,18 @@ def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
     assert [r['step'] for r in curves[True]] == [r['step'] for r in curves[False]] == [1, 2, 3]
     for got, want in zip(curves[True], curves[False]):
         assert set(got) == set(want)
-        assert got['padding_fraction'] < 0.6 * want['padding_fraction'], (got['padding_fraction'],
-                                                                           want['padding_fraction'])
-        for name in ('response_length', 'prefix_length', 'max_prefix_length', 'num_tokens', 'response_tokens',
-                     'truncated_fraction'):
+        assert got['padding_fraction'] < 0.6 * want['padding_fraction'], (
+            got['padding_fraction'],
+            want['padding_fraction'],
+        )
+        for name in (
+            'response_length',
+            'prefix_length',
+            'max_prefix_length',
+            'num_tokens',
+            'response_tokens',
+            'truncated_fraction',
+        ):
             assert got[name] == want[name], name  # the same rollouts
         for name in set(got) - {'step', 'padding_fraction', 'rollout_time', 'train_time', 'tokens_per_second'}:
             # The sampler-vs-learner mismatch is itself float32 rounding (~1e-6): an absolute bound.

@@ -1,3 +1,3 @@
 """tropd_jax: Trust Region On-Policy Distillation in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

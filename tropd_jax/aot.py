@@ -40,18 +40,28 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from tropd_jax import config as config_lib, sampling, sharding, train
+from tropd_jax import config as config_lib
+from tropd_jax import sampling, sharding, train
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 from tropd_jax.models.quantize import quantize_int8
 
-
-GIB = 1024 ** 3
+GIB = 1024**3
 # HBM per chip as libtpu reports it, and how many TensorCores a slice name counts per chip (v4 / v5p names count
 # cores, v5e / v6e names count chips).
 CHIPS = {'v4': (32.0, 2), 'v5p': (95.74, 2), 'v5e': (15.75, 1), 'v6e': (31.25, 1)}
-_CUBE_SHAPES = {1: '1x1x1', 2: '1x2x1', 4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
-                256: '4x8x8', 512: '8x8x8'}
+_CUBE_SHAPES = {
+    1: '1x1x1',
+    2: '1x2x1',
+    4: '2x2x1',
+    8: '2x2x2',
+    16: '2x2x4',
+    32: '2x4x4',
+    64: '4x4x4',
+    128: '4x4x8',
+    256: '4x8x8',
+    512: '8x8x8',
+}
 _PLANE_SHAPES = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
 PROGRAMS = ('rollout_teacher', 'rollout_student', 'teacher_scoring', 'student_grad', 'train_step')
 RESIDENT = 'held meanwhile: '  # the row label of state the trainer keeps on the chips that a program does not take
@@ -59,384 +69,510 @@ RESIDENT = 'held meanwhile: '  # the row label of state the trainer keeps on the
 
 @dataclasses.dataclass
 class Topology:
-  name: str
-  devices: list
-  hbm_bytes: float | None  # None: no limit to check against (CPU)
+    name: str
+    devices: list
+    hbm_bytes: float | None  # None: no limit to check against (CPU)
 
 
 def libtpu_topology_name(name: str) -> str:
-  """'v5p-8' -> 'v5p:2x2x1' (4 chips); names already in libtpu's form pass through."""
-  if ':' in name:
-    return name
-  match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
-  if not match:
-    raise ValueError(f'--topology={name!r}: expected a slice such as v5p-8, v5e-4, v4-16, v6e-8, a libtpu name '
-                     f'such as v5p:2x2x1, or cpu:N')
-  kind = 'v5e' if match.group(1) == 'v5litepod' else match.group(1)
-  cores = int(match.group(2))
-  chips = cores // CHIPS[kind][1]
-  shapes = _CUBE_SHAPES if kind in ('v4', 'v5p') else _PLANE_SHAPES
-  if chips not in shapes or cores % CHIPS[kind][1]:
-    raise ValueError(f'--topology={name!r}: no {kind} slice of {cores} cores; known sizes: '
-                     f'{", ".join(f"{kind}-{c * CHIPS[kind][1]}" for c in shapes)}')
-  return f'{kind}:{shapes[chips]}'
+    """'v5p-8' -> 'v5p:2x2x1' (4 chips); names already in libtpu's form pass through."""
+    if ':' in name:
+        return name
+    match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
+    if not match:
+        raise ValueError(
+            f'--topology={name!r}: expected a slice such as v5p-8, v5e-4, v4-16, v6e-8, a libtpu name '
+            f'such as v5p:2x2x1, or cpu:N'
+        )
+    kind = 'v5e' if match.group(1) == 'v5litepod' else match.group(1)
+    cores = int(match.group(2))
+    chips = cores // CHIPS[kind][1]
+    shapes = _CUBE_SHAPES if kind in ('v4', 'v5p') else _PLANE_SHAPES
+    if chips not in shapes or cores % CHIPS[kind][1]:
+        raise ValueError(
+            f'--topology={name!r}: no {kind} slice of {cores} cores; known sizes: '
+            f'{", ".join(f"{kind}-{c * CHIPS[kind][1]}" for c in shapes)}'
+        )
+    return f'{kind}:{shapes[chips]}'
 
 
 def get_topology(name: str, hbm_gib: float | None = None) -> Topology:
-  """The devices of `name` ('cpu:N' or a TPU slice) to compile for, and their memory per chip."""
-  if name.startswith('cpu:'):
-    count = int(name.split(':', 1)[1])
-    devices = jax.devices('cpu')
-    if len(devices) < count:
-      raise ValueError(f'--topology={name}: this process has {len(devices)} CPU devices; run it as a fresh process '
-                       f'(the device count is set before JAX starts)')
-    return Topology(name, devices[:count], None if hbm_gib is None else hbm_gib * GIB)
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    """The devices of `name` ('cpu:N' or a TPU slice) to compile for, and their memory per chip."""
+    if name.startswith('cpu:'):
+        count = int(name.split(':', 1)[1])
+        devices = jax.devices('cpu')
+        if len(devices) < count:
+            raise ValueError(
+                f'--topology={name}: this process has {len(devices)} CPU devices; run it as a fresh process '
+                f'(the device count is set before JAX starts)'
+            )
+        return Topology(name, devices[:count], None if hbm_gib is None else hbm_gib * GIB)
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
-  libtpu_name = libtpu_topology_name(name)
-  kind = libtpu_name.split(':')[0]
-  # The TPU plugin must load even where JAX_PLATFORMS=cpu was set (this process never runs on the TPU).
-  jax.config.update('jax_platforms', None)
-  if 'TPU_ACCELERATOR_TYPE' not in os.environ:
-    # Not on a TPU VM: tell libtpu so, instead of letting it look for a TPU's host and metadata server (which only
-    # prints warnings), and let several compiling processes load it at once.
-    os.environ.update(TPU_ACCELERATOR_TYPE=name if '-' in name else 'v5p-8', TPU_WORKER_HOSTNAMES='localhost',
-                      TPU_SKIP_MDS_QUERY='1', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
-  try:
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=libtpu_name)
-  except Exception as e:  # a missing libtpu, or a name libtpu does not know
-    raise RuntimeError(f'--topology={name}: cannot describe TPU topology {libtpu_name!r} ({type(e).__name__}: '
-                       f'{e}); TPU topologies need libtpu: pip install -e ".[tpu]"') from None
-  hbm = hbm_gib if hbm_gib is not None else CHIPS.get(kind, (None,))[0]
-  return Topology(f'{name} ({libtpu_name}, {len(desc.devices)} chips)', list(desc.devices),
-                  None if hbm is None else hbm * GIB)
+    libtpu_name = libtpu_topology_name(name)
+    kind = libtpu_name.split(':')[0]
+    # The TPU plugin must load even where JAX_PLATFORMS=cpu was set (this process never runs on the TPU).
+    jax.config.update('jax_platforms', None)
+    if 'TPU_ACCELERATOR_TYPE' not in os.environ:
+        # Not on a TPU VM: tell libtpu so, instead of letting it look for a TPU's host and metadata server (which only
+        # prints warnings), and let several compiling processes load it at once.
+        os.environ.update(
+            TPU_ACCELERATOR_TYPE=name if '-' in name else 'v5p-8',
+            TPU_WORKER_HOSTNAMES='localhost',
+            TPU_SKIP_MDS_QUERY='1',
+            ALLOW_MULTIPLE_LIBTPU_LOAD='1',
+        )
+    try:
+        desc = topologies.get_topology_desc(platform='tpu', topology_name=libtpu_name)
+    except Exception as e:  # a missing libtpu, or a name libtpu does not know
+        raise RuntimeError(
+            f'--topology={name}: cannot describe TPU topology {libtpu_name!r} ({type(e).__name__}: '
+            f'{e}); TPU topologies need libtpu: pip install -e ".[tpu]"'
+        ) from None
+    hbm = hbm_gib if hbm_gib is not None else CHIPS.get(kind, (None,))[0]
+    return Topology(
+        f'{name} ({libtpu_name}, {len(desc.devices)} chips)', list(desc.devices), None if hbm is None else hbm * GIB
+    )
 
 
 def model_config_path(checkpoint_path: str, config_file: str) -> str:
-  """A checkpoint's config.json: its own when the directory exists, else `configs/models/<name>/config.json`
-  beside the recipe file."""
-  own = os.path.join(checkpoint_path, 'config.json')
-  if os.path.isfile(own):
-    return own
-  shipped = os.path.join(os.path.dirname(os.path.abspath(config_file)), 'models',
-                         os.path.basename(os.path.normpath(checkpoint_path)), 'config.json')
-  if os.path.isfile(shipped):
-    return shipped
-  raise FileNotFoundError(f'no config.json for {checkpoint_path!r}: neither {own} nor {shipped} exists')
+    """A checkpoint's config.json: its own when the directory exists, else `configs/models/<name>/config.json`
+    beside the recipe file."""
+    own = os.path.join(checkpoint_path, 'config.json')
+    if os.path.isfile(own):
+        return own
+    shipped = os.path.join(
+        os.path.dirname(os.path.abspath(config_file)),
+        'models',
+        os.path.basename(os.path.normpath(checkpoint_path)),
+        'config.json',
+    )
+    if os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(f'no config.json for {checkpoint_path!r}: neither {own} nor {shipped} exists')
 
 
 def model_config(path: str, *, dtype: str, param_dtype: str, runtime: dict) -> ModelConfig:
-  with open(path) as f:
-    hf = json.load(f)
-  return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(**runtime)
+    with open(path) as f:
+        hf = json.load(f)
+    return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype).replace(**runtime)
 
 
 def abstract_model(model_config: ModelConfig, mesh, quantization: str = 'none'):
-  """(graphdef, state of ShapeDtypeStructs placed by the logical rules) of a `Decoder` (int8 weights with
-  `quantization='int8'`); nothing is allocated."""
-  model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
-  if quantization == 'int8':
-    model = quantize_int8(model)
-  graphdef, state = nnx.split(model)
-  shardings = sharding.state_shardings(state, mesh)
-  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    """(graphdef, state of ShapeDtypeStructs placed by the logical rules) of a `Decoder` (int8 weights with
+    `quantization='int8'`); nothing is allocated."""
+    model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+    if quantization == 'int8':
+        model = quantize_int8(model)
+    graphdef, state = nnx.split(model)
+    shardings = sharding.state_shardings(state, mesh)
+    return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def bytes_per_chip(tree) -> int:
-  """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
-    itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
-    total += math.prod(shape) * itemsize
-  return total
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
+        itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
+        total += math.prod(shape) * itemsize
+    return total
 
 
-def _abstract(shape, dtype, mesh, spec=PartitionSpec()):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+def _abstract(shape, dtype, mesh, spec=None):
+    spec = PartitionSpec() if spec is None else spec
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
 def _param_count(c: ModelConfig) -> int:
-  attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  layer = attention + 3 * c.hidden_size * c.intermediate_size
-  return c.num_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    layer = attention + 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
 
 
 def forward_flops(c: ModelConfig, rows: int, context: int, new: int) -> float:
-  """Forward FLOPs of `new` tokens per row after `context` earlier ones: 2 per weight per token, plus causal
-  attention (q k and p v, 2 x 2 x N x D per attended key)."""
-  tokens = rows * new
-  attended = rows * (new * context + new * (new + 1) / 2)
-  return 2.0 * _param_count(c) * tokens + 4.0 * c.num_layers * c.num_heads * c.head_dim * attended
+    """Forward FLOPs of `new` tokens per row after `context` earlier ones: 2 per weight per token, plus causal
+    attention (q k and p v, 2 x 2 x N x D per attended key)."""
+    tokens = rows * new
+    attended = rows * (new * context + new * (new + 1) / 2)
+    return 2.0 * _param_count(c) * tokens + 4.0 * c.num_layers * c.num_heads * c.head_dim * attended
 
 
 @dataclasses.dataclass
 class Result:
-  program: str
-  fits: bool
-  rows: dict  # label -> bytes per chip
-  total: float | None
-  flops: float
-  error: str = ''
-  where: str = ''  # the devices it runs on, when not all of them (a separate teacher)
-  resident: float = 0.0  # bytes per chip the trainer holds while the program runs that are not its inputs
+    program: str
+    fits: bool
+    rows: dict  # label -> bytes per chip
+    total: float | None
+    flops: float
+    error: str = ''
+    where: str = ''  # the devices it runs on, when not all of them (a separate teacher)
+    resident: float = 0.0  # bytes per chip the trainer holds while the program runs that are not its inputs
 
 
-def compile_and_measure(name, lower, groups: dict, hbm: float | None, flops: float, extra_rows=None,
-                        where: str = '', resident: dict | None = None) -> Result:
-  """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree), and
-  `resident` what else the trainer keeps on the same chips while it runs (label -> pytree): the program fits when
-  its own total plus that does."""
-  rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
-  rows.update(extra_rows or {})
-  held_rows = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
-  rows.update(held_rows)
-  held = sum(held_rows.values())
-  try:
-    compiled = lower().compile()
-  except Exception as e:  # pylint: disable=broad-except
-    text = str(e)
-    if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
-      raise
-    needed = re.search(r'required for HLO temporaries \(([\d.]+)([KMGT])\)', text)
-    if needed:
-      rows['temporaries'] = float(needed.group(1)) * 1024 ** ' KMGT'.index(needed.group(2))
-    first = text.strip().splitlines()[0]
-    return Result(name, False, rows, None, flops, error=first[:400], where=where, resident=held)
-  memory = compiled.memory_analysis()
-  rows['outputs (not donated)'] = float(max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0))
-  rows['temporaries'] = float(memory.temp_size_in_bytes)
-  rows['program'] = float(memory.generated_code_size_in_bytes)
-  total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-  fits = hbm is None or total + held <= hbm
-  return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where,
-                resident=held)
+def compile_and_measure(
+    name,
+    lower,
+    groups: dict,
+    hbm: float | None,
+    flops: float,
+    extra_rows=None,
+    where: str = '',
+    resident: dict | None = None,
+) -> Result:
+    """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree), and
+    `resident` what else the trainer keeps on the same chips while it runs (label -> pytree): the program fits when
+    its own total plus that does."""
+    rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
+    rows.update(extra_rows or {})
+    held_rows = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
+    rows.update(held_rows)
+    held = sum(held_rows.values())
+    try:
+        compiled = lower().compile()
+    except Exception as e:  # pylint: disable=broad-except
+        text = str(e)
+        if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
+            raise
+        needed = re.search(r'required for HLO temporaries \(([\d.]+)([KMGT])\)', text)
+        if needed:
+            rows['temporaries'] = float(needed.group(1)) * 1024 ** ' KMGT'.index(needed.group(2))
+        first = text.strip().splitlines()[0]
+        return Result(name, False, rows, None, flops, error=first[:400], where=where, resident=held)
+    memory = compiled.memory_analysis()
+    rows['outputs (not donated)'] = float(max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0))
+    rows['temporaries'] = float(memory.temp_size_in_bytes)
+    rows['program'] = float(memory.generated_code_size_in_bytes)
+    total = float(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
+    fits = hbm is None or total + held <= hbm
+    return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where, resident=held)
 
 
 def build_programs(config, topology: Topology, config_file: str) -> dict:
-  """Name -> (lower function, input groups, model FLOPs, extra rows, where, resident groups) for every program of
-  `config`. Resident groups: what the trainer keeps on the program's chips meanwhile (the rollout programs run
-  between train steps; `teacher_scoring` and `student_grad` are parts of `train_step`, whose inputs hold it all).
+    """Name -> (lower function, input groups, model FLOPs, extra rows, where, resident groups) for every program of
+    `config`. Resident groups: what the trainer keeps on the program's chips meanwhile (the rollout programs run
+    between train steps; `teacher_scoring` and `student_grad` are parts of `train_step`, whose inputs hold it all).
 
-  With `model.teacher_placement=separate` the teacher's programs (its rollouts, its scoring of the whole batch)
-  run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
-  """
-  num_devices = len(topology.devices)
-  config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
-  mesh, teacher_mesh = train.make_meshes(config, topology.devices)
-  separate = teacher_mesh is not mesh
-  where = {'student': f'the student\'s {mesh.size} of {num_devices} chips' if separate else '',
-           'teacher': f'the teacher\'s {teacher_mesh.size} of {num_devices} chips' if separate else ''}
-  m = config.model
-  student_config = model_config(model_config_path(m.student_path, config_file), dtype=m.dtype,
-                                param_dtype=m.param_dtype, runtime=config_lib.model_runtime_fields(m))
-  teacher_config = model_config(model_config_path(m.teacher_path, config_file), dtype=m.teacher_dtype,
-                                param_dtype=m.teacher_dtype,
-                                runtime=config_lib.model_runtime_fields(m, trained=False))
-  vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
-  student_graphdef, params = abstract_model(student_config, mesh)
-  teacher_graphdef, teacher_state = abstract_model(teacher_config, teacher_mesh, m.teacher_quantization)
+    With `model.teacher_placement=separate` the teacher's programs (its rollouts, its scoring of the whole batch)
+    run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
+    """
+    num_devices = len(topology.devices)
+    config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
+    mesh, teacher_mesh = train.make_meshes(config, topology.devices)
+    separate = teacher_mesh is not mesh
+    where = {
+        'student': f"the student's {mesh.size} of {num_devices} chips" if separate else '',
+        'teacher': f"the teacher's {teacher_mesh.size} of {num_devices} chips" if separate else '',
+    }
+    m = config.model
+    student_config = model_config(
+        model_config_path(m.student_path, config_file),
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        runtime=config_lib.model_runtime_fields(m),
+    )
+    teacher_config = model_config(
+        model_config_path(m.teacher_path, config_file),
+        dtype=m.teacher_dtype,
+        param_dtype=m.teacher_dtype,
+        runtime=config_lib.model_runtime_fields(m, trained=False),
+    )
+    vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
+    student_graphdef, params = abstract_model(student_config, mesh)
+    teacher_graphdef, teacher_state = abstract_model(teacher_config, teacher_mesh, m.teacher_quantization)
 
-  prompt_length = sampling.bucket_length(config.data.max_prompt_length)
-  new = config.rollout.max_new_tokens
-  length = prompt_length + new
-  batch = config.train.prompts_per_step * config.rollout.num_rollouts
-  micro = config.train.micro_batch_size
-  settings = train.step_settings(config, vocab_size)
-  # Packed rows: the largest packed batch (one rollout per row), scored with a prompt length of 1.
-  settings = dataclasses.replace(settings, prompt_length=1 if settings.packed else prompt_length)
-  batch_keys = train.batch_keys(settings)
-  optimizer = train.make_optimizer(settings.optimizer)
-  step, batch_shardings, _, opt_shardings = train.jit_train_step(
-      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, batch_keys, settings,
-      student_graphdef, teacher_graphdef)
-  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           jax.eval_shape(optimizer.init, params), opt_shardings)
-  dtypes = {'logprobs': jnp.float32}
+    prompt_length = sampling.bucket_length(config.data.max_prompt_length)
+    new = config.rollout.max_new_tokens
+    length = prompt_length + new
+    batch = config.train.prompts_per_step * config.rollout.num_rollouts
+    micro = config.train.micro_batch_size
+    settings = train.step_settings(config, vocab_size)
+    # Packed rows: the largest packed batch (one rollout per row), scored with a prompt length of 1.
+    settings = dataclasses.replace(settings, prompt_length=1 if settings.packed else prompt_length)
+    batch_keys = train.batch_keys(settings)
+    optimizer = train.make_optimizer(settings.optimizer)
+    step, batch_shardings, _, opt_shardings = train.jit_train_step(
+        mesh,
+        params,
+        jax.eval_shape(optimizer.init, params),
+        teacher_state,
+        batch_keys,
+        settings,
+        student_graphdef,
+        teacher_graphdef,
+    )
+    opt_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(optimizer.init, params),
+        opt_shardings,
+    )
+    dtypes = {'logprobs': jnp.float32}
 
-  def batch_of(rows):
-    return {k: _abstract((rows,) if k == 'finish_reason' else (rows, length), dtypes.get(k, jnp.int32), mesh,
-                         batch_shardings[k].spec) for k in batch_keys}
+    def batch_of(rows):
+        return {
+            k: _abstract(
+                (rows,) if k == 'finish_reason' else (rows, length),
+                dtypes.get(k, jnp.int32),
+                mesh,
+                batch_shardings[k].spec,
+            )
+            for k in batch_keys
+        }
 
-  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
-  key_on = lambda on: jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(on, PartitionSpec()))
-  key = key_on(mesh)
-  programs = {}
+    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+    key_on = lambda on: jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(on, PartitionSpec()))
+    key = key_on(mesh)
+    programs = {}
 
-  # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
-  rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
-  slots = config.rollout.decode_slots if 0 < config.rollout.decode_slots < rows else rows  # rows decoded at once
-  for name, graphdef, state, c, on in (
-      ('rollout_teacher', teacher_graphdef, teacher_state, teacher_config, teacher_mesh),
-      ('rollout_student', student_graphdef, params, student_config, mesh)):
-    args = (graphdef, state, _abstract((rows, prompt_length), jnp.int32, on),
-            _abstract((rows, prompt_length), jnp.int32, on), key_on(on), _abstract((rows, new), jnp.int32, on),
-            _abstract((rows,), jnp.int32, on), _abstract((rows,), jnp.int32, on),
-            _abstract((), jnp.float32, on), _abstract((1,), jnp.int32, on))
-    static = dict(max_new_tokens=new, greedy=False, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
-                  pad_id=0, segment_length=sampling.default_segment_length(new), vocab_size=vocab_size,
-                  decode_slots=slots if slots < rows else 0)
-    rows_per_chip = math.ceil(slots / (on.shape['data'] * on.shape['fsdp']))
-    tensor = on.shape['tensor']
-    kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
-    cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
+    # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
+    rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
+    slots = config.rollout.decode_slots if 0 < config.rollout.decode_slots < rows else rows  # rows decoded at once
+    for name, graphdef, state, c, on in (
+        ('rollout_teacher', teacher_graphdef, teacher_state, teacher_config, teacher_mesh),
+        ('rollout_student', student_graphdef, params, student_config, mesh),
+    ):
+        args = (
+            graphdef,
+            state,
+            _abstract((rows, prompt_length), jnp.int32, on),
+            _abstract((rows, prompt_length), jnp.int32, on),
+            key_on(on),
+            _abstract((rows, new), jnp.int32, on),
+            _abstract((rows,), jnp.int32, on),
+            _abstract((rows,), jnp.int32, on),
+            _abstract((), jnp.float32, on),
+            _abstract((1,), jnp.int32, on),
+        )
+        static = dict(
+            max_new_tokens=new,
+            greedy=False,
+            top_k=config.rollout.top_k,
+            top_p=config.rollout.top_p,
+            pad_id=0,
+            segment_length=sampling.default_segment_length(new),
+            vocab_size=vocab_size,
+            decode_slots=slots if slots < rows else 0,
+        )
+        rows_per_chip = math.ceil(slots / (on.shape['data'] * on.shape['fsdp']))
+        tensor = on.shape['tensor']
+        kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
+        cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
 
-    def lower(args=args, static=static, on=on):
-      with jax.set_mesh(on):
-        return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
-    label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
-    flops = forward_flops(c, rows, prompt_length, new)
-    # Between train steps the student's parameters and optimizer state and the teacher's parameters stay where they
-    # are; a rollout program shares its chips with those it does not take.
-    if name == 'rollout_teacher':
-      resident = {} if separate else {'student parameters': params, 'optimizer state': opt_state}
+        def lower(args=args, static=static, on=on):
+            with jax.set_mesh(on):
+                return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
+
+        label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
+        flops = forward_flops(c, rows, prompt_length, new)
+        # Between train steps the student's parameters and optimizer state and the teacher's parameters stay where they
+        # are; a rollout program shares its chips with those it does not take.
+        if name == 'rollout_teacher':
+            resident = {} if separate else {'student parameters': params, 'optimizer state': opt_state}
+        else:
+            resident = {'optimizer state': opt_state, **({} if separate else {'teacher parameters': teacher_state})}
+        programs[name] = (
+            lower,
+            {label: state, 'other inputs': args[2:]},
+            flops,
+            {'KV cache (estimate)': cache},
+            where['teacher' if name == 'rollout_teacher' else 'student'],
+            resident,
+        )
+
+    micro_batch = batch_of(micro)
+    micro_batch.pop('finish_reason')
+    micro_batch.setdefault('rollout_ids', micro_batch['tokens'])  # [m, S] int32; the step adds it to unpacked rows
+    full_batch = batch_of(batch)
+
+    def teacher_scoring(teacher_state, micro):
+        return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
+
+    teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
+    if separate:
+        # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
+        score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
+        teacher_batch = {
+            k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh, PartitionSpec(('data', 'fsdp')))
+            for k in train.teacher_input_keys(settings)
+        }
+        programs['teacher_scoring'] = (
+            lambda: score.lower(teacher_state, teacher_batch, settings),
+            {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
+            (batch // micro) * teacher_flops,
+            {},
+            where['teacher'],
+            {},
+        )
     else:
-      resident = {'optimizer state': opt_state, **({} if separate else {'teacher parameters': teacher_state})}
-    programs[name] = (lower, {label: state, 'other inputs': args[2:]}, flops, {'KV cache (estimate)': cache},
-                      where['teacher' if name == 'rollout_teacher' else 'student'], resident)
 
-  micro_batch = batch_of(micro)
-  micro_batch.pop('finish_reason')
-  micro_batch.setdefault('rollout_ids', micro_batch['tokens'])  # [m, S] int32; the step adds it to unpacked rows
-  full_batch = batch_of(batch)
+        def lower_scoring():
+            with jax.set_mesh(mesh):
+                return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
 
-  def teacher_scoring(teacher_state, micro):
-    return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
+        programs['teacher_scoring'] = (
+            lower_scoring,
+            {'teacher parameters': teacher_state, 'other inputs': micro_batch},
+            teacher_flops,
+            {},
+            '',
+            {},
+        )
 
-  teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
-  if separate:
-    # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
-    score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
-    teacher_batch = {k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh,
-                                  PartitionSpec(('data', 'fsdp'))) for k in train.teacher_input_keys(settings)}
-    programs['teacher_scoring'] = (lambda: score.lower(teacher_state, teacher_batch, settings),
-                                   {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
-                                   (batch // micro) * teacher_flops, {}, where['teacher'], {})
-  else:
-    def lower_scoring():
-      with jax.set_mesh(mesh):
-        return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
-    programs['teacher_scoring'] = (lower_scoring, {'teacher parameters': teacher_state,
-                                                   'other inputs': micro_batch}, teacher_flops, {}, '', {})
+    teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
+    teacher_out = jax.tree.map(
+        lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))), teacher_out
+    )
 
-  teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
-  teacher_out = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))),
-                             teacher_out)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
 
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    def student_grad(params, micro, teacher_out, key):
+        grads, stats = train.student_grads(
+            params, micro, teacher_out, key, student_graphdef=student_graphdef, s=settings
+        )
+        # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
+        return jax.lax.with_sharding_constraint(grads, param_shardings), stats
 
-  def student_grad(params, micro, teacher_out, key):
-    grads, stats = train.student_grads(params, micro, teacher_out, key, student_graphdef=student_graphdef,
-                                       s=settings)
-    # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
-    return jax.lax.with_sharding_constraint(grads, param_shardings), stats
+    def lower_student():
+        with jax.set_mesh(mesh):
+            return jax.jit(student_grad).lower(params, micro_batch, teacher_out, key)
 
-  def lower_student():
-    with jax.set_mesh(mesh):
-      return jax.jit(student_grad).lower(params, micro_batch, teacher_out, key)
-  student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
-  programs['student_grad'] = (lower_student, {'student parameters': params,
-                                              'other inputs': (micro_batch, teacher_out)}, student_flops, {},
-                              where['student'], {})
+    student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
+    programs['student_grad'] = (
+        lower_student,
+        {'student parameters': params, 'other inputs': (micro_batch, teacher_out)},
+        student_flops,
+        {},
+        where['student'],
+        {},
+    )
 
-  if separate:  # the step takes the teacher's targets for the batch, [n, m, ...], split along m
-    teacher_in = jax.tree.map(
-        lambda x: _abstract((batch // micro, *x.shape), x.dtype, mesh, PartitionSpec(None, ('data', 'fsdp'))),
-        jax.eval_shape(teacher_scoring, teacher_state, micro_batch))
-    teacher_group = {'teacher targets': teacher_in}
-    step_flops = (batch // micro) * student_flops
-  else:
-    teacher_in = teacher_state
-    teacher_group = {'teacher parameters': teacher_state}
-    step_flops = (batch // micro) * (student_flops + teacher_flops)
+    if separate:  # the step takes the teacher's targets for the batch, [n, m, ...], split along m
+        teacher_in = jax.tree.map(
+            lambda x: _abstract((batch // micro, *x.shape), x.dtype, mesh, PartitionSpec(None, ('data', 'fsdp'))),
+            jax.eval_shape(teacher_scoring, teacher_state, micro_batch),
+        )
+        teacher_group = {'teacher targets': teacher_in}
+        step_flops = (batch // micro) * student_flops
+    else:
+        teacher_in = teacher_state
+        teacher_group = {'teacher parameters': teacher_state}
+        step_flops = (batch // micro) * (student_flops + teacher_flops)
 
-  def lower_step():
-    with jax.set_mesh(mesh):
-      return step.lower(params, opt_state, teacher_in, full_batch, key, settings)
-  programs['train_step'] = (lower_step, {'student parameters': params, 'optimizer state': opt_state,
-                                         **teacher_group, 'other inputs': full_batch},
-                            step_flops, {}, where['student'], {})
-  return programs
+    def lower_step():
+        with jax.set_mesh(mesh):
+            return step.lower(params, opt_state, teacher_in, full_batch, key, settings)
+
+    programs['train_step'] = (
+        lower_step,
+        {'student parameters': params, 'optimizer state': opt_state, **teacher_group, 'other inputs': full_batch},
+        step_flops,
+        {},
+        where['student'],
+        {},
+    )
+    return programs
 
 
 def _gib(x):
-  return '-' if x is None else f'{x / GIB:,.2f}'
+    return '-' if x is None else f'{x / GIB:,.2f}'
 
 
 def format_result(r: Result, hbm: float | None) -> str:
-  """One program's table; in MiB when everything is under 1 GiB (tiny models), else GiB."""
-  unit, scale = ('GiB', GIB) if max([*r.rows.values(), r.total or 0, hbm or 0]) >= GIB else ('MiB', 1024 ** 2)
-  show = lambda x: f'{x / scale:,.2f}' if x is not None else '> HBM'
-  own = {k: v for k, v in r.rows.items() if not k.startswith(RESIDENT)}
-  held = {k: v for k, v in r.rows.items() if k.startswith(RESIDENT)}
-  width = max(24, *(len(k) + 2 for k in r.rows))
-  row = lambda label, text: f'  {label:<{width}}{text:>10}'
-  lines = [f'{r.program}:' + ('' if r.fits else '  DOES NOT FIT'), row('per chip', unit)]
-  lines += [row(label, show(value)) for label, value in own.items()]
-  if held:
-    lines.append(row('program total', show(r.total)))
-    lines += [row(label, show(value)) for label, value in held.items()]
-  whole = None if r.total is None else r.total + r.resident
-  lines.append(row('total', show(whole))
-               + ('' if hbm is None or whole is None else f'   ({100 * whole / hbm:.0f}% of {_gib(hbm)} GiB HBM)'))
-  lines.append(row('model FLOPs', f'{r.flops:.3g}'))
-  if r.where:
-    lines.append(f'  runs on {r.where}')
-  if r.error:
-    lines.append(f'  {r.error}')
-  return '\n'.join(lines)
+    """One program's table; in MiB when everything is under 1 GiB (tiny models), else GiB."""
+    unit, scale = ('GiB', GIB) if max([*r.rows.values(), r.total or 0, hbm or 0]) >= GIB else ('MiB', 1024**2)
+    show = lambda x: f'{x / scale:,.2f}' if x is not None else '> HBM'
+    own = {k: v for k, v in r.rows.items() if not k.startswith(RESIDENT)}
+    held = {k: v for k, v in r.rows.items() if k.startswith(RESIDENT)}
+    width = max(24, *(len(k) + 2 for k in r.rows))
+    row = lambda label, text: f'  {label:<{width}}{text:>10}'
+    lines = [f'{r.program}:' + ('' if r.fits else '  DOES NOT FIT'), row('per chip', unit)]
+    lines += [row(label, show(value)) for label, value in own.items()]
+    if held:
+        lines.append(row('program total', show(r.total)))
+        lines += [row(label, show(value)) for label, value in held.items()]
+    whole = None if r.total is None else r.total + r.resident
+    lines.append(
+        row('total', show(whole))
+        + ('' if hbm is None or whole is None else f'   ({100 * whole / hbm:.0f}% of {_gib(hbm)} GiB HBM)')
+    )
+    lines.append(row('model FLOPs', f'{r.flops:.3g}'))
+    if r.where:
+        lines.append(f'  runs on {r.where}')
+    if r.error:
+        lines.append(f'  {r.error}')
+    return '\n'.join(lines)
 
 
 def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list[Result]:
-  unknown = sorted(set(programs) - set(PROGRAMS))
-  if unknown:
-    raise ValueError(f'unknown programs {unknown}; known: {", ".join(PROGRAMS)}')
-  built = build_programs(config, topology, config_file)
-  results = []
-  for name in programs:
-    lower, groups, flops, extra, where, resident = built[name]
-    result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
-    print(format_result(result, topology.hbm_bytes), flush=True)
-    results.append(result)
-  return results
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ValueError(f'unknown programs {unknown}; known: {", ".join(PROGRAMS)}')
+    built = build_programs(config, topology, config_file)
+    results = []
+    for name in programs:
+        lower, groups, flops, extra, where, resident = built[name]
+        result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
+        print(format_result(result, topology.hbm_bytes), flush=True)
+        results.append(result)
+    return results
 
 
 def define_flags():
-  """The command line's flags (defined only when run as a program, so importing this module defines none)."""
-  global _CONFIG, _TOPOLOGY, _PROGRAMS, _HBM_GIB, _JSON
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
-                                            lock_config=True)
-  _TOPOLOGY = flags.DEFINE_string('topology', None, 'A TPU slice (v5p-8, v5e-4, v4-16, v6e-8, or libtpu names such '
-                                  'as v5p:2x2x1) or cpu:N for N CPU devices.')
-  _PROGRAMS = flags.DEFINE_list('programs', list(PROGRAMS), 'Which programs to compile.')
-  _HBM_GIB = flags.DEFINE_float('hbm_gib', None, "Memory per chip in GiB (default: the chip's HBM; none for cpu:N).")
-  _JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
-  flags.mark_flags_as_required(['config', 'topology'])
+    """The command line's flags (defined only when run as a program, so importing this module defines none)."""
+    global _CONFIG, _TOPOLOGY, _PROGRAMS, _HBM_GIB, _JSON
+    _CONFIG = config_flags.DEFINE_config_file(
+        'config', None, 'Training config file (configs/NAME.py[:ARG]).', lock_config=True
+    )
+    _TOPOLOGY = flags.DEFINE_string(
+        'topology',
+        None,
+        'A TPU slice (v5p-8, v5e-4, v4-16, v6e-8, or libtpu names such as v5p:2x2x1) or cpu:N for N CPU devices.',
+    )
+    _PROGRAMS = flags.DEFINE_list('programs', list(PROGRAMS), 'Which programs to compile.')
+    _HBM_GIB = flags.DEFINE_float('hbm_gib', None, "Memory per chip in GiB (default: the chip's HBM; none for cpu:N).")
+    _JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON to this path.')
+    flags.mark_flags_as_required(['config', 'topology'])
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _TOPOLOGY.value.startswith('cpu:'):
-    jax.config.update('jax_num_cpu_devices', int(_TOPOLOGY.value.split(':', 1)[1]))
-  topology = get_topology(_TOPOLOGY.value, _HBM_GIB.value)
-  config_file = flags.FLAGS['config'].config_filename.split(':')[0]
-  print(f'{config_file} on {topology.name}' + ('' if topology.hbm_bytes is None else
-                                                 f', {_gib(topology.hbm_bytes)} GiB per chip'), flush=True)
-  results = run(_CONFIG.value, topology, config_file, tuple(_PROGRAMS.value))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'config': config_file, 'topology': topology.name, 'hbm_bytes': topology.hbm_bytes,
-                 'programs': [dataclasses.asdict(r) for r in results]}, f, indent=1)
-  failed = [r.program for r in results if not r.fits]
-  if failed:
-    print(f'does not fit on {topology.name}: {", ".join(failed)}', file=sys.stderr)
-    return 1
-  print(f'every program fits on {topology.name}')
-  return 0
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if _TOPOLOGY.value.startswith('cpu:'):
+        jax.config.update('jax_num_cpu_devices', int(_TOPOLOGY.value.split(':', 1)[1]))
+    topology = get_topology(_TOPOLOGY.value, _HBM_GIB.value)
+    config_file = flags.FLAGS['config'].config_filename.split(':')[0]
+    print(
+        f'{config_file} on {topology.name}'
+        + ('' if topology.hbm_bytes is None else f', {_gib(topology.hbm_bytes)} GiB per chip'),
+        flush=True,
+    )
+    results = run(_CONFIG.value, topology, config_file, tuple(_PROGRAMS.value))
+    if _JSON.value:
+        with open(_JSON.value, 'w') as f:
+            json.dump(
+                {
+                    'config': config_file,
+                    'topology': topology.name,
+                    'hbm_bytes': topology.hbm_bytes,
+                    'programs': [dataclasses.asdict(r) for r in results],
+                },
+                f,
+                indent=1,
+            )
+    failed = [r.program for r in results if not r.fits]
+    if failed:
+        print(f'does not fit on {topology.name}: {", ".join(failed)}', file=sys.stderr)
+        return 1
+    print(f'every program fits on {topology.name}')
+    return 0
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -46,8 +46,10 @@ class _AbandonedReadsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not (record.exc_info and message.startswith(('Task exception was never retrieved',
-                                                            'Future exception was never retrieved')))
+        return not (
+            record.exc_info
+            and message.startswith(('Task exception was never retrieved', 'Future exception was never retrieved'))
+        )
 
 
 @contextlib.contextmanager
@@ -91,8 +93,11 @@ def _drop_closed_loop_reports(previous):
 
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
-                and _is_abandoned_read_report(unraisable)):
+        if not (
+            isinstance(error, RuntimeError)
+            and str(error) == 'Event loop is closed'
+            and _is_abandoned_read_report(unraisable)
+        ):
             previous(unraisable)
 
     hook._drops_closed_loop_reports = True
@@ -103,8 +108,11 @@ def _on_some_processes(x) -> bool:
     """Whether `x` (an array or `jax.ShapeDtypeStruct` with a sharding) lies on the devices of only some of the
     processes: the student of a run whose separate teacher has hosts of its own."""
     placed = getattr(x, 'sharding', None)
-    return (jax.process_count() > 1 and isinstance(placed, NamedSharding)
-            and len({d.process_index for d in placed.device_set}) < jax.process_count())
+    return (
+        jax.process_count() > 1
+        and isinstance(placed, NamedSharding)
+        and len({d.process_index for d in placed.device_set}) < jax.process_count()
+    )
 
 
 def _spread(shape) -> NamedSharding:
@@ -161,8 +169,9 @@ class Checkpointer:
         failures = []
         wanted = abstract_state  # leaves on only some processes' devices are read spread over every device
         abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_spread(x.shape)) if _on_some_processes(x)
-            else x, wanted)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_spread(x.shape)) if _on_some_processes(x) else x,
+            wanted,
+        )
         with absorb_abandoned_read_reports():  # a failed restore's in-flight reads report late
             for step in reversed(self.all_steps()):
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
@@ -180,13 +189,16 @@ class Checkpointer:
                     )
                     warnings.warn(message, RuntimeWarning, stacklevel=2)
                     logging.warning(message)
-                state = jax.tree.map(lambda x, want: sharding.transfer(x, want.sharding) if _on_some_processes(want)
-                                     else x, restored['state'], wanted)
+                state = jax.tree.map(
+                    lambda x, want: sharding.transfer(x, want.sharding) if _on_some_processes(want) else x,
+                    restored['state'],
+                    wanted,
+                )
                 return step, state, restored['data']
         if failures:
             raise ValueError(
                 f'none of the checkpoints in {self.directory} (steps {[s for s, _ in failures]}) can be restored '
-                f'into this run\'s train state; does the config match the run that wrote them? '
+                f"into this run's train state; does the config match the run that wrote them? "
                 f'Latest error: step {failures[0][0]}: {failures[0][1]}'
             )
         return None

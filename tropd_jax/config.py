@@ -73,7 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     rollout.decode_slots = 0
 
     config.prefix = prefix = ml_collections.ConfigDict()
-    prefix.enabled = ml_collections.config_dict.placeholder(bool)  # None = the tropd* methods get teacher-prefix guidance, the baselines do not
+    prefix.enabled = ml_collections.config_dict.placeholder(
+        bool
+    )  # None = the tropd* methods get teacher-prefix guidance, the baselines do not
     prefix.schedule = 'cosine'  # L_max(step): 'cosine' (paper), 'linear' or 'constant'
     prefix.max_length = -1  # L; -1 = rollout.max_new_tokens
 
@@ -178,8 +180,9 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         _require(num_devices % known == 0, f'{text} cannot fill {num_devices} devices ({num_devices} % {known} != 0)')
         sizes[sizes.index(-1)] = num_devices // known
-    _require(math.prod(sizes) == num_devices,
-             f'{text} needs {math.prod(sizes)} devices but {num_devices} are available')
+    _require(
+        math.prod(sizes) == num_devices, f'{text} needs {math.prod(sizes)} devices but {num_devices} are available'
+    )
     return tuple(sizes)
 
 
@@ -187,14 +190,17 @@ def placement_devices(model_config, num_devices: int) -> tuple[int, int]:
     """(student devices, teacher devices) of `model.teacher_placement`: (num_devices, 0) when colocated; a separate
     teacher takes the last `model.teacher_devices` devices (0 = half), the student the rest."""
     placement = model_config.teacher_placement
-    _require(placement in TEACHER_PLACEMENTS,
-             f'model.teacher_placement={placement!r} is not one of {TEACHER_PLACEMENTS}')
+    _require(
+        placement in TEACHER_PLACEMENTS, f'model.teacher_placement={placement!r} is not one of {TEACHER_PLACEMENTS}'
+    )
     if placement == 'colocated':
         return num_devices, 0
     teacher = model_config.teacher_devices or num_devices // 2
-    _require(isinstance(teacher, int) and 1 <= teacher < num_devices,
-             f'model.teacher_devices={model_config.teacher_devices} must leave the separate teacher at least one of '
-             f'the {num_devices} devices and the student at least one (0 = half)')
+    _require(
+        isinstance(teacher, int) and 1 <= teacher < num_devices,
+        f'model.teacher_devices={model_config.teacher_devices} must leave the separate teacher at least one of '
+        f'the {num_devices} devices and the student at least one (0 = half)',
+    )
     return num_devices - teacher, teacher
 
 
@@ -209,9 +215,12 @@ def model_runtime_fields(model_config, *, trained: bool = True) -> dict:
     """The `ModelConfig` fields that say how to run a model (attention kernel, rematerialisation); a model that is
     never trained (the teacher) has nothing to rematerialise, and is not scanned (the stacked copy of its weights
     would cost more than it saves)."""
-    return {'attention': model_config.attention, 'attention_block_size': model_config.attention_block_size,
-            'remat': model_config.remat if trained else 'none',
-            'scan_layers': bool(model_config.get('scan_layers', False)) and trained}
+    return {
+        'attention': model_config.attention,
+        'attention_block_size': model_config.attention_block_size,
+        'remat': model_config.remat if trained else 'none',
+        'scan_layers': bool(model_config.get('scan_layers', False)) and trained,
+    }
 
 
 def loss_hyperparameters(loss_config) -> dict:
@@ -233,8 +242,9 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     c = config
 
     # Loss.
-    _require(c.loss.method in losses.METHODS,
-             f'loss.method={c.loss.method!r} is not one of {", ".join(losses.METHODS)}')
+    _require(
+        c.loss.method in losses.METHODS, f'loss.method={c.loss.method!r} is not one of {", ".join(losses.METHODS)}'
+    )
     try:
         losses.resolve_hyperparameters(c.loss.method, loss_hyperparameters(c.loss))
     except ValueError as e:
@@ -265,21 +275,26 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         f'{teacher_devices} (the separate teacher splits each micro-batch over its devices)',
     )
     _require(isinstance(t.packing, bool), f'train.packing={t.packing!r} must be True or False')
-    _require(isinstance(t.packing_buckets, int) and t.packing_buckets >= 0,
-             f'train.packing_buckets={t.packing_buckets!r} must be an integer >= 0 (0 = every multiple of '
-             f'train.micro_batch_size)')
-    _require(not (t.packing and c.data.teacher_template == 'teacher'),
-             f"train.packing=True cannot be combined with data.teacher_template={c.data.teacher_template!r}: the "
-             f"teacher's own template rows have other prompt lengths than the student's packed rows; set "
-             f"train.packing=False, or data.teacher_template='auto' or 'student'")
+    _require(
+        isinstance(t.packing_buckets, int) and t.packing_buckets >= 0,
+        f'train.packing_buckets={t.packing_buckets!r} must be an integer >= 0 (0 = every multiple of '
+        f'train.micro_batch_size)',
+    )
+    _require(
+        not (t.packing and c.data.teacher_template == 'teacher'),
+        f'train.packing=True cannot be combined with data.teacher_template={c.data.teacher_template!r}: the '
+        f"teacher's own template rows have other prompt lengths than the student's packed rows; set "
+        f"train.packing=False, or data.teacher_template='auto' or 'student'",
+    )
     rb = c.rollout.batch_size
     _require(
         rb == 0 or (rb >= 1 and t.prompts_per_step % rb == 0),
         f'rollout.batch_size={rb} must be 0 or divide train.prompts_per_step={t.prompts_per_step}',
     )
 
-    _require(c.rollout.decode_slots >= 0,
-             f'rollout.decode_slots={c.rollout.decode_slots} must be >= 0 (0 = static batches)')
+    _require(
+        c.rollout.decode_slots >= 0, f'rollout.decode_slots={c.rollout.decode_slots} must be >= 0 (0 = static batches)'
+    )
 
     # Rollouts and the prefix schedule.
     r = c.rollout
@@ -287,16 +302,22 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(r.temperature > 0, f'rollout.temperature={r.temperature} must be > 0 for on-policy sampling')
     _require(r.top_k >= 0, f'rollout.top_k={r.top_k} must be >= 0 (0 = no cut)')
     _require(0 < r.top_p <= 1, f'rollout.top_p={r.top_p} must be in (0, 1]')
-    _require(c.prefix.schedule in schedules.PREFIX_SCHEDULES,
-             f'prefix.schedule={c.prefix.schedule!r} is not one of {schedules.PREFIX_SCHEDULES}')
-    _require(c.prefix.max_length == -1 or 0 <= c.prefix.max_length <= r.max_new_tokens,
-             f'prefix.max_length={c.prefix.max_length} must be -1 or in [0, rollout.max_new_tokens={r.max_new_tokens}]')
+    _require(
+        c.prefix.schedule in schedules.PREFIX_SCHEDULES,
+        f'prefix.schedule={c.prefix.schedule!r} is not one of {schedules.PREFIX_SCHEDULES}',
+    )
+    _require(
+        c.prefix.max_length == -1 or 0 <= c.prefix.max_length <= r.max_new_tokens,
+        f'prefix.max_length={c.prefix.max_length} must be -1 or in [0, rollout.max_new_tokens={r.max_new_tokens}]',
+    )
 
     # Optimizer.
     o = c.optim
     _require(o.learning_rate > 0, f'optim.learning_rate={o.learning_rate} must be > 0')
-    _require(o.schedule in schedules.LEARNING_RATE_SCHEDULES,
-             f'optim.schedule={o.schedule!r} is not one of {schedules.LEARNING_RATE_SCHEDULES}')
+    _require(
+        o.schedule in schedules.LEARNING_RATE_SCHEDULES,
+        f'optim.schedule={o.schedule!r} is not one of {schedules.LEARNING_RATE_SCHEDULES}',
+    )
     _require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0')
     if o.warmup_steps >= t.steps:  # a run shortened with only --config.train.steps=N keeps the recipe's warm-up valid
         logging.warning('optim.warmup_steps=%d clamped to %d for train.steps=%d', o.warmup_steps, t.steps - 1, t.steps)
@@ -308,27 +329,41 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     # Models, data, checkpoints, logging.
     for field in ('dtype', 'param_dtype', 'teacher_dtype'):
         _require(c.model[field] in DTYPES, f'model.{field}={c.model[field]!r} is not one of {DTYPES}')
-    _require(c.model.teacher_quantization in TEACHER_QUANTIZATIONS,
-             f'model.teacher_quantization={c.model.teacher_quantization!r} is not one of {TEACHER_QUANTIZATIONS}')
-    _require(c.model.attention in ATTENTION_IMPLEMENTATIONS,
-             f'model.attention={c.model.attention!r} is not one of {", ".join(ATTENTION_IMPLEMENTATIONS)}')
-    _require(c.model.attention_block_size >= 8,
-             f'model.attention_block_size={c.model.attention_block_size} must be >= 8')
-    _require(c.model.remat in REMAT_POLICIES,
-             f'model.remat={c.model.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
+    _require(
+        c.model.teacher_quantization in TEACHER_QUANTIZATIONS,
+        f'model.teacher_quantization={c.model.teacher_quantization!r} is not one of {TEACHER_QUANTIZATIONS}',
+    )
+    _require(
+        c.model.attention in ATTENTION_IMPLEMENTATIONS,
+        f'model.attention={c.model.attention!r} is not one of {", ".join(ATTENTION_IMPLEMENTATIONS)}',
+    )
+    _require(
+        c.model.attention_block_size >= 8, f'model.attention_block_size={c.model.attention_block_size} must be >= 8'
+    )
+    _require(
+        c.model.remat in REMAT_POLICIES, f'model.remat={c.model.remat!r} is not one of {", ".join(REMAT_POLICIES)}'
+    )
     _require(c.data.format in data.FORMATS, f'data.format={c.data.format!r} is not one of {data.FORMATS}')
-    _require(c.data.on_bad_record in data.BAD_RECORD_POLICIES,
-             f'data.on_bad_record={c.data.on_bad_record!r} is not one of {data.BAD_RECORD_POLICIES}')
+    _require(
+        c.data.on_bad_record in data.BAD_RECORD_POLICIES,
+        f'data.on_bad_record={c.data.on_bad_record!r} is not one of {data.BAD_RECORD_POLICIES}',
+    )
     _require(c.data.max_prompt_length >= 1, f'data.max_prompt_length={c.data.max_prompt_length} must be >= 1')
-    _require(c.data.teacher_template in TEACHER_TEMPLATES,
-             f'data.teacher_template={c.data.teacher_template!r} is not one of {TEACHER_TEMPLATES}')
-    _require(c.data.chat_template or not c.data.teacher_system_prompt,
-             'data.teacher_system_prompt needs data.chat_template=True (a system turn is part of a chat)')
+    _require(
+        c.data.teacher_template in TEACHER_TEMPLATES,
+        f'data.teacher_template={c.data.teacher_template!r} is not one of {TEACHER_TEMPLATES}',
+    )
+    _require(
+        c.data.chat_template or not c.data.teacher_system_prompt,
+        'data.teacher_system_prompt needs data.chat_template=True (a system turn is part of a chat)',
+    )
     try:
         filled = c.data.prompt_template.format(prompt='\0')
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f'data.prompt_template={c.data.prompt_template!r} is not a format string with only '
-                         f'{{prompt}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}') from None
+        raise ValueError(
+            f'data.prompt_template={c.data.prompt_template!r} is not a format string with only '
+            f'{{prompt}} ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}'
+        ) from None
     _require(filled.count('\0') == 1, f'data.prompt_template={c.data.prompt_template!r} must contain {{prompt}} once')
     _require(c.checkpoint.every_steps >= 0, f'checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0')
     _require(c.checkpoint.keep >= 1, f'checkpoint.keep={c.checkpoint.keep} must be >= 1')
@@ -350,8 +385,9 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
         vocab = min(known)
         fields = ('k', 'eopd_k') if c.loss.method == 'eopd' else ('k',)
         for field in fields:
-            _require(c.loss[field] <= vocab,
-                     f'loss.{field}={c.loss[field]} is larger than the vocabulary ({vocab} tokens)')
+            _require(
+                c.loss[field] <= vocab, f'loss.{field}={c.loss[field]} is larger than the vocabulary ({vocab} tokens)'
+            )
     if not c.data.train_path or not paths.exists(c.data.train_path):
         raise FileNotFoundError(f'data.train_path={c.data.train_path!r} does not exist')
     if c.eval.path and not paths.exists(c.eval.path):

@@ -88,8 +88,9 @@ def read_records(path: str, data_format: str = 'auto') -> list[tuple[str, Any]]:
     return records
 
 
-def prompt_text(prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', chat_template: bool = True,
-                system_prompt: str = '') -> str:
+def prompt_text(
+    prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', chat_template: bool = True, system_prompt: str = ''
+) -> str:
     """The text the model is conditioned on.
 
     `prompt` is a string (formatted with `prompt_template`, then wrapped as one user turn when `chat_template`) or
@@ -165,8 +166,13 @@ def load_prompts(
             tokens = tokenizer.encode(text, add_special_tokens=not chat_template)
             teacher_tokens = None
             if teacher_tokenizer is not None:
-                teacher_text = prompt_text(record[prompt_field], teacher_tokenizer, prompt_template=prompt_template,
-                                           chat_template=chat_template, system_prompt=teacher_system_prompt)
+                teacher_text = prompt_text(
+                    record[prompt_field],
+                    teacher_tokenizer,
+                    prompt_template=prompt_template,
+                    chat_template=chat_template,
+                    system_prompt=teacher_system_prompt,
+                )
                 teacher_tokens = teacher_tokenizer.encode(teacher_text, add_special_tokens=not chat_template)
             longest = max(len(tokens), len(teacher_tokens or ()))
             if longest > max_prompt_length:
@@ -179,11 +185,13 @@ def load_prompts(
                 report.problems.append(f'{location}: {problem}')
             continue
         answer = record.get(answer_field) if answer_field else None
-        prompts.append({
-            'prompt_tokens': np.asarray(tokens, np.int32),
-            'answer': None if answer is None else str(answer),
-            'index': report.total - 1,
-        })
+        prompts.append(
+            {
+                'prompt_tokens': np.asarray(tokens, np.int32),
+                'answer': None if answer is None else str(answer),
+                'index': report.total - 1,
+            }
+        )
         if teacher_tokens is not None:
             prompts[-1]['teacher_prompt_tokens'] = np.asarray(teacher_tokens, np.int32)
     report.kept = len(prompts)
@@ -212,4 +220,3 @@ def prompt_iterator(prompts: Sequence[dict], *, batch_size: int, seed: int, stat
     if state is not None:
         iterator.set_state(state)
     return iterator
-

@@ -80,7 +80,7 @@ def _chunk_layout(batch: int, length: int, chunk_size: int) -> tuple[int, int]:
     """(num_chunks, chunk_length): each chunk takes chunk_length <= max(chunk_size // B, 1) positions of every row,
     as evenly as possible (fewer than num_chunks padded positions per row)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+        raise ValueError(f'chunk_size={chunk_size!r} must be a positive integer')
     num_chunks = -(-length // max(chunk_size // batch, 1))
     return num_chunks, -(-length // num_chunks)
 
@@ -118,7 +118,7 @@ def _logits(hidden: jax.Array, head: jax.Array, vocab_size: int) -> jax.Array:
     if vocab_size < logits.shape[-1]:
         real = lax.broadcasted_iota(jnp.int32, logits.shape, 1) < vocab_size
         logits = jnp.where(real, logits, -jnp.inf)
-    return sharding.constrain(logits, ("batch", "vocab"))
+    return sharding.constrain(logits, ('batch', 'vocab'))
 
 
 def _log_softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,7 +153,7 @@ def _top_k(logprobs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
         values, ids = lax.top_k(logprobs, k)
         return values, ids.astype(jnp.int32)
-    spec = sharding.logical_to_spec(("batch", "vocab"), logprobs.shape, mesh)
+    spec = sharding.logical_to_spec(('batch', 'vocab'), logprobs.shape, mesh)
     token_axes, vocab_axes = spec[0], spec[1]
 
     def local_top_k(x):
@@ -174,13 +174,13 @@ def _top_k(logprobs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def _check_inputs(hidden, head, tokens, vocab_size, who):
     if hidden.ndim != 3:
-        raise ValueError(f"{who}_hidden must be [B, T, H], got shape {hidden.shape}")
+        raise ValueError(f'{who}_hidden must be [B, T, H], got shape {hidden.shape}')
     if tokens.shape != hidden.shape[:2]:
-        raise ValueError(f"tokens must be [B, T] = {hidden.shape[:2]}, got shape {tokens.shape}")
+        raise ValueError(f'tokens must be [B, T] = {hidden.shape[:2]}, got shape {tokens.shape}')
     if head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
-        raise ValueError(f"{who}_lm_head must be [H, V] with H = {hidden.shape[-1]}, got shape {head.shape}")
+        raise ValueError(f'{who}_lm_head must be [H, V] with H = {hidden.shape[-1]}, got shape {head.shape}')
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= head.shape[1]:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an integer in [1, {who} LM head rows {head.shape[1]}]")
+        raise ValueError(f'vocab_size={vocab_size!r} must be an integer in [1, {who} LM head rows {head.shape[1]}]')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,9 +210,9 @@ def teacher_pass(
       `TeacherTargets` with float32 [B, T] / [B, T, k] arrays and int32 ids.
     """
     hidden = teacher_hidden() if callable(teacher_hidden) else teacher_hidden
-    _check_inputs(hidden, teacher_lm_head, tokens, vocab_size, "teacher")
+    _check_inputs(hidden, teacher_lm_head, tokens, vocab_size, 'teacher')
     if not isinstance(k, int) or not 1 <= k <= vocab_size:
-        raise ValueError(f"k={k!r} must be an integer in [1, vocab_size {vocab_size}]")
+        raise ValueError(f'k={k!r} must be an integer in [1, vocab_size {vocab_size}]')
     batch, length = tokens.shape
     hidden = lax.stop_gradient(hidden)
     head = lax.stop_gradient(teacher_lm_head).astype(hidden.dtype)  # the decoder casts its head the same way
@@ -282,10 +282,10 @@ def _student_chunks_bwd(vocab_size, residuals, cotangents):
         rows = jnp.arange(tokens.shape[0])
         d_logits = -p * (ct_s + jnp.sum(ct_k, axis=-1))[:, None]
         d_logits = d_logits.at[rows, tokens].add(ct_s).at[rows[:, None], ids].add(ct_k)
-        d_logits = sharding.constrain(d_logits.astype(head.dtype), ("batch", "vocab"))
+        d_logits = sharding.constrain(d_logits.astype(head.dtype), ('batch', 'vocab'))
         d_chunk = jnp.dot(d_logits, head.T, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
-        return _set_chunk(d_hidden, j, d_chunk), sharding.constrain(d_head, ("embed", "vocab"))
+        return _set_chunk(d_hidden, j, d_chunk), sharding.constrain(d_head, ('embed', 'vocab'))
 
     init = (jnp.zeros_like(hidden_view), jnp.zeros(head.shape, jnp.float32))
     d_hidden, d_head = lax.fori_loop(0, hidden_view.shape[2], body, init)
@@ -320,17 +320,17 @@ def student_stats(
     Returns:
       `TokenStats`; `student_logprobs` and `student_topk_logprobs` carry gradient, `student_entropy` does not.
     """
-    _check_inputs(student_hidden, student_lm_head, tokens, vocab_size, "student")
+    _check_inputs(student_hidden, student_lm_head, tokens, vocab_size, 'student')
     batch, length = tokens.shape
     k = targets.topk_ids.shape[-1]
     for name, x, shape in (
-        ("teacher_logprobs", targets.teacher_logprobs, (batch, length)),
-        ("topk_ids", targets.topk_ids, (batch, length, k)),
-        ("topk_logprobs", targets.topk_logprobs, (batch, length, k)),
-        ("teacher_entropy", targets.teacher_entropy, (batch, length)),
+        ('teacher_logprobs', targets.teacher_logprobs, (batch, length)),
+        ('topk_ids', targets.topk_ids, (batch, length, k)),
+        ('topk_logprobs', targets.topk_logprobs, (batch, length, k)),
+        ('teacher_entropy', targets.teacher_entropy, (batch, length)),
     ):
         if x.shape != shape:
-            raise ValueError(f"targets.{name} must be {shape} to match tokens, got shape {x.shape}")
+            raise ValueError(f'targets.{name} must be {shape} to match tokens, got shape {x.shape}')
     num_chunks, chunk_length = _chunk_layout(batch, length, chunk_size)
     views = [
         _to_chunks(x, num_chunks, chunk_length)
@@ -381,7 +381,7 @@ def fused_distillation_loss(
     needed = losses.topk_size(method, losses.hyperparameters_of(options))
     have = targets.topk_ids.shape[-1]
     if have < needed:
-        raise ValueError(f"method {method!r} needs {needed} teacher top-k entries, targets hold k={have}")
+        raise ValueError(f'method {method!r} needs {needed} teacher top-k entries, targets hold k={have}')
     # Only the k entries the method reads are gathered from the student.
     targets = targets._replace(
         topk_ids=targets.topk_ids[..., :needed], topk_logprobs=targets.topk_logprobs[..., :needed]

@@ -8,8 +8,8 @@ the normalised strings are compared exactly.
 import re
 import threading
 
-_INTEGER = re.compile(r"[+-]?\d+")
-_BOXED = "\\boxed{"
+_INTEGER = re.compile(r'[+-]?\d+')
+_BOXED = '\\boxed{'
 
 
 def extract_boxed(text: str) -> str | None:
@@ -23,9 +23,9 @@ def extract_boxed(text: str) -> str | None:
     depth = 0
     begin = start + len(_BOXED)
     for i in range(begin, len(text)):
-        if text[i] == "{":
+        if text[i] == '{':
             depth += 1
-        elif text[i] == "}":
+        elif text[i] == '}':
             if depth == 0:
                 return text[begin:i].strip()
             depth -= 1
@@ -33,7 +33,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 def _normalise(answer: str) -> str:
-    return answer.strip().strip("$").replace(" ", "")
+    return answer.strip().strip('$').replace(' ', '')
 
 
 def _math_verify_equal(prediction: str, answer: str) -> bool | None:
@@ -42,8 +42,8 @@ def _math_verify_equal(prediction: str, answer: str) -> bool | None:
 
     # math-verify's timeouts use signal.alarm, which only works on the main thread.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = math_verify.parse(f"${answer}$", parsing_timeout=timeout)
-    target = math_verify.parse(f"${prediction}$", parsing_timeout=timeout)
+    gold = math_verify.parse(f'${answer}$', parsing_timeout=timeout)
+    target = math_verify.parse(f'${prediction}$', parsing_timeout=timeout)
     if not gold or not target:
         return None
     return bool(math_verify.verify(gold, target, timeout_seconds=timeout))

@@ -21,24 +21,24 @@ import jax
 import jax.numpy as jnp
 
 METHODS = (
-    "opd",
-    "topk_fkl",
-    "jsd",
-    "entropy_opd",
-    "clip_outlier",
-    "mask_outlier",
-    "fkl_outlier",
-    "tropd",
-    "tropd_mask",
-    "tropd_clip",
-    "eopd",
-    "reopold",
-    "aopd",
-    "tropd_aopd",
+    'opd',
+    'topk_fkl',
+    'jsd',
+    'entropy_opd',
+    'clip_outlier',
+    'mask_outlier',
+    'fkl_outlier',
+    'tropd',
+    'tropd_mask',
+    'tropd_clip',
+    'eopd',
+    'reopold',
+    'aopd',
+    'tropd_aopd',
 )
 
 # Methods whose on-policy term routes tokens through the stochastic trust region M_t ~ Bernoulli(P_t).
-TRUST_REGION_METHODS = ("fkl_outlier", "tropd", "tropd_mask", "tropd_clip", "tropd_aopd")
+TRUST_REGION_METHODS = ('fkl_outlier', 'tropd', 'tropd_mask', 'tropd_clip', 'tropd_aopd')
 
 DEFAULT_HYPERPARAMETERS = dict(
     k=64,  # teacher top-k for the forward KL (paper: 64)
@@ -53,10 +53,10 @@ DEFAULT_HYPERPARAMETERS = dict(
     reopold_entropy_top_q=0.2,  # REOPOLD: on-policy tokens kept while exploring, by student entropy (ours)
     reopold_exploration_fraction=0.5,  # REOPOLD: fraction of training in the exploration phase (ours)
     importance_ratio_cap=None,  # truncated importance weight: rho_t capped at this value (None = no cap)
-    aggregation="token_mean",  # or "seq_mean_token_mean"
+    aggregation='token_mean',  # or "seq_mean_token_mean"
 )
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+AGGREGATIONS = ('token_mean', 'seq_mean_token_mean')
 
 # {metric name: (sum, count)} float32 scalars (or arrays with a leading axis, one pair per part of a batch).
 MetricPairs = dict[str, tuple[jax.Array, jax.Array]]
@@ -87,11 +87,11 @@ class TokenStats(NamedTuple):
 # Per-token quantities on full logits.
 
 
-def _check_logits_tokens(logits: jax.Array, tokens: jax.Array, name: str = "logits") -> None:
+def _check_logits_tokens(logits: jax.Array, tokens: jax.Array, name: str = 'logits') -> None:
     if logits.ndim != 3:
-        raise ValueError(f"{name} must be [B, T, V], got shape {logits.shape}")
+        raise ValueError(f'{name} must be [B, T, V], got shape {logits.shape}')
     if tokens.shape != logits.shape[:2]:
-        raise ValueError(f"tokens must be [B, T] = {logits.shape[:2]} to match {name}, got shape {tokens.shape}")
+        raise ValueError(f'tokens must be [B, T] = {logits.shape[:2]} to match {name}, got shape {tokens.shape}')
 
 
 def log_softmax(logits: jax.Array) -> jax.Array:
@@ -122,7 +122,7 @@ def trust_probability(student_logprobs: jax.Array, teacher_logprobs: jax.Array) 
     """P_t = min(exp(tau_t - sg(s_t)), 1), [B, T]. No gradient (it only routes tokens)."""
     if student_logprobs.shape != teacher_logprobs.shape:
         raise ValueError(
-            f"student_logprobs {student_logprobs.shape} and teacher_logprobs {teacher_logprobs.shape} differ in shape"
+            f'student_logprobs {student_logprobs.shape} and teacher_logprobs {teacher_logprobs.shape} differ in shape'
         )
     delta = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32) - student_logprobs.astype(jnp.float32))
     return jnp.exp(jnp.minimum(delta, 0.0))
@@ -158,7 +158,7 @@ def topk_forward_kl(
 ) -> jax.Array:
     """Top-k forward KL F_t of SPEC.md. [B, T, V] x 2 -> [B, T]; gradient flows through log p_S on K_t only."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {student_logits.shape} and teacher_logits {teacher_logits.shape} differ")
+        raise ValueError(f'student_logits {student_logits.shape} and teacher_logits {teacher_logits.shape} differ')
     _check_k(k, student_logits.shape[-1])
     ids, teacher_lp = teacher_topk(teacher_logits, k)
     student_lp = jnp.take_along_axis(log_softmax(student_logits), ids, axis=-1)
@@ -167,7 +167,7 @@ def topk_forward_kl(
 
 def _check_k(k: int, vocab: int) -> None:
     if not isinstance(k, int) or k < 1 or k > vocab:
-        raise ValueError(f"k={k!r} must be an integer in [1, vocab size {vocab}]")
+        raise ValueError(f'k={k!r} must be an integer in [1, vocab size {vocab}]')
 
 
 def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, beta_j: float) -> jax.Array:
@@ -291,7 +291,7 @@ def combine_metrics(pairs: MetricPairs) -> MetricPairs:
     `lax.scan`, or `jnp.stack` of per-part pairs) -> the pairs of the whole batch: sums and counts add, except that
     a maximum (a metric named `*_max`) takes the largest part's."""
     return {
-        name: (jnp.max(total, axis=0) if name.endswith("_max") else jnp.sum(total, axis=0), jnp.sum(count, axis=0))
+        name: (jnp.max(total, axis=0) if name.endswith('_max') else jnp.sum(total, axis=0), jnp.sum(count, axis=0))
         for name, (total, count) in pairs.items()
     }
 
@@ -327,15 +327,15 @@ def loss_from_stats(
     """
     hp = resolve_hyperparameters(method, hyperparameters)
     shape = stats.student_logprobs.shape
-    for name, x in (("response_mask", response_mask), ("prefix_mask", prefix_mask)):
+    for name, x in (('response_mask', response_mask), ('prefix_mask', prefix_mask)):
         if x.shape != shape:
-            raise ValueError(f"{name} must be [B, T] = {shape}, got shape {x.shape}")
+            raise ValueError(f'{name} must be [B, T] = {shape}, got shape {x.shape}')
     if rollout_logprobs is not None and rollout_logprobs.shape != shape:
-        raise ValueError(f"rollout_logprobs must be [B, T] = {shape}, got shape {rollout_logprobs.shape}")
+        raise ValueError(f'rollout_logprobs must be [B, T] = {shape}, got shape {rollout_logprobs.shape}')
     needed = topk_size(method, hyperparameters)
     if stats.teacher_topk_logprobs.shape[-1] < needed:
         raise ValueError(
-            f"method {method!r} needs {needed} teacher top-k entries, got {stats.teacher_topk_logprobs.shape[-1]}"
+            f'method {method!r} needs {needed} teacher top-k entries, got {stats.teacher_topk_logprobs.shape[-1]}'
         )
 
     response = response_mask.astype(jnp.float32)
@@ -349,7 +349,7 @@ def loss_from_stats(
     reward = jax.lax.stop_gradient(tau_finite - s_finite)  # r_t
     behaviour = s if rollout_logprobs is None or not use_importance_ratio else rollout_logprobs.astype(jnp.float32)
     ratio = jnp.exp(s_finite - jax.lax.stop_gradient(_finite_logprobs(behaviour)))  # rho_t, value 1 on-policy
-    cap = hp["importance_ratio_cap"]
+    cap = hp['importance_ratio_cap']
     truncated = jnp.zeros(shape, jnp.float32)
     if cap is not None:
         # Truncated importance weight: value min(rho_t, C), gradient min(rho_t, C) grad s_t (the weight is capped,
@@ -358,13 +358,13 @@ def loss_from_stats(
         truncated = jax.lax.stop_gradient((ratio > cap).astype(jnp.float32))
         ratio = ratio * capped
     trust_p = trust_probability(s_finite, tau_finite)  # P_t
-    k = hp["k"]
+    k = hp['k']
     fkl = topk_kl_from_logprobs(
-        stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp["renormalize"]
+        stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp['renormalize']
     )
     if method in TRUST_REGION_METHODS:
         if key is None:
-            raise ValueError(f"method {method!r} draws the trust mask M_t ~ Bernoulli(P_t) and needs a PRNG key")
+            raise ValueError(f'method {method!r} draws the trust mask M_t ~ Bernoulli(P_t) and needs a PRNG key')
         if draw_ids is None:
             trust = jax.random.bernoulli(key, trust_p).astype(jnp.float32)  # M_t
         else:
@@ -373,69 +373,69 @@ def loss_from_stats(
         trust = jnp.ones(shape, jnp.float32)
 
     pg = -reward * ratio  # the K1 policy-gradient term -r_t rho_t
-    floor = hp["reward_floor"]
+    floor = hp['reward_floor']
     zero = jnp.zeros(shape, jnp.float32)
     pg_term, fkl_term, routed = zero, zero, zero  # routed: tokens clipped / masked / sent to FKL
-    if method == "opd":
+    if method == 'opd':
         pg_term = pg
-    elif method == "topk_fkl":
+    elif method == 'topk_fkl':
         fkl_term = fkl
-    elif method == "jsd":
+    elif method == 'jsd':
         if stats.generalized_jsd is not None:
             fkl_term = stats.generalized_jsd
         else:
             fkl_term = topk_tail_jsd(
-                stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp["jsd_beta"]
+                stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp['jsd_beta']
             )
-    elif method == "entropy_opd":
-        selected = _entropy_selection(stats.student_entropy, on_policy, hp["entropy_top_q"])
+    elif method == 'entropy_opd':
+        selected = _entropy_selection(stats.student_entropy, on_policy, hp['entropy_top_q'])
         pg_term = selected * pg
         routed = 1.0 - selected
-    elif method == "clip_outlier":
+    elif method == 'clip_outlier':
         clipped = reward < floor
         pg_term = -jnp.maximum(reward, floor) * ratio
         routed = clipped.astype(jnp.float32)
-    elif method == "reopold":
+    elif method == 'reopold':
         # Exploration (progress < fraction): only the top-q student-entropy tokens get the (mixture-clipped) reward;
         # refinement: every on-policy token does.
         progress = jnp.asarray(0.0 if progress is None else progress, jnp.float32)
-        exploring = progress < hp["reopold_exploration_fraction"]
-        selected = _entropy_selection(stats.student_entropy, on_policy, hp["reopold_entropy_top_q"])
+        exploring = progress < hp['reopold_exploration_fraction']
+        selected = _entropy_selection(stats.student_entropy, on_policy, hp['reopold_entropy_top_q'])
         selected = jnp.where(exploring, selected, 1.0)
-        pg_term = -selected * mixture_clipped_reward(reward, hp["reopold_mixture_weight"]) * ratio
+        pg_term = -selected * mixture_clipped_reward(reward, hp['reopold_mixture_weight']) * ratio
         routed = 1.0 - selected * (reward >= 0)
-    elif method == "mask_outlier":
+    elif method == 'mask_outlier':
         kept = (reward >= floor).astype(jnp.float32)
         pg_term = kept * pg
         routed = 1.0 - kept
-    elif method in ("fkl_outlier", "tropd"):
+    elif method in ('fkl_outlier', 'tropd'):
         pg_term = trust * pg
         fkl_term = (1.0 - trust) * fkl
         routed = 1.0 - trust
-    elif method == "tropd_mask":
+    elif method == 'tropd_mask':
         pg_term = trust * pg
         routed = 1.0 - trust
-    elif method == "tropd_clip":
+    elif method == 'tropd_clip':
         pg_term = trust * pg + (1.0 - trust) * (-jnp.maximum(reward, floor) * ratio)
         routed = 1.0 - trust
-    elif method == "eopd":
-        kk = hp["eopd_k"]
-        uncertain = (stats.teacher_entropy > hp["eopd_entropy_threshold"]).astype(jnp.float32)
+    elif method == 'eopd':
+        kk = hp['eopd_k']
+        uncertain = (stats.teacher_entropy > hp['eopd_entropy_threshold']).astype(jnp.float32)
         pg_term = pg
         fkl_term = uncertain * topk_kl_from_logprobs(
-            stats.student_topk_logprobs[..., :kk], stats.teacher_topk_logprobs[..., :kk], hp["renormalize"]
+            stats.student_topk_logprobs[..., :kk], stats.teacher_topk_logprobs[..., :kk], hp['renormalize']
         )
         routed = uncertain
-    elif method in ("aopd", "tropd_aopd"):
+    elif method in ('aopd', 'tropd_aopd'):
         positive = (reward > 0).astype(jnp.float32)
         pg_term = trust * positive * pg
         fkl_term = (1.0 - trust * positive) * fkl
         routed = 1.0 - trust * positive
 
-    prefix_term = hp["beta"] * (tau_finite - s_finite)  # K1 estimate of KL(pi_T || pi_S) on teacher samples
+    prefix_term = hp['beta'] * (tau_finite - s_finite)  # K1 estimate of KL(pi_T || pi_S) on teacher samples
     per_token = on_policy * (pg_term + fkl_term) + prefix * prefix_term
 
-    if hp["aggregation"] == "token_mean":
+    if hp['aggregation'] == 'token_mean':
         loss_sum, loss_count = jnp.sum(per_token), jnp.sum(response)
     else:
         loss_sum, loss_count = _sequence_pair(per_token, response, segment_ids)
@@ -472,44 +472,44 @@ def loss_from_stats(
 def resolve_hyperparameters(method: str, hyperparameters: dict) -> dict:
     """Defaults of docs/methods.md updated with `hyperparameters`; unknown names or bad values raise ValueError."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise ValueError(f'unknown method {method!r}; expected one of {", ".join(METHODS)}')
     unknown = sorted(set(hyperparameters) - set(DEFAULT_HYPERPARAMETERS))
     if unknown:
-        raise ValueError(f"unknown loss hyperparameter(s) {unknown}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
+        raise ValueError(f'unknown loss hyperparameter(s) {unknown}; known: {sorted(DEFAULT_HYPERPARAMETERS)}')
     hp = {**DEFAULT_HYPERPARAMETERS, **hyperparameters}
-    if hp["aggregation"] not in AGGREGATIONS:
-        raise ValueError(f"aggregation={hp['aggregation']!r} must be one of {AGGREGATIONS}")
-    if not 0.0 < hp["jsd_beta"] < 1.0:
-        raise ValueError(f"jsd_beta={hp['jsd_beta']!r} must be in (0, 1)")
-    for name in ("entropy_top_q", "reopold_entropy_top_q"):
+    if hp['aggregation'] not in AGGREGATIONS:
+        raise ValueError(f'aggregation={hp["aggregation"]!r} must be one of {AGGREGATIONS}')
+    if not 0.0 < hp['jsd_beta'] < 1.0:
+        raise ValueError(f'jsd_beta={hp["jsd_beta"]!r} must be in (0, 1)')
+    for name in ('entropy_top_q', 'reopold_entropy_top_q'):
         q = hp[name]
         if not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
-            raise ValueError(f"{name}={q!r} must be in (0, 1]")
-    if not isinstance(hp["reopold_mixture_weight"], (int, float)) or not 0.0 < hp["reopold_mixture_weight"] < 1.0:
-        raise ValueError(f"reopold_mixture_weight={hp['reopold_mixture_weight']!r} must be in (0, 1)")
-    fraction = hp["reopold_exploration_fraction"]
+            raise ValueError(f'{name}={q!r} must be in (0, 1]')
+    if not isinstance(hp['reopold_mixture_weight'], (int, float)) or not 0.0 < hp['reopold_mixture_weight'] < 1.0:
+        raise ValueError(f'reopold_mixture_weight={hp["reopold_mixture_weight"]!r} must be in (0, 1)')
+    fraction = hp['reopold_exploration_fraction']
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"reopold_exploration_fraction={fraction!r} must be in [0, 1]")
-    cap = hp["importance_ratio_cap"]
+        raise ValueError(f'reopold_exploration_fraction={fraction!r} must be in [0, 1]')
+    cap = hp['importance_ratio_cap']
     if cap is not None and (not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1.0):
-        raise ValueError(f"importance_ratio_cap={cap!r} must be None or a finite value >= 1")
-    for name in ("k", "eopd_k"):
+        raise ValueError(f'importance_ratio_cap={cap!r} must be None or a finite value >= 1')
+    for name in ('k', 'eopd_k'):
         if not isinstance(hp[name], int) or hp[name] < 1:
-            raise ValueError(f"{name}={hp[name]!r} must be a positive integer")
-    if not math.isfinite(hp["reward_floor"]) or hp["reward_floor"] > 0:
-        raise ValueError(f"reward_floor={hp['reward_floor']!r} must be a finite value <= 0")
+            raise ValueError(f'{name}={hp[name]!r} must be a positive integer')
+    if not math.isfinite(hp['reward_floor']) or hp['reward_floor'] > 0:
+        raise ValueError(f'reward_floor={hp["reward_floor"]!r} must be a finite value <= 0')
     return hp
 
 
 def topk_size(method: str, hyperparameters: dict) -> int:
     """How many teacher top-k entries a method needs (the size the teacher pass must keep)."""
     hp = resolve_hyperparameters(method, hyperparameters)
-    return max(hp["k"], hp["eopd_k"]) if method == "eopd" else hp["k"]
+    return max(hp['k'], hp['eopd_k']) if method == 'eopd' else hp['k']
 
 
 # The keyword arguments of `loss_from_stats` that are not hyperparameters; the entry points on logits or hidden
 # states take them all as `**options` and pass them on.
-LOSS_OPTIONS = ("rollout_logprobs", "use_importance_ratio", "progress", "draw_ids", "segment_ids")
+LOSS_OPTIONS = ('rollout_logprobs', 'use_importance_ratio', 'progress', 'draw_ids', 'segment_ids')
 
 
 def hyperparameters_of(options: dict) -> dict:
@@ -551,19 +551,19 @@ def distillation_loss(
       (scalar float32 loss, {name: (sum, count)} float32 scalar metrics; `metric_values` gives their values).
     """
     hp = resolve_hyperparameters(method, hyperparameters_of(options))
-    _check_logits_tokens(student_logits, tokens, "student_logits")
-    _check_logits_tokens(teacher_logits, tokens, "teacher_logits")
+    _check_logits_tokens(student_logits, tokens, 'student_logits')
+    _check_logits_tokens(teacher_logits, tokens, 'teacher_logits')
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
     if vocab_size is None:
         if v_s != v_t:
             raise ValueError(
-                f"student vocabulary {v_s} != teacher vocabulary {v_t}: pass vocab_size= the shared real vocabulary"
+                f'student vocabulary {v_s} != teacher vocabulary {v_t}: pass vocab_size= the shared real vocabulary'
             )
     else:
         if not 0 < vocab_size <= min(v_s, v_t):
-            raise ValueError(f"vocab_size={vocab_size} must be in [1, min(student {v_s}, teacher {v_t})]")
+            raise ValueError(f'vocab_size={vocab_size} must be in [1, min(student {v_s}, teacher {v_t})]')
         student_logits = student_logits[..., :vocab_size]
         teacher_logits = teacher_logits[..., :vocab_size]
-    jsd_beta = hp["jsd_beta"] if method == "jsd" else None
+    jsd_beta = hp['jsd_beta'] if method == 'jsd' else None
     stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), jsd_beta)
     return loss_from_stats(method, stats, response_mask, prefix_mask, key, **options)

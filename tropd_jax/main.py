@@ -20,36 +20,47 @@ from ml_collections import config_flags
 
 from tropd_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/NAME.py[:ARG]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (configs/NAME.py[:ARG]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the exported student.')
-_EXPORT_ONLY = flags.DEFINE_bool('export_only', False,
-                                 'Export the latest checkpoint in --workdir to --workdir/hf (a Hugging Face '
-                                 'checkpoint) without training.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'Call jax.distributed.initialize() with settings detected from the environment.')
+_EXPORT_ONLY = flags.DEFINE_bool(
+    'export_only',
+    False,
+    'Export the latest checkpoint in --workdir to --workdir/hf (a Hugging Face checkpoint) without training.',
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with settings detected from the environment.'
+)
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    'heartbeat_timeout_seconds', 100,
+    'heartbeat_timeout_seconds',
+    100,
     'Multi-process runs: a process that has not been heard from for this long is taken as dead, and every other '
-    'process exits with an error instead of waiting for it (jax.distributed\'s heartbeat timeout).')
+    "process exits with an error instead of waiting for it (jax.distributed's heartbeat timeout).",
+)
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
-    'shutdown_timeout_seconds', 300,
-    'Multi-process runs: how long a finished process waits at exit for the others before giving up.')
+    'shutdown_timeout_seconds',
+    300,
+    'Multi-process runs: how long a finished process waits at exit for the others before giving up.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def initialize_distributed() -> None:
     """Joins the multi-process run described by the flags; a single-process run does nothing."""
     explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
-    timeouts = dict(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
-                    shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT.value)
+    timeouts = dict(
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value, shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT.value
+    )
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise app.UsageError('--coordinator_address, --num_processes and --process_id go together; got '
-                                 f'{_COORDINATOR.value!r}, {_NUM_PROCESSES.value!r}, {_PROCESS_ID.value!r}')
+            raise app.UsageError(
+                '--coordinator_address, --num_processes and --process_id go together; got '
+                f'{_COORDINATOR.value!r}, {_NUM_PROCESSES.value!r}, {_PROCESS_ID.value!r}'
+            )
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
     elif _DISTRIBUTED.value:
         jax.distributed.initialize(**timeouts)
@@ -111,8 +122,14 @@ def main(argv) -> None:
     if absl_logging.get_verbosity() <= absl_logging.INFO:  # --verbosity=1 (debug) shows every library's INFO
         absl_logging.get_absl_handler().addFilter(_ProjectInfoOnly())
     initialize_distributed()
-    logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.default_backend())
+    logging.info(
+        'JAX process %d/%d, %d local / %d global devices (%s)',
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.default_backend(),
+    )
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, export_only=_EXPORT_ONLY.value)
 
 

@@ -28,8 +28,9 @@ class MetricsWriter:
     `workdir/tensorboard`. Scalars only; non-numeric values go to the JSONL file alone. `workdir` may be a
     `gs://` URL: object stores cannot append, so there the JSONL file is rewritten with every row."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True,
-                 filename: str = 'metrics.jsonl'):
+    def __init__(
+        self, workdir: str, *, tensorboard: bool = True, enabled: bool = True, filename: str = 'metrics.jsonl'
+    ):
         self.enabled = enabled
         self._file = None
         self._tensorboard = None
@@ -98,8 +99,9 @@ class ProgressBar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True, file=file,
-                             mininterval=0)
+            self._bar = tqdm(
+                total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True, file=file, mininterval=0
+            )
 
     def update(self, metrics: Mapping[str, float]) -> None:
         if self._bar is None:

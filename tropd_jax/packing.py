@@ -51,11 +51,8 @@ def plan(input_mask: np.ndarray, row_length: int, *, multiple_of: int = 1) -> Pl
     start = np.zeros(len(lengths), np.int64)
     used: list[int] = []
     for r in np.argsort(-lengths, kind='stable'):
-        for i, filled in enumerate(used):
-            if filled + lengths[r] <= row_length:
-                break
-        else:
-            i = len(used)
+        i = next((j for j, filled in enumerate(used) if filled + lengths[r] <= row_length), len(used))  # first fit
+        if i == len(used):
             used.append(0)
         row[r], start[r] = i, used[i]
         used[i] += lengths[r]
@@ -87,7 +84,7 @@ def pack(arrays: dict[str, np.ndarray], p: Plan, fill: dict[str, float] | None =
         x = np.asarray(x)
         packed = np.full((p.num_rows, p.row_length), fill.get(name, 0), x.dtype)
         for r in range(len(p.row)):
-            packed[p.row[r], p.start[r]:p.start[r] + p.length[r]] = x[r, p.first[r]:p.first[r] + p.length[r]]
+            packed[p.row[r], p.start[r] : p.start[r] + p.length[r]] = x[r, p.first[r] : p.first[r] + p.length[r]]
         out[name] = packed
     segment_ids = np.zeros((p.num_rows, p.row_length), np.int32)
     positions = np.zeros((p.num_rows, p.row_length), np.int32)
@@ -110,7 +107,7 @@ def unpack(packed: np.ndarray, p: Plan, columns: int, fill=0) -> np.ndarray:
     packed = np.asarray(packed)
     out = np.full((len(p.row), columns) + packed.shape[2:], fill, packed.dtype)
     for r in range(len(p.row)):
-        out[r, p.first[r]:p.first[r] + p.length[r]] = packed[p.row[r], p.start[r]:p.start[r] + p.length[r]]
+        out[r, p.first[r] : p.first[r] + p.length[r]] = packed[p.row[r], p.start[r] : p.start[r] + p.length[r]]
     return out
 
 

@@ -25,31 +25,31 @@ import numpy as np
 # Panels in display order: (title, candidate metric names). The first name found in the records is plotted; a name
 # also matches any namespaced form ending in "/name" (e.g. "train/student_entropy").
 PANELS = (
-    ("student entropy", ("student_entropy",)),
-    ("gradient norm (pre-clip)", ("grad_norm", "gradient_norm")),
-    ("loss", ("loss",)),
-    ("policy-gradient term", ("pg_loss",)),
-    ("top-k FKL term", ("fkl_loss",)),
-    ("prefix term", ("prefix_loss",)),
-    ("trust fraction (mean M_t)", ("trust_fraction",)),
-    ("mean P_t", ("trust_probability", "mean_trust_probability")),
-    ("mean reward r_t", ("reward", "mean_reward")),
-    ("outlier fraction", ("outlier_fraction", "clipped_fraction", "masked_fraction")),
-    ("teacher entropy", ("teacher_entropy",)),
-    ("prefix-token fraction", ("prefix_fraction",)),
-    ("max prefix length L_max", ("max_prefix_length", "prefix_max_length", "l_max")),
-    ("mean prefix length", ("prefix_length",)),
-    ("response length", ("response_length", "mean_response_length")),
-    ("truncated fraction", ("truncated_fraction",)),
-    ("eval accuracy (avg@k)", ("eval_avg_at_k", "eval_accuracy", "avg_at_k", "accuracy")),
-    ("eval pass@k", ("eval_pass_at_k", "pass_at_k")),
-    ("learning rate", ("learning_rate", "lr")),
-    ("skipped steps", ("skipped_steps",)),
-    ("tokens / s", ("tokens_per_second",)),
-    ("padding fraction (of tokens computed)", ("padding_fraction",)),
+    ('student entropy', ('student_entropy',)),
+    ('gradient norm (pre-clip)', ('grad_norm', 'gradient_norm')),
+    ('loss', ('loss',)),
+    ('policy-gradient term', ('pg_loss',)),
+    ('top-k FKL term', ('fkl_loss',)),
+    ('prefix term', ('prefix_loss',)),
+    ('trust fraction (mean M_t)', ('trust_fraction',)),
+    ('mean P_t', ('trust_probability', 'mean_trust_probability')),
+    ('mean reward r_t', ('reward', 'mean_reward')),
+    ('outlier fraction', ('outlier_fraction', 'clipped_fraction', 'masked_fraction')),
+    ('teacher entropy', ('teacher_entropy',)),
+    ('prefix-token fraction', ('prefix_fraction',)),
+    ('max prefix length L_max', ('max_prefix_length', 'prefix_max_length', 'l_max')),
+    ('mean prefix length', ('prefix_length',)),
+    ('response length', ('response_length', 'mean_response_length')),
+    ('truncated fraction', ('truncated_fraction',)),
+    ('eval accuracy (avg@k)', ('eval_avg_at_k', 'eval_accuracy', 'avg_at_k', 'accuracy')),
+    ('eval pass@k', ('eval_pass_at_k', 'pass_at_k')),
+    ('learning rate', ('learning_rate', 'lr')),
+    ('skipped steps', ('skipped_steps',)),
+    ('tokens / s', ('tokens_per_second',)),
+    ('padding fraction (of tokens computed)', ('padding_fraction',)),
 )
 
-FIGURE3 = ("student_entropy", "grad_norm")
+FIGURE3 = ('student_entropy', 'grad_norm')
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -59,8 +59,8 @@ def read_metrics(path: str) -> list[dict]:
     raises a ValueError naming the line, since that file is not a metrics log.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"metrics file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
+        raise FileNotFoundError(f'metrics file {path!r} does not exist')
+    with open(path, encoding='utf-8') as f:
         lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
     records = []
     for n, (i, line) in enumerate(lines):
@@ -69,9 +69,9 @@ def read_metrics(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
             if n == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+            raise ValueError(f'{path}:{i}: not a JSON line ({e.msg})') from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+            raise ValueError(f'{path}:{i}: expected a JSON object, got {type(record).__name__}')
         records.append(record)
     return records
 
@@ -84,14 +84,14 @@ def find_key(records: Sequence[dict], names: Sequence[str]) -> str | None:
     for name in names:
         if name in present:
             return name
-        namespaced = sorted(k for k in present if k.endswith("/" + name))
+        namespaced = sorted(k for k in present if k.endswith('/' + name))
         if namespaced:
             return namespaced[0]
     return None
 
 
 def _number(value) -> float | None:
-    if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+    if isinstance(value, str) and value.lower() in ('nan', 'inf', '-inf', 'infinity', '-infinity'):
         return float(value)  # the trainer's writer stores non-finite values as strings to keep valid JSON
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -109,7 +109,7 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
         value = _number(r.get(key))
         if value is None:
             continue
-        step = _number(r.get("step"))
+        step = _number(r.get('step'))
         by_step[int(step) if step is not None else i] = value
     steps = np.array(sorted(by_step), dtype=np.int64)
     return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
@@ -118,7 +118,7 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 def smooth(values: np.ndarray, weight: float) -> np.ndarray:
     """Exponential moving average with `weight` in [0, 1) (0 = raw), bias-corrected like TensorBoard's."""
     if not 0.0 <= weight < 1.0:
-        raise ValueError(f"smoothing weight {weight!r} must be in [0, 1)")
+        raise ValueError(f'smoothing weight {weight!r} must be in [0, 1)')
     if weight == 0.0:
         return values
     out, avg, norm = np.empty_like(values), 0.0, 0.0
@@ -149,7 +149,7 @@ def _figure(num_panels: int, columns: int):
 
     columns = max(1, min(columns, num_panels))
     rows = math.ceil(num_panels / columns)
-    fig = Figure(figsize=(4.2 * columns, 3.0 * rows), layout="constrained")
+    fig = Figure(figsize=(4.2 * columns, 3.0 * rows), layout='constrained')
     axes = fig.subplots(rows, columns, squeeze=False).reshape(-1)
     for ax in axes[num_panels:]:
         ax.set_visible(False)
@@ -161,13 +161,13 @@ def _style(ax, title: str, key: str) -> None:
 
     ax.set_title(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers
-    ax.set_xlabel("step", fontsize=8)
+    ax.set_xlabel('step', fontsize=8)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
-    if key.endswith("grad_norm") or key.endswith("gradient_norm"):
-        ax.set_yscale("log")  # OPD's spikes span orders of magnitude; a linear axis hides TrOPD's curve
+    if key.endswith('grad_norm') or key.endswith('gradient_norm'):
+        ax.set_yscale('log')  # OPD's spikes span orders of magnitude; a linear axis hides TrOPD's curve
     else:
-        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.ticklabel_format(axis='y', useOffset=False)
 
 
 def plot_run(run, out_dir: str, *, smoothing: float = 0.0, title: str | None = None) -> list[str]:
@@ -184,17 +184,17 @@ def plot_run(run, out_dir: str, *, smoothing: float = 0.0, title: str | None = N
     panels = available_panels(records)
     if not panels:
         known = sorted({n for _, names in PANELS for n in names})
-        raise ValueError(f"no known metric in {len(records)} records; known names: {known}")
+        raise ValueError(f'no known metric in {len(records)} records; known names: {known}')
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for name, chosen in (("curves.png", panels), ("figure3.png", [p for p in panels if _is_figure3(p[1])])):
+    for name, chosen in (('curves.png', panels), ('figure3.png', [p for p in panels if _is_figure3(p[1])])):
         if not chosen:
             continue
-        fig, axes = _figure(len(chosen), columns=4 if name == "curves.png" else 2)
+        fig, axes = _figure(len(chosen), columns=4 if name == 'curves.png' else 2)
         for ax, (panel_title, key) in zip(axes, chosen):
             steps, values = series(records, key)
-            weight = 0.0 if key.startswith("eval") else smoothing
-            ax.plot(steps, smooth(values, weight), marker="o" if len(steps) < 20 else None, ms=3)
+            weight = 0.0 if key.startswith('eval') else smoothing
+            ax.plot(steps, smooth(values, weight), marker='o' if len(steps) < 20 else None, ms=3)
             _style(ax, panel_title, key)
         if title:
             fig.suptitle(title)
@@ -205,7 +205,7 @@ def plot_run(run, out_dir: str, *, smoothing: float = 0.0, title: str | None = N
 
 
 def _is_figure3(key: str) -> bool:
-    return any(key == k or key.endswith("/" + k) for k in (*FIGURE3, "gradient_norm"))
+    return any(key == k or key.endswith('/' + k) for k in (*FIGURE3, 'gradient_norm'))
 
 
 def plot_runs(
@@ -227,11 +227,11 @@ def plot_runs(
       out_path.
     """
     if not runs:
-        raise ValueError("plot_runs needs at least one run")
+        raise ValueError('plot_runs needs at least one run')
     loaded = {label: [_load(r) for r in group] for label, group in runs.items()}
     for label, group in loaded.items():
         if not group:
-            raise ValueError(f"label {label!r} has no runs")
+            raise ValueError(f'label {label!r} has no runs')
     panels = []
     for metric in metrics:
         names = next((names for _, names in PANELS if metric in names), (metric,))
@@ -239,7 +239,7 @@ def plot_runs(
         if any(find_key(r, names) for group in loaded.values() for r in group):
             panels.append((title_, names))
     if not panels:
-        raise ValueError(f"none of the metrics {list(metrics)} is in any run")
+        raise ValueError(f'none of the metrics {list(metrics)} is in any run')
     fig, axes = _figure(len(panels), columns=min(len(panels), 3))
     for ax, (panel_title, names) in zip(axes, panels):
         key = None
@@ -252,10 +252,11 @@ def plot_runs(
             if not curves:
                 continue
             steps, mean, low, high = mean_over_runs(curves)
-            weight = 0.0 if names[0].startswith("eval") else smoothing
-            color = f"C{i % 10}"
-            ax.plot(steps, smooth(mean, weight), color=color, label=label, marker="o" if len(steps) < 20 else None,
-                    ms=3)
+            weight = 0.0 if names[0].startswith('eval') else smoothing
+            color = f'C{i % 10}'
+            ax.plot(
+                steps, smooth(mean, weight), color=color, label=label, marker='o' if len(steps) < 20 else None, ms=3
+            )
             if len(curves) > 1:
                 ax.fill_between(steps, smooth(low, weight), smooth(high, weight), color=color, alpha=0.2, lw=0)
         _style(ax, panel_title, key or names[0])
@@ -277,32 +278,37 @@ def mean_over_runs(curves: Sequence[tuple[np.ndarray, np.ndarray]]):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--metrics", required=True, nargs="+",
-                        help="metrics.jsonl of a run; several files are drawn together on one figure")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--labels", nargs="*", default=None, help="one label per --metrics file")
-    parser.add_argument("--smoothing", type=float, default=0.0, help="EMA weight in [0, 1)")
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument(
+        '--metrics',
+        required=True,
+        nargs='+',
+        help='metrics.jsonl of a run; several files are drawn together on one figure',
+    )
+    parser.add_argument('--out', required=True, help='output directory')
+    parser.add_argument('--labels', nargs='*', default=None, help='one label per --metrics file')
+    parser.add_argument('--smoothing', type=float, default=0.0, help='EMA weight in [0, 1)')
     args = parser.parse_args(argv)
     try:
         import matplotlib  # noqa: F401 -- the base install does not bring it
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib, which the plot extra brings: "
-                         "pip install -e '.[plot]'") from None
+        raise SystemExit(
+            "error: plotting needs matplotlib, which the plot extra brings: pip install -e '.[plot]'"
+        ) from None
     if len(args.metrics) == 1:
         for path in plot_run(args.metrics[0], args.out, smoothing=args.smoothing, title=args.metrics[0]):
             print(path)
         return
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(m))) for m in args.metrics]
     if len(labels) != len(args.metrics):
-        raise SystemExit(f"--labels has {len(labels)} entries for {len(args.metrics)} --metrics files")
+        raise SystemExit(f'--labels has {len(labels)} entries for {len(args.metrics)} --metrics files')
     runs = {}
     for label, path in zip(labels, args.metrics):
         runs.setdefault(label, []).append(path)
     names = [n for _, aliases in PANELS for n in aliases[:1]]
-    print(plot_runs(runs, os.path.join(args.out, "figure3.png"), smoothing=args.smoothing))
-    print(plot_runs(runs, os.path.join(args.out, "curves.png"), metrics=names, smoothing=args.smoothing))
+    print(plot_runs(runs, os.path.join(args.out, 'figure3.png'), smoothing=args.smoothing))
+    print(plot_runs(runs, os.path.join(args.out, 'curves.png'), metrics=names, smoothing=args.smoothing))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

@@ -70,8 +70,10 @@ class PreemptionWatch:
     def _handle(self, number, frame) -> None:
         del frame
         if self.received is None:
-            logging.warning('received %s: finishing the current step, then saving a checkpoint and exiting',
-                            signal.Signals(number).name)
+            logging.warning(
+                'received %s: finishing the current step, then saving a checkpoint and exiting',
+                signal.Signals(number).name,
+            )
         self.received = number
 
     def reached(self, step: int) -> bool:

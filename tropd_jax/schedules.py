@@ -45,7 +45,7 @@ def sample_prefix_lengths(key: jax.Array, max_length: int, num_rollouts: int) ->
 
 
 def learning_rate_schedule(
-        learning_rate: float, total_steps: int, *, schedule: str = 'constant', warmup_steps: int = 0
+    learning_rate: float, total_steps: int, *, schedule: str = 'constant', warmup_steps: int = 0
 ) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_steps`, then `constant` (the paper), `cosine` or `linear` decay to 0."""
     decay_steps = max(total_steps - warmup_steps, 1)

@@ -47,8 +47,14 @@ def targets(tokens, input_mask, response_mask, prefix_mask, logprobs, prompt_len
     )
 
 
-def response_hidden(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int,
-                    packed_positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+def response_hidden(
+    model: nnx.Module,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    prompt_length: int,
+    packed_positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """Final hidden states that predict the response tokens: `[B, N, H]` (compute dtype).
 
     tokens, input_mask: `[B, P + N]`. Row b's output at column P - 1 + t predicts `tokens[b, P + t]`.
@@ -62,11 +68,17 @@ def response_hidden(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array,
         hidden, _ = model(inputs, positions(mask), mask, return_hidden=True)
     else:
         hidden, _ = model(inputs, packed_positions[:, :-1], mask, return_hidden=True, segment_ids=segment_ids[:, :-1])
-    return hidden[:, prompt_length - 1:]
+    return hidden[:, prompt_length - 1 :]
 
 
-def response_logits(model: nnx.Module, tokens: jax.Array, input_mask: jax.Array, prompt_length: int,
-                    packed_positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+def response_logits(
+    model: nnx.Module,
+    tokens: jax.Array,
+    input_mask: jax.Array,
+    prompt_length: int,
+    packed_positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """Logits of every response token's distribution: `[B, N, V]` (compute dtype); `logits[:, t]` scores
     `tokens[:, P + t]`. Packed rows: as `response_hidden`."""
     hidden = response_hidden(model, tokens, input_mask, prompt_length, packed_positions, segment_ids)
@@ -105,8 +117,10 @@ def teacher_rows(tokens, input_mask, prompt_length: int, teacher_prompts, num_ro
     prompt_tokens, prompt_mask = sampling.pad_prompts(list(teacher_prompts), pad_id=pad_id)
     prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), num_rollouts, axis=0)
     prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), num_rollouts, axis=0)
-    return (jnp.concatenate([prompt_tokens, jnp.asarray(tokens)[:, prompt_length:]], axis=1),
-            jnp.concatenate([prompt_mask, jnp.asarray(input_mask)[:, prompt_length:]], axis=1))
+    return (
+        jnp.concatenate([prompt_tokens, jnp.asarray(tokens)[:, prompt_length:]], axis=1),
+        jnp.concatenate([prompt_mask, jnp.asarray(input_mask)[:, prompt_length:]], axis=1),
+    )
 
 
 def response_logprobs(model: nnx.Module, tokens, input_mask, prompt_length: int, vocab_size: int) -> jax.Array:
@@ -116,8 +130,9 @@ def response_logprobs(model: nnx.Module, tokens, input_mask, prompt_length: int,
     return jnp.take_along_axis(logprobs, tokens[:, prompt_length:, None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def template_logprob_difference(teacher: nnx.Module, rollout, teacher_prompts, vocab_size: int,
-                                pad_id: int = 0) -> dict:
+def template_logprob_difference(
+    teacher: nnx.Module, rollout, teacher_prompts, vocab_size: int, pad_id: int = 0
+) -> dict:
     """How much the teacher's log-probs of the same response tokens move when it reads the prompts as it renders
     them instead of as the student does.
 
@@ -125,12 +140,17 @@ def template_logprob_difference(teacher: nnx.Module, rollout, teacher_prompts, v
     the teacher renders them. Returns float `mean` (teacher's rendering minus the student's, nats per response token),
     `mean_abs`, `tokens` (how many response tokens) and `prompts`.
     """
-    mask = rollout.response_mask[:, rollout.prompt_length:].astype(jnp.float32)
+    mask = rollout.response_mask[:, rollout.prompt_length :].astype(jnp.float32)
     as_student = response_logprobs(teacher, rollout.tokens, rollout.input_mask, rollout.prompt_length, vocab_size)
-    t_tokens, t_mask = teacher_rows(rollout.tokens, rollout.input_mask, rollout.prompt_length, teacher_prompts, 1,
-                                    pad_id)
+    t_tokens, t_mask = teacher_rows(
+        rollout.tokens, rollout.input_mask, rollout.prompt_length, teacher_prompts, 1, pad_id
+    )
     as_teacher = response_logprobs(teacher, t_tokens, t_mask, t_tokens.shape[1] - mask.shape[1], vocab_size)
     diff = (as_teacher - as_student) * mask
     count = jnp.maximum(mask.sum(), 1.0)
-    return {'mean': float(diff.sum() / count), 'mean_abs': float(jnp.abs(diff).sum() / count),
-            'tokens': int(mask.sum()), 'prompts': int(mask.shape[0])}
+    return {
+        'mean': float(diff.sum() / count),
+        'mean_abs': float(jnp.abs(diff).sum() / count),
+        'tokens': int(mask.sum()),
+        'prompts': int(mask.shape[0]),
+    }

@@ -5,5 +5,15 @@ from tropd_jax.models.decoder import Decoder, KVCache, forward, init_cache, init
 from tropd_jax.models.hf import from_pretrained, save_pretrained
 from tropd_jax.models.tokenizer import check_tokenizers_compatible, load_tokenizer
 
-__all__ = ['ModelConfig', 'Decoder', 'KVCache', 'forward', 'init_cache', 'init_decoder', 'from_pretrained', 'save_pretrained',
-           'load_tokenizer', 'check_tokenizers_compatible']
+__all__ = [
+    'ModelConfig',
+    'Decoder',
+    'KVCache',
+    'forward',
+    'init_cache',
+    'init_decoder',
+    'from_pretrained',
+    'save_pretrained',
+    'load_tokenizer',
+    'check_tokenizers_compatible',
+]

@@ -32,370 +32,381 @@ from tropd_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Preallocated keys / values of every layer.
+    """Preallocated keys / values of every layer.
 
-  k: [L, B, KV, D, S] and v: [L, B, KV, S, D], or tuples of L per-layer buffers [B, KV, D, S] / [B, KV, S, D]
-    (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU). KV heads come before slots and k is stored
-    transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
-    a transposed operand made the scores cost twice the values.
-  valid: [B, S] bool, the slots that hold a real (non-padding) token.
-  index: [] int32, the next slot to write (shared by every row); or [B] int32, each row's own next slot (continuous
-    batching: rows at different steps of their responses), accepted by one-token decode steps only.
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  index: jax.Array
+    k: [L, B, KV, D, S] and v: [L, B, KV, S, D], or tuples of L per-layer buffers [B, KV, D, S] / [B, KV, S, D]
+      (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU). KV heads come before slots and k is stored
+      transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
+      a transposed operand made the scores cost twice the values.
+    valid: [B, S] bool, the slots that hold a real (non-padding) token.
+    index: [] int32, the next slot to write (shared by every row); or [B] int32, each row's own next slot (continuous
+      batching: rows at different steps of their responses), accepted by one-token decode steps only.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None, *,
-               per_layer: bool = False) -> KVCache:
-  """An empty cache of `max_length` slots per row, in the compute dtype unless `dtype` is given.
+def init_cache(
+    config: ModelConfig, batch_size: int, max_length: int, dtype=None, *, per_layer: bool = False
+) -> KVCache:
+    """An empty cache of `max_length` slots per row, in the compute dtype unless `dtype` is given.
 
-  `per_layer=True` holds k and v as tuples of L buffers instead of one stacked array per kind (see `KVCache`);
-  the decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
-  over a slice `k[layer]` of the stacked buffer first copies that slice.
-  """
-  dtype = jnp.dtype(dtype or config.dtype)
-  k_shape = (batch_size, config.num_kv_heads, config.head_dim, max_length)
-  v_shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-  if per_layer:
-    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
-    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
-  else:
-    k = jnp.zeros((config.num_layers,) + k_shape, dtype)
-    v = jnp.zeros((config.num_layers,) + v_shape, dtype)
-  return KVCache(
-      k=k,
-      v=v,
-      valid=jnp.zeros((batch_size, max_length), bool),
-      index=jnp.zeros((), jnp.int32),
-  )
+    `per_layer=True` holds k and v as tuples of L buffers instead of one stacked array per kind (see `KVCache`);
+    the decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
+    over a slice `k[layer]` of the stacked buffer first copies that slice.
+    """
+    dtype = jnp.dtype(dtype or config.dtype)
+    k_shape = (batch_size, config.num_kv_heads, config.head_dim, max_length)
+    v_shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
+    else:
+        k = jnp.zeros((config.num_layers,) + k_shape, dtype)
+        v = jnp.zeros((config.num_layers,) + v_shape, dtype)
+    return KVCache(
+        k=k,
+        v=v,
+        valid=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 class _Init:
-  """Creates the parameters of one `Decoder`, annotated with logical axis names.
+    """Creates the parameters of one `Decoder`, annotated with logical axis names.
 
-  Random weights get a placeholder and are filled by `finish` from a single uniform draw (std 0.02): XLA compiles
-  every distinct random shape separately (about a second each for threefry on CPU), which would dominate building
-  a tiny model; one draw is one compile. The distribution of a random init is immaterial here (real weights come
-  from checkpoints). Ones and zeros come from NumPy, which compiles nothing.
-  """
+    Random weights get a placeholder and are filled by `finish` from a single uniform draw (std 0.02): XLA compiles
+    every distinct random shape separately (about a second each for threefry on CPU), which would dominate building
+    a tiny model; one draw is one compile. The distribution of a random init is immaterial here (real weights come
+    from checkpoints). Ones and zeros come from NumPy, which compiles nothing.
+    """
 
-  def __init__(self, rngs: nnx.Rngs, dtype):
-    self.key, self.dtype, self.pending = rngs.params(), jnp.dtype(dtype), []
+    def __init__(self, rngs: nnx.Rngs, dtype):
+        self.key, self.dtype, self.pending = rngs.params(), jnp.dtype(dtype), []
 
-  def __call__(self, shape, axes, fill='random'):
-    if fill == 'random':
-      value = jax.ShapeDtypeStruct(shape, self.dtype)
-    else:
-      value = jnp.asarray(np.full(shape, 1.0 if fill == 'ones' else 0.0, self.dtype))
-    with nnx.use_eager_sharding(False):  # placement is `sharding.shard_model`'s job; no mesh needed here
-      param = nnx.Param(value, out_sharding=axes)
-    if fill == 'random':
-      self.pending.append(param)
-    return param
+    def __call__(self, shape, axes, fill='random'):
+        if fill == 'random':
+            value = jax.ShapeDtypeStruct(shape, self.dtype)
+        else:
+            value = jnp.asarray(np.full(shape, 1.0 if fill == 'ones' else 0.0, self.dtype))
+        with nnx.use_eager_sharding(False):  # placement is `sharding.shard_model`'s job; no mesh needed here
+            param = nnx.Param(value, out_sharding=axes)
+        if fill == 'random':
+            self.pending.append(param)
+        return param
 
-  def finish(self):
-    sizes = [math.prod(p.get_value().shape) for p in self.pending]
-    bound = 0.02 * math.sqrt(3.0)
-    flat = jax.random.uniform(self.key, (sum(sizes),), self.dtype, -bound, bound)
-    if not isinstance(flat, jax.core.Tracer):
-      flat = np.asarray(flat)  # split on the host: slicing on device would compile once per shape
-    offsets = np.cumsum([0] + sizes)
-    for param, start, size in zip(self.pending, offsets, sizes):
-      param.set_value(jnp.asarray(flat[start:start + size].reshape(param.get_value().shape)))
+    def finish(self):
+        sizes = [math.prod(p.get_value().shape) for p in self.pending]
+        bound = 0.02 * math.sqrt(3.0)
+        flat = jax.random.uniform(self.key, (sum(sizes),), self.dtype, -bound, bound)
+        if not isinstance(flat, jax.core.Tracer):
+            flat = np.asarray(flat)  # split on the host: slicing on device would compile once per shape
+        offsets = np.cumsum([0] + sizes)
+        for param, start, size in zip(self.pending, offsets, sizes):
+            param.set_value(jnp.asarray(flat[start : start + size].reshape(param.get_value().shape)))
 
 
 def rms_norm(x, scale, eps):
-  """HF RMSNorm: normalise in float32, cast back, then scale. x: [..., H], scale: [H]."""
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale.astype(x.dtype) * x32.astype(x.dtype)
+    """HF RMSNorm: normalise in float32, cast back, then scale. x: [..., H], scale: [H]."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope_frequencies(config: ModelConfig) -> jax.Array:
-  """Inverse frequencies [D / 2] (float32), with linear or Llama 3 scaling applied."""
-  d = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  scaling = config.rope_scaling
-  if scaling is None:
-    return inv_freq
-  if scaling['rope_type'] == 'linear':
-    return inv_freq / scaling['factor']
-  # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
-  factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
-  old_len = scaling['original_max_position_embeddings']
-  wavelen = 2 * math.pi / inv_freq
-  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-  return jnp.where(is_medium, smoothed, scaled)
+    """Inverse frequencies [D / 2] (float32), with linear or Llama 3 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling['rope_type'] == 'linear':
+        return inv_freq / scaling['factor']
+    # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
 
 
 def _fuse_projections(x) -> bool:
-  """Whether to multiply by concatenated weights (q|k|v, gate|up): for one-token decode steps, where the fewer,
-  larger matmuls are faster on CPU, and never under tensor parallelism (the concatenation would mix shards)."""
-  return x.shape[1] == 1 and not sharding.tensor_parallel()
+    """Whether to multiply by concatenated weights (q|k|v, gate|up): for one-token decode steps, where the fewer,
+    larger matmuls are faster on CPU, and never under tensor parallelism (the concatenation would mix shards)."""
+    return x.shape[1] == 1 and not sharding.tensor_parallel()
 
 
 def _weight(module: nnx.Module, name: str, dtype) -> jax.Array:
-  """`module.<name>` in `dtype`; an int8 weight (`quantize.quantize_int8`) times its per-channel `<name>_scale`."""
-  w = getattr(module, name)[...].astype(dtype)
-  scale = getattr(module, name + '_scale', None)
-  return w if scale is None else w * scale[...].astype(dtype)
+    """`module.<name>` in `dtype`; an int8 weight (`quantize.quantize_int8`) times its per-channel `<name>_scale`."""
+    w = getattr(module, name)[...].astype(dtype)
+    scale = getattr(module, name + '_scale', None)
+    return w if scale is None else w * scale[...].astype(dtype)
 
 
 def apply_rope(x, cos, sin):
-  """Rotate-half RoPE as in HF. x: [B, N, T, D]; cos, sin: [B, 1, T, D / 2] float32."""
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotate-half RoPE as in HF. x: [B, N, T, D]; cos, sin: [B, 1, T, D / 2] float32."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention; query head n uses KV head n // (num_heads // num_kv_heads), as HF's repeat_kv."""
+    """Grouped-query attention; query head n uses KV head n // (num_heads // num_kv_heads), as HF's repeat_kv."""
 
-  def __init__(self, config: ModelConfig, init: _Init):
-    h, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    self.q_proj = init((h, n, d), ('embed', 'heads', 'head_dim'))
-    self.k_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
-    self.v_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
-    self.o_proj = init((n, d, h), ('heads', 'head_dim', 'embed'))
-    self.use_bias = config.attention_bias
-    self.use_o_bias = config.attention_bias and config.architecture != 'qwen2'
-    if self.use_bias:
-      self.q_bias = init((n, d), ('heads', 'head_dim'), 'zeros')
-      self.k_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
-      self.v_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
-    if self.use_o_bias:
-      self.o_bias = init((h,), ('embed',), 'zeros')
-    self.qk_norm = config.qk_norm
-    if self.qk_norm:
-      self.q_norm = init((d,), ('head_dim',), 'ones')
-      self.k_norm = init((d,), ('head_dim',), 'ones')
-    self.eps = config.rms_norm_eps
-    self.num_kv_heads = kv
-    self.dtype = jnp.dtype(config.dtype)
+    def __init__(self, config: ModelConfig, init: _Init):
+        h, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = init((h, n, d), ('embed', 'heads', 'head_dim'))
+        self.k_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
+        self.v_proj = init((h, kv, d), ('embed', 'kv_heads', 'head_dim'))
+        self.o_proj = init((n, d, h), ('heads', 'head_dim', 'embed'))
+        self.use_bias = config.attention_bias
+        self.use_o_bias = config.attention_bias and config.architecture != 'qwen2'
+        if self.use_bias:
+            self.q_bias = init((n, d), ('heads', 'head_dim'), 'zeros')
+            self.k_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
+            self.v_bias = init((kv, d), ('kv_heads', 'head_dim'), 'zeros')
+        if self.use_o_bias:
+            self.o_bias = init((h,), ('embed',), 'zeros')
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = init((d,), ('head_dim',), 'ones')
+            self.k_norm = init((d,), ('head_dim',), 'ones')
+        self.eps = config.rms_norm_eps
+        self.num_kv_heads = kv
+        self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
-    """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index); segment_ids:
-    None or [B, T] int (packed rows: tokens attend within their segment only; cache-free calls).
+    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
+        """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index); segment_ids:
+        None or [B, T] int (packed rows: tokens attend within their segment only; cache-free calls).
 
-    Without `allowed` the T new tokens attend causally to each other (a plain forward, or a prefill into an empty
-    cache) through `attention.attention` with `kernel` = (implementation, block size), which never builds [T, T]
-    scores (but for 'naive').
-    With `allowed` ([B, T, S] bool: which cache slots each query sees; the one-token decode step) they attend to
-    the cache. The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot
-    `index` of [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last).
-    Returns the output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place,
-    never re-stacked.
-    """
-    dt = self.dtype
-    if _fuse_projections(x):
-      # One matmul for q, k and v (the weights are loop-invariant, so XLA concatenates them once per decode loop).
-      h, n, d = self.q_proj[...].shape
-      kv = self.num_kv_heads
-      w = jnp.concatenate([_weight(self, 'q_proj', dt).reshape(h, n * d),
-                           _weight(self, 'k_proj', dt).reshape(h, kv * d),
-                           _weight(self, 'v_proj', dt).reshape(h, kv * d)], axis=1)
-      qkv = (x @ w).reshape(x.shape[0], x.shape[1], n + 2 * kv, d).transpose(0, 2, 1, 3)
-      q, k, v = qkv[:, :n], qkv[:, n:n + kv], qkv[:, n + kv:]
-    else:
-      q = jnp.einsum('bth,hnd->bntd', x, _weight(self, 'q_proj', dt))
-      k = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'k_proj', dt))
-      v = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'v_proj', dt))
-    if self.use_bias:
-      q = q + self.q_bias[...].astype(dt)[None, :, None, :]
-      k = k + self.k_bias[...].astype(dt)[None, :, None, :]
-      v = v + self.v_bias[...].astype(dt)[None, :, None, :]
-    if self.qk_norm:
-      q = rms_norm(q, self.q_norm[...], self.eps)
-      k = rms_norm(k, self.k_norm[...], self.eps)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    b, n, t, d = q.shape
-    new_cache = None
-    if cache is not None:
-      cache_k, cache_v, index = cache
-      stacked = cache_k.ndim == 5
-      new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
-      if index.ndim:  # per-row slots (one new token per row): a scatter of B columns
-        rows = jnp.arange(b)
-        lead = (layer, rows) if stacked else (rows,)
-        cache_k = cache_k.at[lead + (slice(None), slice(None), index)].set(new_k[..., 0].astype(cache_k.dtype))
-        cache_v = cache_v.at[lead + (slice(None), index)].set(new_v[:, :, 0].astype(cache_v.dtype))
-      else:
-        if stacked:
-          new_k, new_v = new_k[None], new_v[None]
-        lead = (layer,) if stacked else ()
-        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
-      new_cache = (cache_k, cache_v)
+        Without `allowed` the T new tokens attend causally to each other (a plain forward, or a prefill into an empty
+        cache) through `attention.attention` with `kernel` = (implementation, block size), which never builds [T, T]
+        scores (but for 'naive').
+        With `allowed` ([B, T, S] bool: which cache slots each query sees; the one-token decode step) they attend to
+        the cache. The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot
+        `index` of [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last).
+        Returns the output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place,
+        never re-stacked.
+        """
+        dt = self.dtype
+        if _fuse_projections(x):
+            # One matmul for q, k and v (the weights are loop-invariant, so XLA concatenates them once per decode loop).
+            h, n, d = self.q_proj[...].shape
+            kv = self.num_kv_heads
+            w = jnp.concatenate(
+                [
+                    _weight(self, 'q_proj', dt).reshape(h, n * d),
+                    _weight(self, 'k_proj', dt).reshape(h, kv * d),
+                    _weight(self, 'v_proj', dt).reshape(h, kv * d),
+                ],
+                axis=1,
+            )
+            qkv = (x @ w).reshape(x.shape[0], x.shape[1], n + 2 * kv, d).transpose(0, 2, 1, 3)
+            q, k, v = qkv[:, :n], qkv[:, n : n + kv], qkv[:, n + kv :]
+        else:
+            q = jnp.einsum('bth,hnd->bntd', x, _weight(self, 'q_proj', dt))
+            k = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'k_proj', dt))
+            v = jnp.einsum('bth,hkd->bktd', x, _weight(self, 'v_proj', dt))
+        if self.use_bias:
+            q = q + self.q_bias[...].astype(dt)[None, :, None, :]
+            k = k + self.k_bias[...].astype(dt)[None, :, None, :]
+            v = v + self.v_bias[...].astype(dt)[None, :, None, :]
+        if self.qk_norm:
+            q = rms_norm(q, self.q_norm[...], self.eps)
+            k = rms_norm(k, self.k_norm[...], self.eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        b, n, t, d = q.shape
+        new_cache = None
+        if cache is not None:
+            cache_k, cache_v, index = cache
+            stacked = cache_k.ndim == 5
+            new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
+            if index.ndim:  # per-row slots (one new token per row): a scatter of B columns
+                rows = jnp.arange(b)
+                lead = (layer, rows) if stacked else (rows,)
+                cache_k = cache_k.at[lead + (slice(None), slice(None), index)].set(new_k[..., 0].astype(cache_k.dtype))
+                cache_v = cache_v.at[lead + (slice(None), index)].set(new_v[:, :, 0].astype(cache_v.dtype))
+            else:
+                if stacked:
+                    new_k, new_v = new_k[None], new_v[None]
+                lead = (layer,) if stacked else ()
+                cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
+                cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
+            new_cache = (cache_k, cache_v)
 
-    if allowed is None:
-      out = attention_lib.attention(q, k, v, mask, segment_ids=segment_ids, implementation=kernel[0],
-                                    block_size=kernel[1])
-    else:
-      k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
-      q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
-      scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
-      scores = scores / math.sqrt(d)
-      # A finite fill keeps rows with no allowed key finite: they become uniform, never NaN.
-      scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
-    out = jnp.einsum('bntd,ndh->bth', out, _weight(self, 'o_proj', dt))
-    if self.use_o_bias:
-      out = out + self.o_bias[...].astype(dt)
-    return out, new_cache
+        if allowed is None:
+            out = attention_lib.attention(
+                q, k, v, mask, segment_ids=segment_ids, implementation=kernel[0], block_size=kernel[1]
+            )
+        else:
+            k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
+            q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
+            scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
+            scores = scores / math.sqrt(d)
+            # A finite fill keeps rows with no allowed key finite: they become uniform, never NaN.
+            scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum('bkgts,bksd->bkgtd', probs, v.astype(dt)).reshape(b, n, t, d)
+        out = jnp.einsum('bntd,ndh->bth', out, _weight(self, 'o_proj', dt))
+        if self.use_o_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, new_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, config: ModelConfig, init: _Init):
-    h, m = config.hidden_size, config.intermediate_size
-    self.gate_proj = init((h, m), ('embed', 'mlp'))
-    self.up_proj = init((h, m), ('embed', 'mlp'))
-    self.down_proj = init((m, h), ('mlp', 'embed'))
-    self.dtype = jnp.dtype(config.dtype)
+    def __init__(self, config: ModelConfig, init: _Init):
+        h, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = init((h, m), ('embed', 'mlp'))
+        self.up_proj = init((h, m), ('embed', 'mlp'))
+        self.down_proj = init((m, h), ('mlp', 'embed'))
+        self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x):
-    dt = self.dtype
-    if _fuse_projections(x):
-      m = self.gate_proj[...].shape[1]
-      gate_up = x @ jnp.concatenate([_weight(self, 'gate_proj', dt), _weight(self, 'up_proj', dt)], axis=1)
-      gate, up = gate_up[..., :m], gate_up[..., m:]
-    else:
-      gate, up = x @ _weight(self, 'gate_proj', dt), x @ _weight(self, 'up_proj', dt)
-    return (jax.nn.silu(gate) * up) @ _weight(self, 'down_proj', dt)
+    def __call__(self, x):
+        dt = self.dtype
+        if _fuse_projections(x):
+            m = self.gate_proj[...].shape[1]
+            gate_up = x @ jnp.concatenate([_weight(self, 'gate_proj', dt), _weight(self, 'up_proj', dt)], axis=1)
+            gate, up = gate_up[..., :m], gate_up[..., m:]
+        else:
+            gate, up = x @ _weight(self, 'gate_proj', dt), x @ _weight(self, 'up_proj', dt)
+        return (jax.nn.silu(gate) * up) @ _weight(self, 'down_proj', dt)
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, config: ModelConfig, init: _Init):
-    self.input_norm = init((config.hidden_size,), ('embed',), 'ones')
-    self.attn = Attention(config, init)
-    self.post_attention_norm = init((config.hidden_size,), ('embed',), 'ones')
-    self.mlp = MLP(config, init)
-    self.eps = config.rms_norm_eps
+    def __init__(self, config: ModelConfig, init: _Init):
+        self.input_norm = init((config.hidden_size,), ('embed',), 'ones')
+        self.attn = Attention(config, init)
+        self.post_attention_norm = init((config.hidden_size,), ('embed',), 'ones')
+        self.mlp = MLP(config, init)
+        self.eps = config.rms_norm_eps
 
-  def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
-    x_norm = rms_norm(x, self.input_norm[...], self.eps)
-    out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel, segment_ids)
-    x = x + out
-    x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
-    return x, cache
+    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
+        x_norm = rms_norm(x, self.input_norm[...], self.eps)
+        out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel, segment_ids)
+        x = x + out
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
+        return x, cache
 
 
 class Decoder(nnx.Module):
-  """Qwen2 / Qwen3 / Llama decoder; `model.config` is its `ModelConfig`."""
+    """Qwen2 / Qwen3 / Llama decoder; `model.config` is its `ModelConfig`."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    init = _Init(rngs, config.param_dtype)
-    self.embed = init((config.vocab_size, config.hidden_size), ('vocab', 'embed'))
-    self.layers = nnx.List([Block(config, init) for _ in range(config.num_layers)])
-    self.final_norm = init((config.hidden_size,), ('embed',), 'ones')
-    if not config.tie_word_embeddings:
-      self.lm_head = init((config.hidden_size, config.vocab_size), ('embed', 'vocab'))
-    init.finish()
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        init = _Init(rngs, config.param_dtype)
+        self.embed = init((config.vocab_size, config.hidden_size), ('vocab', 'embed'))
+        self.layers = nnx.List([Block(config, init) for _ in range(config.num_layers)])
+        self.final_norm = init((config.hidden_size,), ('embed',), 'ones')
+        if not config.tie_word_embeddings:
+            self.lm_head = init((config.hidden_size, config.vocab_size), ('embed', 'vocab'))
+        init.finish()
 
-  def lm_head_weight(self) -> jax.Array:
-    """The output projection [H, V] in the parameter dtype (the transposed embedding when tied); an int8 model's
-    (`quantize.quantize_int8`) scaled back, in the compute dtype."""
-    name = 'embed' if self.config.tie_word_embeddings else 'lm_head'
-    if getattr(self, name + '_scale', None) is not None:
-      w = _weight(self, name, self.config.dtype)
-    else:
-      w = getattr(self, name)[...]
-    return w.T if self.config.tie_word_embeddings else w
-
-  def __call__(self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False,
-               segment_ids=None):
-    """Runs the decoder over T new tokens.
-
-    Args:
-      tokens: [B, T] int token ids.
-      positions: [B, T] int RoPE positions (per row; `max(cumsum(input_mask) - 1, 0)` for left padding).
-      mask: [B, T] 1 on real tokens, 0 on padding. Padding keys are never attended to.
-      cache: None for a plain causal forward. Otherwise the T new keys / values go to slots
-        [cache.index, cache.index + T) of every row, are marked valid where `mask` is 1, and each query attends to
-        valid slots at or before its own slot. A call of T > 1 tokens with a cache is a prefill: the cache must be
-        empty (index 0), and the queries attend to the T new tokens only, through the attention kernel.
-      return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
-      segment_ids: None, or [B, T] int for packed rows (several sequences per row, cache-free calls only): each
-        token attends only to earlier tokens of its own segment; `positions` restart at 0 in every segment.
-
-    Returns:
-      (logits [B, T, V] or hidden [B, T, H], both in the compute dtype; the updated cache or None).
-    """
-    config, dt = self.config, jnp.dtype(self.config.dtype)
-    t = tokens.shape[1]
-    mask = mask.astype(bool)
-    if segment_ids is not None and cache is not None:
-      raise ValueError('segment_ids (packed rows) are for cache-free calls; got a cache.')
-    # Gather from a table whole along `embed` (FSDP gathers weights anyway): a lookup in the fsdp-split table
-    # would come out split along the hidden dimension and need an all-to-all to reach the batch split.
-    embed = sharding.constrain(self.embed[...], ('vocab', None))
-    x = jnp.take(embed, tokens, axis=0).astype(dt)
-    if getattr(self, 'embed_scale', None) is not None:  # int8 rows, one scale per token (`quantize`)
-      x = x * jnp.take(self.embed_scale[...][:, 0], tokens, axis=0).astype(dt)[..., None]
-    x = sharding.constrain(x, ('batch', 'length', None))
-
-    freqs = positions.astype(jnp.float32)[:, None, :, None] * rope_frequencies(config)  # [B, 1, T, D/2]
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-
-    if cache is None:
-      index = allowed = None
-    else:
-      index = cache.index
-      if index.ndim:  # each row writes its own slot (continuous batching)
-        if t != 1:
-          raise ValueError(f'A cache with per-row indices {index.shape} takes one-token steps only, got T={t}.')
-        valid = cache.valid.at[jnp.arange(tokens.shape[0]), index].set(mask[:, 0])
-      else:
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-      if t == 1:  # a decode step attends to the cache; a prefill (T > 1, empty cache) to its own T tokens
-        slots = jnp.arange(valid.shape[1])
-        allowed = valid[:, None, :] & (slots[None, None, :] <= index[..., None, None])  # [B, 1, S]
-      else:
-        allowed = None
-    kernel = (config.attention, config.attention_block_size)
-    remat = cache is None and config.remat != 'none'
-
-    # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
-    # buffers are handed to their layer and collected.
-    per_layer = cache is not None and isinstance(cache.k, (tuple, list))
-    kv = None if cache is None else (cache.k, cache.v)
-    new_k, new_v = [], []
-    if cache is None and config.scan_layers:
-      x = _scan_blocks(self.layers, x, cos, sin, mask, kernel, config.remat, segment_ids)
-    for layer, block in enumerate([] if cache is None and config.scan_layers else self.layers):
-      if remat:
-        x = _remat_block(block, x, cos, sin, mask, kernel, config.remat, segment_ids)
-      else:
-        if per_layer:
-          layer_cache = (cache.k[layer], cache.v[layer], index)
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection [H, V] in the parameter dtype (the transposed embedding when tied); an int8 model's
+        (`quantize.quantize_int8`) scaled back, in the compute dtype."""
+        name = 'embed' if self.config.tie_word_embeddings else 'lm_head'
+        if getattr(self, name + '_scale', None) is not None:
+            w = _weight(self, name, self.config.dtype)
         else:
-          layer_cache = None if cache is None else (*kv, index)
-        x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel, segment_ids)
-        if per_layer:
-          new_k.append(kv[0])
-          new_v.append(kv[1])
-      x = sharding.constrain(x, ('batch', 'length', None))
+            w = getattr(self, name)[...]
+        return w.T if self.config.tie_word_embeddings else w
 
-    if per_layer:
-      kv = (tuple(new_k), tuple(new_v))
-    if cache is not None:
-      cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
-    x = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
-    if return_hidden:
-      return x, cache
-    return x @ self.lm_head_weight().astype(dt), cache
+    def __call__(
+        self, tokens, positions, mask, cache: KVCache | None = None, *, return_hidden: bool = False, segment_ids=None
+    ):
+        """Runs the decoder over T new tokens.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] int RoPE positions (per row; `max(cumsum(input_mask) - 1, 0)` for left padding).
+          mask: [B, T] 1 on real tokens, 0 on padding. Padding keys are never attended to.
+          cache: None for a plain causal forward. Otherwise the T new keys / values go to slots
+            [cache.index, cache.index + T) of every row, are marked valid where `mask` is 1, and each query attends to
+            valid slots at or before its own slot. A call of T > 1 tokens with a cache is a prefill: the cache must be
+            empty (index 0), and the queries attend to the T new tokens only, through the attention kernel.
+          return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
+          segment_ids: None, or [B, T] int for packed rows (several sequences per row, cache-free calls only): each
+            token attends only to earlier tokens of its own segment; `positions` restart at 0 in every segment.
+
+        Returns:
+          (logits [B, T, V] or hidden [B, T, H], both in the compute dtype; the updated cache or None).
+        """
+        config, dt = self.config, jnp.dtype(self.config.dtype)
+        t = tokens.shape[1]
+        mask = mask.astype(bool)
+        if segment_ids is not None and cache is not None:
+            raise ValueError('segment_ids (packed rows) are for cache-free calls; got a cache.')
+        # Gather from a table whole along `embed` (FSDP gathers weights anyway): a lookup in the fsdp-split table
+        # would come out split along the hidden dimension and need an all-to-all to reach the batch split.
+        embed = sharding.constrain(self.embed[...], ('vocab', None))
+        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        if getattr(self, 'embed_scale', None) is not None:  # int8 rows, one scale per token (`quantize`)
+            x = x * jnp.take(self.embed_scale[...][:, 0], tokens, axis=0).astype(dt)[..., None]
+        x = sharding.constrain(x, ('batch', 'length', None))
+
+        freqs = positions.astype(jnp.float32)[:, None, :, None] * rope_frequencies(config)  # [B, 1, T, D/2]
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+
+        if cache is None:
+            index = allowed = None
+        else:
+            index = cache.index
+            if index.ndim:  # each row writes its own slot (continuous batching)
+                if t != 1:
+                    raise ValueError(
+                        f'A cache with per-row indices {index.shape} takes one-token steps only, got T={t}.'
+                    )
+                valid = cache.valid.at[jnp.arange(tokens.shape[0]), index].set(mask[:, 0])
+            else:
+                valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            if t == 1:  # a decode step attends to the cache; a prefill (T > 1, empty cache) to its own T tokens
+                slots = jnp.arange(valid.shape[1])
+                allowed = valid[:, None, :] & (slots[None, None, :] <= index[..., None, None])  # [B, 1, S]
+            else:
+                allowed = None
+        kernel = (config.attention, config.attention_block_size)
+        remat = cache is None and config.remat != 'none'
+
+        # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
+        # buffers are handed to their layer and collected.
+        per_layer = cache is not None and isinstance(cache.k, (tuple, list))
+        kv = None if cache is None else (cache.k, cache.v)
+        new_k, new_v = [], []
+        if cache is None and config.scan_layers:
+            x = _scan_blocks(self.layers, x, cos, sin, mask, kernel, config.remat, segment_ids)
+        for layer, block in enumerate([] if cache is None and config.scan_layers else self.layers):
+            if remat:
+                x = _remat_block(block, x, cos, sin, mask, kernel, config.remat, segment_ids)
+            else:
+                if per_layer:
+                    layer_cache = (cache.k[layer], cache.v[layer], index)
+                else:
+                    layer_cache = None if cache is None else (*kv, index)
+                x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel, segment_ids)
+                if per_layer:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            x = sharding.constrain(x, ('batch', 'length', None))
+
+        if per_layer:
+            kv = (tuple(new_k), tuple(new_v))
+        if cache is not None:
+            cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
+        x = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
+        if return_hidden:
+            return x, cache
+        return x @ self.lm_head_weight().astype(dt), cache
 
 
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
@@ -406,56 +417,59 @@ _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
 
 
 def _block_fn(graphdef, kernel, policy: str, prevent_cse: bool = True):
-  """`fn(state, x, cos, sin, mask, segment_ids) -> x` of a block split into (graphdef, state), under
-  `jax.checkpoint` with the named policy unless it is 'none' (`prevent_cse` is not needed inside a scan)."""
-  def run(state, x, cos, sin, mask, segment_ids):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
-  if policy == 'none':
-    return run
-  return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=prevent_cse)
+    """`fn(state, x, cos, sin, mask, segment_ids) -> x` of a block split into (graphdef, state), under
+    `jax.checkpoint` with the named policy unless it is 'none' (`prevent_cse` is not needed inside a scan)."""
+
+    def run(state, x, cos, sin, mask, segment_ids):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
+
+    if policy == 'none':
+        return run
+    return jax.checkpoint(run, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def _remat_block(block: Block, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
-  """`block(x, ...)` whose activations the backward pass recomputes (`jax.checkpoint` with the named policy)."""
-  graphdef, state = nnx.split(block)
-  return _block_fn(graphdef, kernel, policy)(state, x, cos, sin, mask, segment_ids)
+    """`block(x, ...)` whose activations the backward pass recomputes (`jax.checkpoint` with the named policy)."""
+    graphdef, state = nnx.split(block)
+    return _block_fn(graphdef, kernel, policy)(state, x, cos, sin, mask, segment_ids)
 
 
 def _scan_blocks(blocks, x, cos, sin, mask, kernel, policy: str, segment_ids=None):
-  """`x` through every block of `blocks` as one `lax.scan` over their parameters stacked along a new leading axis.
+    """`x` through every block of `blocks` as one `lax.scan` over their parameters stacked along a new leading axis.
 
-  The floating-point weights are cast to the compute dtype before stacking (each block casts them on use anyway, so
-  the result is the same), so the stacked copy costs the layers' weights in that dtype; the gradient flows back
-  through the stack to each block's own parameters. With a remat policy other than 'none' the scanned body is
-  `jax.checkpoint`ed as `_remat_block` is.
-  """
-  dt = jnp.dtype(x.dtype)
-  graphdef, first = nnx.split(blocks[0])
-  rest = [nnx.split(block)[1] for block in blocks[1:]]
-  cast = lambda v: v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
-  stacked = jax.tree.map(lambda *vs: jnp.stack([cast(v) for v in vs]), first, *rest)
+    The floating-point weights are cast to the compute dtype before stacking (each block casts them on use anyway, so
+    the result is the same), so the stacked copy costs the layers' weights in that dtype; the gradient flows back
+    through the stack to each block's own parameters. With a remat policy other than 'none' the scanned body is
+    `jax.checkpoint`ed as `_remat_block` is.
+    """
+    dt = jnp.dtype(x.dtype)
+    graphdef, first = nnx.split(blocks[0])
+    rest = [nnx.split(block)[1] for block in blocks[1:]]
+    cast = lambda v: v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
+    stacked = jax.tree.map(lambda *vs: jnp.stack([cast(v) for v in vs]), first, *rest)
 
-  run = _block_fn(graphdef, kernel, policy, prevent_cse=False)
+    run = _block_fn(graphdef, kernel, policy, prevent_cse=False)
 
-  def body(x, state):
-    return sharding.constrain(run(state, x, cos, sin, mask, segment_ids), ('batch', 'length', None)), None
-  return jax.lax.scan(body, x, stacked)[0]
+    def body(x, state):
+        return sharding.constrain(run(state, x, cos, sin, mask, segment_ids), ('batch', 'length', None)), None
+
+    return jax.lax.scan(body, x, stacked)[0]
 
 
 def init_decoder(config: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Decoder:
-  """A randomly initialised `Decoder` built in one jitted call, its parameters placed on `mesh` if given.
+    """A randomly initialised `Decoder` built in one jitted call, its parameters placed on `mesh` if given.
 
-  Same parameters as `Decoder(config, rngs=nnx.Rngs(seed))`; on a mesh each device only ever holds its own
-  shards (the full model is never materialised on one device).
-  """
-  create = lambda: Decoder(config, rngs=nnx.Rngs(seed))
-  graphdef, abstract = nnx.split(nnx.eval_shape(create))
-  out_shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
-  state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out_shardings)()
-  return nnx.merge(graphdef, state)
+    Same parameters as `Decoder(config, rngs=nnx.Rngs(seed))`; on a mesh each device only ever holds its own
+    shards (the full model is never materialised on one device).
+    """
+    create = lambda: Decoder(config, rngs=nnx.Rngs(seed))
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    out_shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def forward(graphdef, state, tokens, positions, mask, cache=None, return_hidden=False, segment_ids=None):
-  """Pure form of `Decoder.__call__` on `nnx.split(model)`; jit it with `graphdef` (and `return_hidden`) static."""
-  model = nnx.merge(graphdef, state)
-  return model(tokens, positions, mask, cache, return_hidden=return_hidden, segment_ids=segment_ids)
+    """Pure form of `Decoder.__call__` on `nnx.split(model)`; jit it with `graphdef` (and `return_hidden`) static."""
+    model = nnx.merge(graphdef, state)
+    return model(tokens, positions, mask, cache, return_hidden=return_hidden, segment_ids=segment_ids)

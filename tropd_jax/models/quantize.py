@@ -24,38 +24,41 @@ QUANTIZED_WEIGHTS = {
 
 
 def int8_channels(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(q int8, scale float32) with `w ~= q * scale`; scale has w's shape with `axes` reduced to 1."""
-  w = w.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays zero
-  q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-  return q, scale
+    """(q int8, scale float32) with `w ~= q * scale`; scale has w's shape with `axes` reduced to 1."""
+    w = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays zero
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return q, scale
 
 
 def _quantize_in_place(model: Decoder) -> Decoder:
-  modules = [model] + [m for block in model.layers for m in (block.attn, block.mlp)]
-  for module in modules:
-    for name, axes in QUANTIZED_WEIGHTS[type(module)].items():
-      param = getattr(module, name, None)
-      if param is None:  # a tied LM head
-        continue
-      logical = param.get_metadata()['out_sharding']
-      q, scale = int8_channels(param[...], axes)
-      with nnx.use_eager_sharding(False):
-        setattr(module, name, nnx.Param(q, out_sharding=logical))
-        setattr(module, name + '_scale', nnx.Param(
-            scale, out_sharding=tuple(None if i in axes else a for i, a in enumerate(logical))))
-  return model
+    modules = [model] + [m for block in model.layers for m in (block.attn, block.mlp)]
+    for module in modules:
+        for name, axes in QUANTIZED_WEIGHTS[type(module)].items():
+            param = getattr(module, name, None)
+            if param is None:  # a tied LM head
+                continue
+            logical = param.get_metadata()['out_sharding']
+            q, scale = int8_channels(param[...], axes)
+            with nnx.use_eager_sharding(False):
+                setattr(module, name, nnx.Param(q, out_sharding=logical))
+                setattr(
+                    module,
+                    name + '_scale',
+                    nnx.Param(scale, out_sharding=tuple(None if i in axes else a for i, a in enumerate(logical))),
+                )
+    return model
 
 
 def quantize_int8(model: Decoder, mesh: jax.sharding.Mesh | None = None) -> Decoder:
-  """A copy of `model` with int8 weights (see the module docstring), placed on `mesh` by the logical rules when
-  given. Works on abstract models too (`nnx.eval_shape`), for ahead-of-time compiles."""
-  graphdef, state = nnx.split(model)
-  quantize = lambda state: nnx.split(_quantize_in_place(nnx.merge(graphdef, state)))
-  new_graphdef, abstract = jax.eval_shape(quantize, state)
-  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
-    return nnx.merge(new_graphdef, abstract)
-  shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
-  new_state = jax.jit(lambda state: quantize(state)[1], out_shardings=shardings)(state)
-  return nnx.merge(new_graphdef, new_state)
+    """A copy of `model` with int8 weights (see the module docstring), placed on `mesh` by the logical rules when
+    given. Works on abstract models too (`nnx.eval_shape`), for ahead-of-time compiles."""
+    graphdef, state = nnx.split(model)
+    quantize = lambda state: nnx.split(_quantize_in_place(nnx.merge(graphdef, state)))
+    new_graphdef, abstract = jax.eval_shape(quantize, state)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        return nnx.merge(new_graphdef, abstract)
+    shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
+    new_state = jax.jit(lambda state: quantize(state)[1], out_shardings=shardings)(state)
+    return nnx.merge(new_graphdef, new_state)

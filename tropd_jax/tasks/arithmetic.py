@@ -31,16 +31,16 @@ import numpy as np
 # An expression tree: an int leaf, or (operator, left, right).
 Expr = int | tuple
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
-_AST_OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+_PRECEDENCE = {'+': 1, '-': 1, '*': 2}
+_AST_OPERATORS = {ast.Add: '+', ast.Sub: '-', ast.Mult: '*'}
 
 
 def apply(op: str, a: int, b: int) -> int:
-    if op == "+":
+    if op == '+':
         return a + b
-    if op == "-":
+    if op == '-':
         return a - b
-    if op == "*":
+    if op == '*':
         return a * b
     raise ValueError(f"unknown operator {op!r}; expected one of '+', '-', '*'")
 
@@ -62,19 +62,19 @@ def render(expr: Expr) -> str:
     # The left operand needs brackets only for lower precedence; the right one also for equal precedence, since
     # `a-(b-c)` and `a*(b*c)` would otherwise be read (and reduced) as `(a-b)-c` and `(a*b)*c`.
     if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
-        left_text = f"({left_text})"
+        left_text = f'({left_text})'
     if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
-        right_text = f"({right_text})"
-    return f"{left_text}{op}{right_text}"
+        right_text = f'({right_text})'
+    return f'{left_text}{op}{right_text}'
 
 
 def parse(text: str) -> Expr:
     """String -> expression tree, with Python's precedence."""
     text = text.strip()
     try:
-        node = ast.parse(text, mode="eval").body
+        node = ast.parse(text, mode='eval').body
     except SyntaxError as e:
-        raise ValueError(f"not an arithmetic expression: {text!r}") from e
+        raise ValueError(f'not an arithmetic expression: {text!r}') from e
 
     def convert(node) -> Expr:
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -83,7 +83,7 @@ def parse(text: str) -> Expr:
             return -convert(node.operand)  # a negative intermediate result, e.g. `-4*2`
         if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPERATORS:
             return (_AST_OPERATORS[type(node.op)], convert(node.left), convert(node.right))
-        raise ValueError(f"unsupported element {ast.unparse(node)!r} in {text!r}; only integers, + - * and ( )")
+        raise ValueError(f'unsupported element {ast.unparse(node)!r} in {text!r}; only integers, + - * and ( )')
 
     return convert(node)
 
@@ -91,7 +91,7 @@ def parse(text: str) -> Expr:
 def reduce_once(expr: Expr) -> Expr:
     """Evaluates the leftmost operation whose two operands are numbers."""
     if isinstance(expr, int):
-        raise ValueError("a number has nothing left to reduce")
+        raise ValueError('a number has nothing left to reduce')
     op, left, right = expr
     if isinstance(left, int) and isinstance(right, int):
         return apply(op, left, right)
@@ -114,14 +114,14 @@ def worked_solution(problem: str) -> str:
     """The chain-of-thought response the models are trained on (without the end-of-turn token)."""
     steps = solution_steps(problem)
     answer = steps[-1] if steps else str(parse(problem))
-    return "".join(f"= {step}\n" for step in steps) + f"\\boxed{{{answer}}}"
+    return ''.join(f'= {step}\n' for step in steps) + f'\\boxed{{{answer}}}'
 
 
 def _random_tree(rng: np.random.Generator, ops: int, digits: int) -> Expr:
     if ops == 0:
         return int(rng.integers(1, 10**digits))  # no zero operands: `0*(...)` would make many answers 0
     num_left = int(rng.integers(0, ops))  # operations in the left subtree; the rest minus this one go right
-    op = "+-*"[int(rng.integers(0, 3))]
+    op = '+-*'[int(rng.integers(0, 3))]
     return (op, _random_tree(rng, num_left, digits), _random_tree(rng, ops - 1 - num_left, digits))
 
 
@@ -135,23 +135,23 @@ def _within(expr: Expr, max_value: int) -> bool:
 def random_expression(rng: np.random.Generator, ops: int, digits: int, max_value: int | None = None) -> Expr:
     """A random expression tree with `ops` operations on `digits`-digit operands, all intermediates in range."""
     if ops < 1:
-        raise ValueError(f"ops must be at least 1, got {ops}")
+        raise ValueError(f'ops must be at least 1, got {ops}')
     if digits < 1:
-        raise ValueError(f"digits must be at least 1, got {digits}")
+        raise ValueError(f'digits must be at least 1, got {digits}')
     max_value = 10 ** (digits + 1) - 1 if max_value is None else max_value
     if max_value < 10**digits - 1:
-        raise ValueError(f"max_value={max_value} is below the largest {digits}-digit operand")
+        raise ValueError(f'max_value={max_value} is below the largest {digits}-digit operand')
     for _ in range(100_000):
         expr = _random_tree(rng, ops, digits)
         if _within(expr, max_value):
             return expr
-    raise ValueError(f"no expression with ops={ops}, digits={digits} keeps all values within [0, {max_value}]")
+    raise ValueError(f'no expression with ops={ops}, digits={digits} keeps all values within [0, {max_value}]')
 
 
 def _ops_range(ops: int | tuple[int, int]) -> tuple[int, int]:
     low, high = (ops, ops) if isinstance(ops, int) else ops
     if not 1 <= low <= high:
-        raise ValueError(f"ops must be a positive int or a (low, high) range with low <= high, got {ops}")
+        raise ValueError(f'ops must be a positive int or a (low, high) range with low <= high, got {ops}')
     return low, high
 
 
@@ -174,35 +174,37 @@ def make_splits(
     while len(records) < num_train + num_eval:
         attempts += 1
         if attempts > 20 * (num_train + num_eval) + 1000:
-            raise ValueError(f"only {len(records)} distinct problems found for ops={ops}, digits={digits}; "
-                             f"asked for {num_train} + {num_eval}")
+            raise ValueError(
+                f'only {len(records)} distinct problems found for ops={ops}, digits={digits}; '
+                f'asked for {num_train} + {num_eval}'
+            )
         expr = random_expression(rng, int(rng.integers(low, high + 1)), digits, max_value)
         text = render(expr)
         if text in seen:
             continue
         seen.add(text)
-        records.append({"problem": text, "answer": str(value(expr))})
+        records.append({'problem': text, 'answer': str(value(expr))})
     # Eval first: its problems never depend on num_train, so growing the train split keeps the eval split fixed.
     return records[num_eval:], records[:num_eval]
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "w") as f:
+    with open(path, 'w') as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record) + '\n')
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer: one token per printable ASCII character, a few whole words, and the chat special tokens.
 
-PAD, BOS, IM_START, IM_END, UNK = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
+PAD, BOS, IM_START, IM_END, UNK = '<|pad|>', '<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|unk|>'
 SPECIAL_TOKENS = [PAD, BOS, IM_START, IM_END, UNK]
-WORD_TOKENS = ["\\boxed{", "user", "assistant", "system"]
+WORD_TOKENS = ['\\boxed{', 'user', 'assistant', 'system']
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
+    '{{ bos_token }}'
+    '{% for message in messages %}'
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
+    '{% endfor %}'
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -212,7 +214,7 @@ def build_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    characters = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    characters = [c for c in string.printable if c not in '\t\r\x0b\x0c']
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + characters)}
     # BPE without merges and without a pre-tokenizer splits text into characters; unknown characters become <|unk|>.
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
@@ -226,7 +228,7 @@ def build_tokenizer():
         pad_token=PAD,
         unk_token=UNK,
         chat_template=CHAT_TEMPLATE,
-        padding_side="left",
+        padding_side='left',
         model_max_length=512,
     )
 
@@ -235,12 +237,12 @@ def save_tokenizer(tokenizer, path: str) -> None:
     """tokenizer.json + tokenizer_config.json (chat template inside, class PreTrainedTokenizerFast)."""
     os.makedirs(path, exist_ok=True)
     tokenizer.save_pretrained(path, save_jinja_files=False)
-    config_path = os.path.join(path, "tokenizer_config.json")
+    config_path = os.path.join(path, 'tokenizer_config.json')
     with open(config_path) as f:
         config = json.load(f)
     # The generic class name keeps the files readable by transformers v4 and serving stacks too.
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_path, "w") as f:
+    config['tokenizer_class'] = 'PreTrainedTokenizerFast'
+    with open(config_path, 'w') as f:
         json.dump(config, f, indent=2)
 
 
@@ -255,35 +257,37 @@ class TinyAssets(NamedTuple):
 
 
 def tiny_assets() -> TinyAssets:
-    root = importlib.resources.files("tropd_jax") / "assets" / "tiny"
+    root = importlib.resources.files('tropd_jax') / 'assets' / 'tiny'
     return TinyAssets(
-        tokenizer=str(root / "tokenizer"),
-        teacher=str(root / "teacher"),
-        student=str(root / "student"),
-        train_data=str(root / "data" / "train.jsonl"),
-        eval_data=str(root / "data" / "eval.jsonl"),
+        tokenizer=str(root / 'tokenizer'),
+        teacher=str(root / 'teacher'),
+        student=str(root / 'student'),
+        train_data=str(root / 'data' / 'train.jsonl'),
+        eval_data=str(root / 'data' / 'eval.jsonl'),
     )
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write train / eval JSONL splits of the arithmetic task.")
-    parser.add_argument("--out", required=True, help="output directory; gets train.jsonl and eval.jsonl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=20_000)
-    parser.add_argument("--num-eval", type=int, default=256)
-    parser.add_argument("--ops", default="3", help="operations per problem: N, or a range LOW-HIGH")
-    parser.add_argument("--digits", type=int, default=1, help="digits per operand")
-    parser.add_argument("--max-value", type=int, default=None, help="bound on every intermediate value")
+    parser = argparse.ArgumentParser(description='Write train / eval JSONL splits of the arithmetic task.')
+    parser.add_argument('--out', required=True, help='output directory; gets train.jsonl and eval.jsonl')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--num-train', type=int, default=20_000)
+    parser.add_argument('--num-eval', type=int, default=256)
+    parser.add_argument('--ops', default='3', help='operations per problem: N, or a range LOW-HIGH')
+    parser.add_argument('--digits', type=int, default=1, help='digits per operand')
+    parser.add_argument('--max-value', type=int, default=None, help='bound on every intermediate value')
     args = parser.parse_args(argv)
-    low, _, high = args.ops.partition("-")
+    low, _, high = args.ops.partition('-')
     ops = (int(low), int(high)) if high else int(low)
     train, evaluation = make_splits(args.seed, args.num_train, args.num_eval, ops, args.digits, args.max_value)
     os.makedirs(args.out, exist_ok=True)
-    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out, "eval.jsonl"), evaluation)
-    print(f"wrote {len(train)} train and {len(evaluation)} eval problems (ops={args.ops}, digits={args.digits}, "
-          f"seed={args.seed}) to {args.out}")
+    write_jsonl(os.path.join(args.out, 'train.jsonl'), train)
+    write_jsonl(os.path.join(args.out, 'eval.jsonl'), evaluation)
+    print(
+        f'wrote {len(train)} train and {len(evaluation)} eval problems (ops={args.ops}, digits={args.digits}, '
+        f'seed={args.seed}) to {args.out}'
+    )
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()
