@@ -187,9 +187,10 @@ def _stat(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def _fmt(values, digits=3) -> str:
+def _fmt(values, digits=3, kind='f') -> str:
+    """`mean ± std` of `values` (`kind='e'`: in scientific notation, for quantities near zero)."""
     mean, std = _stat(values)
-    return f'{mean:.{digits}f} ± {std:.{digits}f}' if np.isfinite(mean) else '–'
+    return f'{mean:.{digits}{kind}} ± {std:.{digits}{kind}}' if np.isfinite(mean) else '–'
 
 
 def claims(by_method: dict[str, list[dict]], base: dict) -> list[str]:
@@ -294,8 +295,8 @@ def write_report(args, summaries: list[dict], base: dict) -> None:
             f'| {_fmt([s["final_student_entropy"] for s in group])} '
             f'| {_fmt([s.get("mean_prefix_student_entropy", np.nan) for s in group])} '
             f'| {_fmt([s["mean_trust_fraction"] for s in group])} '
-            f'| {_fmt([s.get("mean_logprob_mismatch", np.nan) for s in group], 5)} '
-            f'| {_fmt([s.get("mean_logprob_mismatch_max", np.nan) for s in group], 5)} |'
+            f'| {_fmt([s.get("mean_logprob_mismatch", np.nan) for s in group], 1, "e")} '
+            f'| {_fmt([s.get("mean_logprob_mismatch_max", np.nan) for s in group], 1, "e")} |'
         )
     lines += [
         '',
