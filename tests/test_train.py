@@ -374,19 +374,11 @@ def test_tokenizer_mismatch_is_a_clear_error(pair, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-@pytest.mark.parametrize('fused', [False, True])
-def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache, fused):
-    """One train step with 2 micro-batches (reference or fused loss) against a from-scratch reference: the
-    full-batch loss on full logits (`losses.distillation_loss`, shifted as docs/architecture.md says), its gradient,
-    and optax AdamW."""
-    if jax.device_count() != 1:
-        pytest.skip('needs a single-device process')
-    # opd: no random trust mask, so one reference call covers both micro-batches. chunk_size 5 splits every
-    # micro-batch's 4 x 8 response tokens into uneven chunks.
-    config = make_config(pair, loss__method='opd', prefix__enabled=True, loss__fused=fused, loss__chunk_size=5)
+def _models_and_rollouts(pair, config):
+    """The tiny pair on a one-device mesh and 4 prompts' rollouts of step 0 under `config`:
+    (mesh, student, teacher, rollout, vocabulary size)."""
     mesh = sharding.make_mesh(1, 1, 1)
     tokenizer = load_tokenizer(pair['student'])
-    vocab = len(tokenizer)
     student, student_config = from_pretrained(pair['student'], mesh=mesh)
     teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
@@ -401,8 +393,22 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
             mesh,
             pad_id=tokenizer.pad_token_id,
             eos=sampling.eos_ids(tokenizer, student_config),
-            vocab_size=vocab,
+            vocab_size=len(tokenizer),
         )
+    return mesh, student, teacher, rollout, len(tokenizer)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache, fused):
+    """One train step with 2 micro-batches (reference or fused loss) against a from-scratch reference: the
+    full-batch loss on full logits (`losses.distillation_loss`, shifted as docs/architecture.md says), its gradient,
+    and optax AdamW."""
+    if jax.device_count() != 1:
+        pytest.skip('needs a single-device process')
+    # opd: no random trust mask, so one reference call covers both micro-batches. chunk_size 5 splits every
+    # micro-batch's 4 x 8 response tokens into uneven chunks.
+    config = make_config(pair, loss__method='opd', prefix__enabled=True, loss__fused=fused, loss__chunk_size=5)
+    mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
     batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
     assert batch['prefix_mask'].sum() > 0 and batch['response_mask'].sum() > batch['prefix_mask'].sum()
 
@@ -475,28 +481,11 @@ def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, c
     config = make_config(
         pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm, train__steps=4
     )
-    mesh = sharding.make_mesh(1, 1, 1)
-    tokenizer = load_tokenizer(pair['student'])
-    student, student_config = from_pretrained(pair['student'], mesh=mesh)
-    teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
-    prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
-    with jax.set_mesh(mesh):
-        rollout, _ = train.make_rollouts(
-            teacher,
-            student,
-            prompts[:4],
-            jax.random.key(3),
-            0,
-            config,
-            mesh,
-            pad_id=tokenizer.pad_token_id,
-            eos=sampling.eos_ids(tokenizer, student_config),
-            vocab_size=len(tokenizer),
-        )
+    mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
     batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    settings = train.step_settings(config, len(tokenizer), rollout.prompt_length)
+    settings = train.step_settings(config, vocab, rollout.prompt_length)
     opt_state = train.make_optimizer(settings.optimizer).init(params)
     step, *_ = train.jit_train_step(
         mesh,
