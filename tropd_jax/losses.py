@@ -14,6 +14,7 @@ Metrics come as `(sum, count)` pairs (`loss_from_stats`): `combine_metrics` adds
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -509,7 +510,11 @@ def topk_size(method: str, hyperparameters: dict) -> int:
 
 # The keyword arguments of `loss_from_stats` that are not hyperparameters; the entry points on logits or hidden
 # states take them all as `**options` and pass them on.
-LOSS_OPTIONS = ('rollout_logprobs', 'use_importance_ratio', 'progress', 'draw_ids', 'segment_ids')
+# The keyword-only options of `loss_from_stats` (read from its signature, so the two never disagree); every other
+# keyword argument of the losses is a hyperparameter.
+LOSS_OPTIONS = tuple(
+    name for name, p in inspect.signature(loss_from_stats).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
 
 
 def hyperparameters_of(options: dict) -> dict:
