@@ -1,5 +1,6 @@
 """`python -m tropd_jax.aot`: topology names, the shipped model configs, and whole runs on CPU and TPU topologies."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,13 @@ from tropd_jax import aot
 from tropd_jax.models import Decoder, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location('tiny_recipe', os.path.join(ROOT, 'configs', 'tiny.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def test_slice_names_count_cores_or_chips_as_cloud_tpu_does():
@@ -103,6 +111,28 @@ def test_tiny_config_fits_a_small_tpu_topology():
     result = run_aot('--topology=v5e:2x2')
     check_every_program_fits(result, 'v5e:2x2 (v5e:2x2, 4 chips)')
     assert '15.75 GiB HBM' in result.stdout
+
+
+@pytest.mark.slow
+def test_offloaded_layer_inputs_are_in_host_memory(tmp_path):
+    """`model.remat=offload` keeps each student layer's input in host memory: the compiled TPU program reports at
+    least one [rows per chip, P + N, hidden] buffer per layer there; 'full' keeps them on the device (no host)."""
+    pytest.importorskip('libtpu', reason='TPU topologies need libtpu (the tpu and test extras install it)')
+    host = {}
+    for remat in ('full', 'offload'):
+        out = tmp_path / f'{remat}.json'
+        flags = ('--programs=student_grad', f'--config.model.remat={remat}', '--config.model.scan_layers=true')
+        result = run_aot('--topology=v5e:2x2', *flags, f'--json={out}')
+        assert result.returncode == 0, result.stdout + result.stderr
+        (program,) = json.loads(out.read_text())['programs']
+        host[remat] = program['host']
+    student = json.loads(open(os.path.join(ROOT, 'tropd_jax', 'assets', 'tiny', 'student', 'config.json')).read())
+    config = _tiny_config()
+    rows_per_chip = config.train.micro_batch_size // 4
+    length = config.data.max_prompt_length + config.rollout.max_new_tokens
+    layer_input = rows_per_chip * length * student['hidden_size'] * 4  # float32 compute in the tiny config
+    assert host['full'] == 0
+    assert host['offload'] >= student['num_hidden_layers'] * layer_input, host
 
 
 def test_what_the_trainer_holds_meanwhile_counts_against_the_limit(tmp_path):

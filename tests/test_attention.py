@@ -8,7 +8,7 @@ import pytest
 from tropd_jax import sharding
 
 # Names from the module path: `tropd_jax.models.attention` may also be re-exported as the function.
-from tropd_jax.models.attention import _choose, _contiguous_dot_product_attention, attention
+from tropd_jax.models.attention import _choose, _contiguous_dot_product_attention, attention, target_backend
 
 BLOCK = 16  # several blocks and a partial last block at T = 33 and 100
 
@@ -138,6 +138,33 @@ def test_splash_interpret_under_a_mesh():
     with jax.set_mesh(mesh):
         out = jax.jit(lambda q, k, v: attention(q, k, v, mask, implementation='splash', interpret=True))(q, k, v)
     assert_close_on_real_queries(out, attention(q, k, v, mask, implementation='naive'), mask, atol=1e-5)
+
+
+def test_splash_inside_a_shard_map_over_some_axes():
+    """Inside a shard_map that is manual over some mesh axes only (the sampler's prefill: rows over `data`), the
+    kernel runs in a shard_map over the axes left automatic (a Pallas call cannot be partitioned automatically)."""
+    q, k, v, mask, _ = inputs(7)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rows = jax.sharding.PartitionSpec('data')
+
+    def prefill(q, k, v, mask):
+        assert set(jax.sharding.get_abstract_mesh().manual_axes) == {'data'}
+        return attention(q, k, v, mask, implementation='splash', interpret=True)
+
+    with jax.set_mesh(mesh):
+        run = jax.shard_map(prefill, in_specs=(rows,) * 4, out_specs=rows, axis_names={'data'}, check_vma=False)
+        out = jax.jit(run)(q, k, v, mask)
+    assert_close_on_real_queries(out, attention(q, k, v, mask, implementation='naive'), mask, atol=1e-5)
+
+
+def test_target_backend_picks_the_kernel_of_the_devices_compiled_for():
+    """`auto` follows `target_backend` (ahead-of-time compiles for a TPU from a CPU host trace the splash kernel),
+    and the host's backend outside it."""
+    q, k, v, mask, _ = inputs(7)
+    traced = lambda: str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask))(q, k, v))
+    with target_backend('tpu'):
+        assert 'pallas_call' in traced()
+    assert 'pallas_call' not in traced()
 
 
 # Packed rows: three sequences in two rows of 40 (row 0: lengths 20 and 13, then padding; row 1: 30, then padding),

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from tropd_jax.models import Decoder, KVCache, ModelConfig, forward, from_pretrained, init_cache
+from tropd_jax.models.attention import target_backend
 
 # One case per architecture, each exercising what the published checkpoints of that family use:
 # Qwen2 (q/k/v biases, untied), Qwen3 (q/k norms, tied embeddings), Llama 3 (llama3 RoPE scaling, and biases on
@@ -177,6 +178,31 @@ def test_cached_decode_inside_while_loop(tiny_hf_checkpoint):
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
 
 
+def test_decode_step_concatenates_weights_on_cpu_only(tiny_hf_checkpoint):
+    """A one-token step multiplies by concatenated q|k|v and gate|up weights on CPU (fewer, larger matmuls); traced
+    for a TPU it does not (XLA would hoist the concatenations out of the decode loop: a second copy of most of each
+    layer's weights for the whole loop)."""
+    path, _ = tiny_hf_checkpoint(**ARCHITECTURES['qwen3'])
+    model, config = from_pretrained(path)
+    graphdef, state = nnx.split(model)
+    one = jnp.ones((2, 1), jnp.int32)
+    weight_sizes = {config.num_heads * config.head_dim + 2 * config.num_kv_heads * config.head_dim}
+    weight_sizes.add(2 * config.intermediate_size)
+
+    def concatenated_weights():
+        cache = init_cache(config, 2, 8, per_layer=True)
+        jaxpr = jax.make_jaxpr(lambda state: forward(graphdef, state, one, one, one, cache))(state)
+        found = []
+        for eqn in jaxpr.jaxpr.eqns:
+            if eqn.primitive.name == 'concatenate' and eqn.outvars[0].aval.shape[-1] in weight_sizes:
+                found.append(eqn.outvars[0].aval.shape)
+        return found
+
+    assert len(concatenated_weights()) == 2 * config.num_layers  # q|k|v and gate|up of every layer
+    with target_backend('tpu'):
+        assert concatenated_weights() == []
+
+
 def test_bfloat16_params_and_compute(tiny_hf_checkpoint):
     path, torch_model = tiny_hf_checkpoint(**ARCHITECTURES['qwen2'])
     model, config = from_pretrained(path, dtype='bfloat16')
@@ -292,9 +318,11 @@ def test_remat_leaves_gradients_unchanged(tiny_hf_checkpoint):
     for fields in (
         dict(attention='naive', remat='full'),
         dict(attention='naive', remat='save_dots'),
+        dict(attention='naive', remat='offload'),
         dict(attention='blockwise', attention_block_size=8, remat='full'),
         dict(attention='naive', remat='none', scan_layers=True),
         dict(attention='blockwise', attention_block_size=8, remat='full', scan_layers=True),
+        dict(attention='blockwise', attention_block_size=8, remat='offload', scan_layers=True),
     ):
         for got, want in zip(grads(**fields), reference):
             # float32 sums in another order: differences relative to the largest entry of each gradient

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from tropd_jax import config as config_lib
 from tropd_jax import sampling, sharding, train
+from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 from tropd_jax.models.quantize import quantize_int8
@@ -208,6 +209,7 @@ class Result:
     error: str = ''
     where: str = ''  # the devices it runs on, when not all of them (a separate teacher)
     resident: float = 0.0  # bytes per chip the trainer holds while the program runs that are not its inputs
+    host: float = 0.0  # bytes per chip of host memory the program uses (`model.remat=offload`), not in the total
 
 
 def compile_and_measure(
@@ -251,7 +253,9 @@ def compile_and_measure(
         + memory.generated_code_size_in_bytes
     )
     fits = hbm is None or total + held <= hbm
-    return Result(name, fits, rows, total, flops, error='' if fits else 'total exceeds HBM', where=where, resident=held)
+    host = float(getattr(memory, 'host_temp_size_in_bytes', 0) or 0)
+    error = '' if fits else 'total exceeds HBM'
+    return Result(name, fits, rows, total, flops, error=error, where=where, resident=held, host=host)
 
 
 def build_programs(config, topology: Topology, config_file: str) -> dict:
@@ -501,6 +505,8 @@ def format_result(r: Result, hbm: float | None) -> str:
         row('total', show(whole))
         + ('' if hbm is None or whole is None else f'   ({100 * whole / hbm:.0f}% of {_gib(hbm)} GiB HBM)')
     )
+    if r.host:
+        lines.append(row('host memory (offloaded)', show(r.host)))
     lines.append(row('model FLOPs', f'{r.flops:.3g}'))
     if r.where:
         lines.append(f'  runs on {r.where}')
@@ -517,7 +523,9 @@ def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list
     results = []
     for name in programs:
         lower, groups, flops, extra, where, resident = built[name]
-        result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
+        # Traced for the topology's devices, not this host's: `attention='auto'` picks the TPU's splash kernel.
+        with attention_lib.target_backend(topology.devices[0].platform):
+            result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
         print(format_result(result, topology.hbm_bytes), flush=True)
         results.append(result)
     return results

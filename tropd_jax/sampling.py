@@ -412,10 +412,14 @@ def _decode_continuous(
     A slot whose rollout stops (EOS or budget) takes the next pending rollout: once `refill_group_size` slots are
     empty (default S / 8; fewer at the end), the next pending prompts are prefilled together, written over those
     slots' regions of the cache, and their first tokens emitted in the same step (a prefill per rollout would cost
-    more than a decode step of all S slots on CPU). Each slot is at its own response step, so the cache carries
-    per-row write indices and every step attends to the whole P + N-slot window (no growing segments:
-    `segment_length` is unused). Rollout r draws `uniforms[r, t]` for its token t, as `_decode` does, so its tokens
-    do not depend on which slot it ran in or when. Rollouts with no budget are never prefilled.
+    more than a decode step of all S slots on CPU). Each slot is at its own response step, but every step writes all
+    slots' new keys and values at one shared column of the response region, going round its N columns as a ring (a
+    rollout writes at most N - 1 of them, so it never overwrites its own); a refilled slot's old response columns are
+    marked invalid, and each step attends to the valid slots of the whole P + N window (no growing segments:
+    `segment_length` is unused). The shared column keeps the cache update in place on TPU, where a scatter to a
+    column per row copied the whole cache in and out at every step. Rollout r draws `uniforms[r, t]` for its token
+    t, as `_decode` does, so its tokens do not depend on which slot it ran in or when. Rollouts with no budget are
+    never prefilled.
     """
     del segment_length
     rows, prompt_length = prompt_tokens.shape
@@ -471,7 +475,6 @@ def _decode_continuous(
     )
     slot_row = jnp.where(jnp.arange(slots) < runnable, first, empty)
     token, slot_row, records = emit(slot_row, jnp.zeros((slots,), jnp.int32), _head(hidden[:, -1], lm_head), records)
-    cache = cache.replace(index=jnp.full((slots,), prompt_length, jnp.int32))
     slot_t = jnp.ones((slots,), jnp.int32)  # the next token each slot emits
 
     def can_refill(carry):
@@ -492,15 +495,17 @@ def _decode_continuous(
         hidden, fresh = forward(
             graphdef, state, prompt_tokens[row], prompt_positions[row], prompt_mask[row], fresh, True
         )
-        # Only slots [0, P) of a region are reset: a slot's later entries are attended only after its rollout wrote
-        # them.
+        # Slots [0, P) of a region take the new prompt; its response slots are marked invalid (the ring's later writes
+        # mark their own).
         put_k = lambda big, new: big.at[target, :, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
         put_v = lambda big, new: big.at[target, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
         cache = KVCache(
             k=tuple(map(put_k, cache.k, fresh.k)),
             v=tuple(map(put_v, cache.v, fresh.v)),
-            valid=cache.valid.at[target, :prompt_length].set(prompt_mask[row].astype(bool), mode='drop'),
-            index=cache.index.at[target].set(prompt_length, mode='drop'),
+            valid=cache.valid.at[target].set(
+                jnp.pad(prompt_mask[row].astype(bool), ((0, 0), (0, max_new_tokens))), mode='drop'
+            ),
+            index=cache.index,
         )
         new_token, new_row, records = emit(
             jnp.where(taken, row, empty), jnp.zeros((group,), jnp.int32), _head(hidden[:, -1], lm_head), records
@@ -536,9 +541,8 @@ def _decode_continuous(
             graphdef, state, token[:, None], (prompt_count[row] + slot_t - 1)[:, None], busy[:, None], cache, True
         )
         token, slot_row, records = emit(slot_row, slot_t, _head(hidden[:, 0], lm_head), records)
-        # An emptied slot restarts at step 1, so its (masked, unused) writes stay inside its P + N slots.
-        slot_t = jnp.where(slot_row < rows, slot_t + 1, 1)
-        cache = cache.replace(index=prompt_length + slot_t - 1)
+        slot_t = jnp.where(slot_row < rows, slot_t + 1, 1)  # an emptied slot's (masked) step stays within [0, N)
+        cache = cache.replace(index=prompt_length + (cache.index - prompt_length) % max_new_tokens)  # the ring
         return refill((slot_row, slot_t, token, cache, pending, records))
 
     def busy(carry):

@@ -52,11 +52,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
 
 
 def logical_to_spec(
-    logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    skip_axes: Sequence[str] = (),
 ) -> PartitionSpec:
     """The PartitionSpec for an array with these logical axes (None = replicated dimension).
 
-    With `shape` and `mesh`, mesh axes that do not divide a dimension, or are used by an earlier dimension, drop.
+    With `shape` and `mesh`, mesh axes that do not divide a dimension, or are used by an earlier dimension, drop;
+    so do `skip_axes` (e.g. the manual axes of an enclosing shard_map, over which `shape` is already split).
     """
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(f'Logical axes {tuple(logical_axes)} do not match an array of shape {tuple(shape)}.')
@@ -69,7 +73,7 @@ def logical_to_spec(
             raise ValueError(f'Unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}.')
         axes, size = [], 1
         for axis in LOGICAL_RULES[name]:
-            if axis in used or (mesh is not None and axis not in mesh.shape):
+            if axis in used or axis in skip_axes or (mesh is not None and axis not in mesh.shape):
                 continue
             axis_size = 1 if mesh is None else mesh.shape[axis]
             if shape is not None and mesh is not None and shape[i] % (size * axis_size):

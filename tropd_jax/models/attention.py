@@ -12,11 +12,14 @@ teacher scoring and the sampler's prefill. At the paper's 9,120-token sequences 
   cudnn      NVIDIA GPU: `jax.nn.dot_product_attention(implementation='cudnn')`. Requires each row's real tokens to
              form ONE contiguous block (left-padded prompt + right-padded response, as rollouts are); a mask with
              holes would silently give wrong values, and a traced mask cannot be checked at trace time.
-  auto       by `jax.default_backend()` at trace time: TPU -> splash; GPU -> cudnn for bf16 / fp16 inputs with a
-             head dim that is a multiple of 8 and at most 128, else blockwise; CPU -> naive when T <= block_size
-             (one block: nothing to save, and exact parity with the old path), else blockwise.
+  auto       by the backend at trace time (`jax.default_backend()`, or the one `target_backend` names): TPU ->
+             splash; GPU -> cudnn for bf16 / fp16 inputs with a head dim that is a multiple of 8 and at most 128,
+             else blockwise; CPU -> naive when T <= block_size (one block: nothing to save, and exact parity with the
+             old path), else blockwise.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -30,6 +33,25 @@ from tropd_jax import sharding
 IMPLEMENTATIONS = ('auto', 'naive', 'blockwise', 'splash', 'cudnn')
 
 _GPU_BACKENDS = ('gpu', 'cuda')
+_TARGET_BACKEND = contextvars.ContextVar('attention_target_backend', default=None)
+
+
+@contextlib.contextmanager
+def target_backend(name: str | None):
+    """Within this context, `attention` (and the decoder's decode step) choose their kernels for the `name` backend
+    ('tpu', 'gpu', 'cpu') instead of `jax.default_backend()`: for programs compiled ahead of time for devices this
+    process does not run on (`tropd_jax.aot` compiles for a TPU topology on a CPU host, and must trace the program a
+    TPU would run, splash kernel included)."""
+    token = _TARGET_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def backend() -> str:
+    """The backend the program being traced is for: `target_backend`'s, else `jax.default_backend()`."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
 
 
 def attention(
@@ -53,9 +75,9 @@ def attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f'Unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.')
     _check_shapes(q, k, v, key_mask)
-    backend = jax.default_backend()
+    platform = backend()
     if implementation == 'auto':
-        implementation = _choose(backend, q, block_size)
+        implementation = _choose(platform, q, block_size)
     key_mask = key_mask.astype(bool)
     if segment_ids is not None:
         if segment_ids.shape != key_mask.shape:
@@ -68,14 +90,14 @@ def attention(
     if implementation == 'blockwise':
         return _blockwise(q, k, v, key_mask, block_size, segment_ids)
     if implementation == 'splash':
-        if backend != 'tpu' and not interpret:
+        if platform != 'tpu' and not interpret:
             raise ValueError(
-                f"Attention implementation 'splash' needs a TPU; the backend is {backend!r} "
+                f"Attention implementation 'splash' needs a TPU; the backend is {platform!r} "
                 '(interpret=True runs it anywhere, slowly).'
             )
         return _splash(q, k, v, key_mask, interpret, segment_ids)
-    if backend not in _GPU_BACKENDS:
-        raise ValueError(f"Attention implementation 'cudnn' needs an NVIDIA GPU; the backend is {backend!r}.")
+    if platform not in _GPU_BACKENDS:
+        raise ValueError(f"Attention implementation 'cudnn' needs an NVIDIA GPU; the backend is {platform!r}.")
     return _contiguous_dot_product_attention(q, k, v, key_mask, 'cudnn')
 
 
@@ -308,20 +330,28 @@ def _splash(q, k, v, key_mask, interpret, packed_segment_ids=None):
         return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q=segment_ids, kv=segment_ids))
 
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
-        # No mesh, or already inside a shard_map (the caller split the work by hand): call the kernel directly.
+    manual = tuple(mesh.manual_axes) if not mesh.empty else ()
+    automatic = [] if mesh.empty else [a for a in mesh.axis_names if a not in manual]
+    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names) or not automatic:
+        # No mesh, or inside a shard_map over every axis (the caller split the work by hand): call the kernel directly.
         out = local(q, k, v, segment_ids)
     else:
-        # A pallas_call cannot be partitioned automatically: split it by hand, rows over the batch axes, heads over
+        # A pallas_call cannot be partitioned automatically: split it by hand over the automatic axes (all of them, or
+        # those an enclosing shard_map left, as in the sampler's prefill), rows over the batch axes, heads over
         # `tensor` only when both the query and the KV heads divide (each shard then keeps HF's head grouping).
-        q_spec = sharding.logical_to_spec(('batch', 'heads', None, None), q.shape, mesh)
-        kv_spec = sharding.logical_to_spec(('batch', 'kv_heads', None, None), k.shape, mesh)
+        q_spec = sharding.logical_to_spec(('batch', 'heads', None, None), q.shape, mesh, skip_axes=manual)
+        kv_spec = sharding.logical_to_spec(('batch', 'kv_heads', None, None), k.shape, mesh, skip_axes=manual)
         heads = q_spec[1] if q_spec[1] == kv_spec[1] else None
         q_spec = jax.sharding.PartitionSpec(q_spec[0], heads, None, None)
         kv_spec = jax.sharding.PartitionSpec(q_spec[0], heads, None, None)
         mask_spec = jax.sharding.PartitionSpec(q_spec[0], None)
         out = jax.shard_map(
-            local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec, check_vma=False
+            local,
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+            out_specs=q_spec,
+            axis_names=set(automatic),
+            check_vma=False,
         )(q, k, v, segment_ids)
     return out[:, :, :t]
 

@@ -47,10 +47,11 @@ class ModelConfig:
     `attention`, `attention_block_size` and `remat` say how to run the model, not what it is (they are never read
     from or written to config.json): the attention kernel of multi-token calls (`tropd_jax.models.attention`) and
     the per-layer rematerialisation policy of the backward pass: 'none' keeps every activation, 'full' keeps only
-    each layer's input and recomputes the rest, 'save_dots' also keeps the weight matmuls' outputs, 'offload' moves
-    those to host memory (TPU / GPU). `scan_layers` runs cache-free calls (scoring, the train step) as a `lax.scan`
-    over the layers instead of one traced copy per layer: compile time stays flat with depth and the backward pass
-    runs layer after layer, for one copy of the layer weights in the compute dtype.
+    each layer's input and recomputes the rest, 'save_dots' also keeps the weight matmuls' outputs, 'offload' keeps
+    each layer's input in pinned host memory instead of the device's (TPU / GPU; on CPU it is 'full').
+    `scan_layers` runs cache-free calls (scoring, the train step) as a `lax.scan` over the layers instead of one
+    traced copy per layer: compile time stays flat with depth and the backward pass runs layer after layer, for one
+    copy of the layer weights in the compute dtype.
     """
 
     architecture: str

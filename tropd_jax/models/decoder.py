@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tropd_jax import sharding
 from tropd_jax.models import attention as attention_lib
@@ -38,9 +39,11 @@ class KVCache:
       (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU). KV heads come before slots and k is stored
       transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
       a transposed operand made the scores cost twice the values.
-    valid: [B, S] bool, the slots that hold a real (non-padding) token.
-    index: [] int32, the next slot to write (shared by every row); or [B] int32, each row's own next slot (continuous
-      batching: rows at different steps of their responses), accepted by one-token decode steps only.
+    valid: [B, S] bool, the slots that hold a real (non-padding) token. A one-token decode step attends to every valid
+      slot, wherever it lies: continuous batching writes each step of every row at one shared slot, going round the
+      response region as a ring (rows at different steps of their responses), and invalidates a row's old slots when
+      it starts a new rollout.
+    index: [] int32, the next slot to write (shared by every row).
     """
 
     k: jax.Array
@@ -137,9 +140,11 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
 
 
 def _fuse_projections(x) -> bool:
-    """Whether to multiply by concatenated weights (q|k|v, gate|up): for one-token decode steps, where the fewer,
-    larger matmuls are faster on CPU, and never under tensor parallelism (the concatenation would mix shards)."""
-    return x.shape[1] == 1 and not sharding.tensor_parallel()
+    """Whether to multiply by concatenated weights (q|k|v, gate|up): for one-token decode steps on CPU, where the
+    fewer, larger matmuls are faster, and never under tensor parallelism (the concatenation would mix shards). Not on
+    TPU / GPU: XLA hoists the concatenation out of the decode loop, a second copy of most of every layer's weights for
+    the whole loop (0.29 GiB per layer of a 7B model per chip)."""
+    return x.shape[1] == 1 and not sharding.tensor_parallel() and attention_lib.backend() == 'cpu'
 
 
 def _weight(module: nnx.Module, name: str, dtype) -> jax.Array:
@@ -228,17 +233,13 @@ class Attention(nnx.Module):
             cache_k, cache_v, index = cache
             stacked = cache_k.ndim == 5
             new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
-            if index.ndim:  # per-row slots (one new token per row): a scatter of B columns
-                rows = jnp.arange(b)
-                lead = (layer, rows) if stacked else (rows,)
-                cache_k = cache_k.at[lead + (slice(None), slice(None), index)].set(new_k[..., 0].astype(cache_k.dtype))
-                cache_v = cache_v.at[lead + (slice(None), index)].set(new_v[:, :, 0].astype(cache_v.dtype))
-            else:
-                if stacked:
-                    new_k, new_v = new_k[None], new_v[None]
-                lead = (layer,) if stacked else ()
-                cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
-                cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
+            # One slot for every row: an in-place update. (A per-row slot is a scatter, which XLA TPU lays out anew,
+            # copying the whole buffer in and out at every step.)
+            if stacked:
+                new_k, new_v = new_k[None], new_v[None]
+            lead = (layer,) if stacked else ()
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
             new_cache = (cache_k, cache_v)
 
         if allowed is None:
@@ -332,9 +333,10 @@ class Decoder(nnx.Module):
           positions: [B, T] int RoPE positions (per row; `max(cumsum(input_mask) - 1, 0)` for left padding).
           mask: [B, T] 1 on real tokens, 0 on padding. Padding keys are never attended to.
           cache: None for a plain causal forward. Otherwise the T new keys / values go to slots
-            [cache.index, cache.index + T) of every row, are marked valid where `mask` is 1, and each query attends to
-            valid slots at or before its own slot. A call of T > 1 tokens with a cache is a prefill: the cache must be
-            empty (index 0), and the queries attend to the T new tokens only, through the attention kernel.
+            [cache.index, cache.index + T) of every row and are marked valid where `mask` is 1. A one-token call (a
+            decode step) attends to every valid slot of its row, its own included. A call of T > 1 tokens with a cache
+            is a prefill: the cache must be empty (index 0), and the queries attend to the T new tokens only, through
+            the attention kernel.
           return_hidden: return the final hidden states [B, T, H] (after the final norm) instead of logits.
           segment_ids: None, or [B, T] int for packed rows (several sequences per row, cache-free calls only): each
             token attends only to earlier tokens of its own segment; `positions` restart at 0 in every segment.
@@ -362,19 +364,12 @@ class Decoder(nnx.Module):
             index = allowed = None
         else:
             index = cache.index
-            if index.ndim:  # each row writes its own slot (continuous batching)
-                if t != 1:
-                    raise ValueError(
-                        f'A cache with per-row indices {index.shape} takes one-token steps only, got T={t}.'
-                    )
-                valid = cache.valid.at[jnp.arange(tokens.shape[0]), index].set(mask[:, 0])
-            else:
-                valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            if t == 1:  # a decode step attends to the cache; a prefill (T > 1, empty cache) to its own T tokens
-                slots = jnp.arange(valid.shape[1])
-                allowed = valid[:, None, :] & (slots[None, None, :] <= index[..., None, None])  # [B, 1, S]
-            else:
-                allowed = None
+            if index.ndim:
+                raise ValueError(f'KVCache.index must be a scalar (one slot for every row), got shape {index.shape}.')
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            # A decode step attends to every valid slot (all written before it); a prefill (T > 1, empty cache) to its
+            # own T tokens.
+            allowed = valid[:, None, :] if t == 1 else None  # [B, 1, S]
         kernel = (config.attention, config.attention_block_size)
         remat = cache is None and config.remat != 'none'
 
@@ -409,10 +404,17 @@ class Decoder(nnx.Module):
         return x @ self.lm_head_weight().astype(dt), cache
 
 
+LAYER_INPUT = 'layer_input'  # the `checkpoint_name` of each block's input (what `remat='offload'` moves to the host)
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy
-    'full': None,  # keep only the layer's input
+    'full': None,  # keep only the layer's input, in device memory
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+    # keep only the layer's input, in host memory (pinned): the backward pass copies it back layer by layer
+    'offload': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src='device',
+        offload_dst='pinned_host',
+    ),
 }
 
 
@@ -421,6 +423,7 @@ def _block_fn(graphdef, kernel, policy: str, prevent_cse: bool = True):
     `jax.checkpoint` with the named policy unless it is 'none' (`prevent_cse` is not needed inside a scan)."""
 
     def run(state, x, cos, sin, mask, segment_ids):
+        x = checkpoint_name(x, LAYER_INPUT)
         return nnx.merge(graphdef, state)(x, cos, sin, mask, kernel=kernel, segment_ids=segment_ids)[0]
 
     if policy == 'none':
