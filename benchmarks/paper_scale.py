@@ -7,6 +7,8 @@ line with GiB per chip for each program:
   before       configs/math.py on a v5p-8 with `model.attention=naive model.remat=none` (the code as it was:
                [T, T] attention scores, every activation kept), student fwd + bwd, teacher scoring, train step;
   after        configs/math.py on a v5p-8 with its defaults, every program;
+  offload      the student's fwd + bwd and the train step with each layer's input kept in host memory
+               (`model.remat=offload`);
   multidomain  configs/multidomain.py on a v5p-8, every program;
   growth       the student's fwd + bwd on one micro-batch at 4k / 16k / 32k tokens per sequence;
   32k          configs/math.py at 32k-token rollouts (8 prompts per generation call), every program;
@@ -36,6 +38,7 @@ RUNS = {
         ],
     ),
     'after': ('configs/math.py', []),
+    'offload': ('configs/math.py', ['--programs=student_grad,train_step', '--config.model.remat=offload']),
     'multidomain': ('configs/multidomain.py', []),
     'growth_4k': ('configs/math.py', ['--programs=student_grad', '--config.rollout.max_new_tokens=3072']),
     'growth_16k': ('configs/math.py', ['--programs=student_grad', '--config.rollout.max_new_tokens=15360']),
@@ -85,6 +88,7 @@ def run(name: str, topology: str) -> dict:
             'gib': round(total / 2**30, 2),
             'fits': p['fits'],
             'temporaries_gib': round(p['rows']['temporaries'] / 2**30, 2),
+            'host_gib': round(p.get('host', 0.0) / 2**30, 2),
         }
     return result
 
