@@ -22,7 +22,10 @@ For each, one table: the per-chip bytes of the student's parameters, optimizer s
 inputs, the KV cache (rollouts), the compiler's temporaries and the program's total; then what the trainer holds on
 the same chips meanwhile without passing it in ("held meanwhile": during rollouts, the student's optimizer state and
 the model that is not generating, when it shares the chips), and the total of both against the chip's HBM, plus the
-model FLOPs of the program. The exit status is 1 when any program does not fit (its name is printed), 0 otherwise.
+model FLOPs of the program, and the host memory it uses (`model.remat=offload`), which is not counted against HBM. The
+programs are traced for the topology's devices, not this machine's: on a TPU topology `model.attention=auto` is the
+splash kernel, as on the TPU itself. The exit status is 1 when any program does not fit (its name is printed), 0
+otherwise.
 """
 
 import dataclasses
