@@ -126,7 +126,8 @@ def test_offloaded_layer_inputs_are_in_host_memory(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         (program,) = json.loads(out.read_text())['programs']
         host[remat] = program['host']
-    student = json.loads(open(os.path.join(ROOT, 'tropd_jax', 'assets', 'tiny', 'student', 'config.json')).read())
+    with open(os.path.join(ROOT, 'tropd_jax', 'assets', 'tiny', 'student', 'config.json')) as f:
+        student = json.load(f)
     config = _tiny_config()
     rows_per_chip = config.train.micro_batch_size // 4
     length = config.data.max_prompt_length + config.rollout.max_new_tokens

@@ -499,13 +499,12 @@ def _decode_continuous(
         # mark their own).
         put_k = lambda big, new: big.at[target, :, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
         put_v = lambda big, new: big.at[target, :, :prompt_length].set(new.astype(big.dtype), mode='drop')
-        cache = KVCache(
+        cache = cache.replace(
             k=tuple(map(put_k, cache.k, fresh.k)),
             v=tuple(map(put_v, cache.v, fresh.v)),
             valid=cache.valid.at[target].set(
                 jnp.pad(prompt_mask[row].astype(bool), ((0, 0), (0, max_new_tokens))), mode='drop'
             ),
-            index=cache.index,
         )
         new_token, new_row, records = emit(
             jnp.where(taken, row, empty), jnp.zeros((group,), jnp.int32), _head(hidden[:, -1], lm_head), records
