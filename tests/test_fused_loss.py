@@ -9,6 +9,7 @@ around a shared real vocabulary of 90. The padding rows are scaled up so any lea
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -336,7 +337,9 @@ def mesh_check() -> dict:
                 errors[m] = str(e)
         lines = [line for line in text.splitlines() if 'all-gather(' in line]
         gathers = [line.split('= ', 1)[1].split(' all-gather')[0] for line in lines]
-        results[str(i)] = dict(errors=errors, all_gathers=gathers)
+        # Every [H, n] array of the program: the LM heads, their gradients and any copies of them.
+        head_columns = sorted({int(n) for n in re.findall(rf'\[{H},(\d+)\]', text)})
+        results[str(i)] = dict(errors=errors, all_gathers=gathers, head_columns=head_columns)
     return results
 
 
@@ -360,6 +363,12 @@ def test_mesh_equals_reference(mesh_results, layout):
     # The top-k gathers k candidates per vocabulary shard, never a chunk of logits over the whole vocabulary.
     for shape in result['all_gathers']:
         assert f',{STUDENT_ROWS}]' not in shape and f',{TEACHER_ROWS}]' not in shape, shape
+    if MESH_LAYOUTS[layout][2] == ('fsdp', 'tensor'):
+        # Heads split as the logical rules split them ([H / fsdp, V / tensor]): no device ever holds a whole-H slice
+        # wider than 1 / (fsdp x tensor) = 1/4 of a head's vocabulary, nor of its gradient. The chunks' logits are
+        # split along the vocabulary over fsdp too, instead of gathering the head FSDP-style.
+        assert result['head_columns'], 'no [H, n] array found: the check below would pass vacuously'
+        assert max(result['head_columns']) <= max(STUDENT_ROWS, TEACHER_ROWS) // 4, result['head_columns']
 
 
 if __name__ == '__main__':

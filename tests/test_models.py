@@ -273,15 +273,22 @@ def _with_runtime(model, **fields):
     return model
 
 
-@pytest.mark.parametrize('remat', ['none', 'full', 'save_dots', 'full+scan'])
+@pytest.mark.parametrize('remat', ['none', 'full', 'save_dots', 'full+scan', 'none+mlp_chunks'])
 def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
     """Several key / query blocks (block 8 over 20 columns, rows of different lengths, a padding hole), then the
-    prefill of a cache through the same kernel: both equal transformers; remat and scanning the layers change no
-    logit."""
+    prefill of a cache through the same kernel: both equal transformers; remat, scanning the layers and running the
+    MLP 8 positions at a time (8 + 8 + 4) change no logit."""
     arch, path, _, torch_model = checkpoint
     model, config = from_pretrained(path)
-    remat, scan = remat.split('+')[0], remat.endswith('+scan')
-    _with_runtime(model, attention='blockwise', attention_block_size=8, remat=remat, scan_layers=scan)
+    remat, scan, chunks = remat.split('+')[0], remat.endswith('+scan'), remat.endswith('+mlp_chunks')
+    _with_runtime(
+        model,
+        attention='blockwise',
+        attention_block_size=8,
+        remat=remat,
+        scan_layers=scan,
+        mlp_chunk_size=8 if chunks else 0,
+    )
     tokens, mask, positions = padded_batch(config.vocab_size, [20, 13, 5], 20, seed=5)
     mask[0, 9] = 0
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -299,7 +306,8 @@ def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
 def test_remat_leaves_gradients_unchanged(tiny_hf_checkpoint):
     """d(sum of weighted logits at real positions)/d(params) is the same with every rematerialisation policy, with
     the blockwise kernel (whose backward is its own custom VJP) and with the layers scanned (each layer's gradient
-    reaches its own parameters through the stack)."""
+    reaches its own parameters through the stack), and with the MLP run a chunk of positions at a time (its own custom
+    VJP; 5 + 5 + 5 + 3 positions)."""
     path, _ = tiny_hf_checkpoint(**ARCHITECTURES['qwen2'], num_hidden_layers=3)
     tokens, mask, positions = padded_batch(128, [18, 11, 4], 18, seed=6)
     weights = np.random.default_rng(7).normal(size=(3, 18, 128)) * mask[:, :, None]
@@ -323,6 +331,8 @@ def test_remat_leaves_gradients_unchanged(tiny_hf_checkpoint):
         dict(attention='naive', remat='none', scan_layers=True),
         dict(attention='blockwise', attention_block_size=8, remat='full', scan_layers=True),
         dict(attention='blockwise', attention_block_size=8, remat='offload', scan_layers=True),
+        dict(attention='naive', remat='none', mlp_chunk_size=5),
+        dict(attention='blockwise', attention_block_size=8, remat='full', scan_layers=True, mlp_chunk_size=5),
     ):
         for got, want in zip(grads(**fields), reference):
             # float32 sums in another order: differences relative to the largest entry of each gradient

@@ -43,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     model.remat = 'full'  # student backward: 'full' (keep layer inputs only), 'save_dots', 'offload', 'none' (ours)
     model.scan_layers = False  # the student's scoring and train step as a lax.scan over its layers: compile time flat
     #   in depth, layers run strictly one after another, plus one compute-dtype copy of the layer weights (ours)
+    model.mlp_chunk_size = 2048  # calls over more positions run the MLP this many at a time, forward and backward:
+    #   its [B, T, intermediate] activations never exist whole; 0 = one piece (ours)
 
     config.data = d = ml_collections.ConfigDict()
     d.train_path = ''  # a .jsonl / .parquet file, or a directory of them
@@ -220,6 +222,7 @@ def model_runtime_fields(model_config, *, trained: bool = True) -> dict:
         'attention_block_size': model_config.attention_block_size,
         'remat': model_config.remat if trained else 'none',
         'scan_layers': bool(model_config.get('scan_layers', False)) and trained,
+        'mlp_chunk_size': int(model_config.get('mlp_chunk_size', 0)),
     }
 
 
@@ -339,6 +342,10 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     )
     _require(
         c.model.attention_block_size >= 8, f'model.attention_block_size={c.model.attention_block_size} must be >= 8'
+    )
+    _require(
+        isinstance(c.model.mlp_chunk_size, int) and c.model.mlp_chunk_size >= 0,
+        f'model.mlp_chunk_size={c.model.mlp_chunk_size!r} must be a non-negative integer (0 = no chunks)',
     )
     _require(
         c.model.remat in REMAT_POLICIES, f'model.remat={c.model.remat!r} is not one of {", ".join(REMAT_POLICIES)}'

@@ -34,12 +34,15 @@ row: B x chunk_length <= chunk_size tokens (at least one position per row). Rows
 and so do positions split in blocks, so every device works on its own tokens in every chunk.
 
 Under a mesh (set with `jax.set_mesh`; axes ('data', 'fsdp', 'tensor') with Auto axis types, as
-`tropd_jax.sharding.make_mesh` builds them): the LM heads may be split along the vocabulary on 'tensor' (and along
-the model dimension on 'fsdp'), tokens along data/fsdp. Logits are constrained to tokens x vocabulary shards; the
-log-sum-exp and the gathers at token ids are partitioned by XLA (partial reductions plus an all-reduce), and the
-top-k is taken per vocabulary shard in a `shard_map`, gathering only k candidates per shard (XLA's own top-k would
+`tropd_jax.sharding.make_mesh` builds them), a chunk's logits are split along the vocabulary over `fsdp` x `tensor`
+and along tokens over `data` (the logical axes `loss_vocab`, `loss_tokens`). The chunk's hidden states (chunk x H,
+a few MB) are all-gathered over `fsdp`, and the LM head is re-split once from [H / fsdp, V / tensor] to
+[H, V / (fsdp x tensor)]: no device ever holds the whole head or its whole float32 gradient (0.9 GB each for a 1.5B
+model's 151,936 x 1,536 head; FSDP would gather the head and reduce-scatter a full-size gradient every chunk). The
+log-sum-exp and the gathers at token ids are partitioned by XLA (partial reductions plus an all-reduce), and the top-k
+is taken per vocabulary shard in a `shard_map`, gathering only k candidates per shard (XLA's own top-k would
 all-gather the whole chunk of logits, and without a mesh in context that is what happens: correct, but slower).
-`chunk_size` counts tokens over the whole mesh: a device holds chunk / (data x fsdp) x V / tensor logits at a time.
+`chunk_size` counts tokens over the whole mesh: a device holds chunk / data x V / (fsdp x tensor) logits at a time.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from jax import lax
 from tropd_jax import losses, sharding
 
 DEFAULT_CHUNK_SIZE = 1024
+LOGITS_AXES = ('loss_tokens', 'loss_vocab')  # one chunk's logits [tokens, vocabulary]
 
 
 class TeacherTargets(NamedTuple):
@@ -114,11 +118,17 @@ def _set_chunk(view: jax.Array, j: jax.Array, value: jax.Array) -> jax.Array:
 
 def _logits(hidden: jax.Array, head: jax.Array, vocab_size: int) -> jax.Array:
     """float32 logits of one chunk, [c, H] x [H, V] -> [c, V], -inf beyond the shared vocabulary."""
+    hidden = sharding.constrain(hidden, ('loss_tokens', None))
     logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
     if vocab_size < logits.shape[-1]:
         real = lax.broadcasted_iota(jnp.int32, logits.shape, 1) < vocab_size
         logits = jnp.where(real, logits, -jnp.inf)
-    return sharding.constrain(logits, ('batch', 'vocab'))
+    return sharding.constrain(logits, LOGITS_AXES)
+
+
+def _split_head(head: jax.Array) -> jax.Array:
+    """[H, V] re-split along the vocabulary only (`loss_vocab`), as the chunks' logits are."""
+    return sharding.constrain(head, (None, 'loss_vocab'))
 
 
 def _log_softmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,7 +163,7 @@ def _top_k(logprobs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
         values, ids = lax.top_k(logprobs, k)
         return values, ids.astype(jnp.int32)
-    spec = sharding.logical_to_spec(('batch', 'vocab'), logprobs.shape, mesh)
+    spec = sharding.logical_to_spec(LOGITS_AXES, logprobs.shape, mesh)
     token_axes, vocab_axes = spec[0], spec[1]
 
     def local_top_k(x):
@@ -215,7 +225,7 @@ def teacher_pass(
         raise ValueError(f'k={k!r} must be an integer in [1, vocab_size {vocab_size}]')
     batch, length = tokens.shape
     hidden = lax.stop_gradient(hidden)
-    head = lax.stop_gradient(teacher_lm_head).astype(hidden.dtype)  # the decoder casts its head the same way
+    head = _split_head(lax.stop_gradient(teacher_lm_head).astype(hidden.dtype))  # cast as the decoder does
     num_chunks, chunk_length = _chunk_layout(batch, length, chunk_size)
     hidden_view = _to_chunks(hidden, num_chunks, chunk_length)
     token_view = _to_chunks(tokens.astype(jnp.int32), num_chunks, chunk_length)
@@ -282,10 +292,10 @@ def _student_chunks_bwd(vocab_size, residuals, cotangents):
         rows = jnp.arange(tokens.shape[0])
         d_logits = -p * (ct_s + jnp.sum(ct_k, axis=-1))[:, None]
         d_logits = d_logits.at[rows, tokens].add(ct_s).at[rows[:, None], ids].add(ct_k)
-        d_logits = sharding.constrain(d_logits.astype(head.dtype), ('batch', 'vocab'))
+        d_logits = sharding.constrain(d_logits.astype(head.dtype), LOGITS_AXES)
         d_chunk = jnp.dot(d_logits, head.T, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
-        return _set_chunk(d_hidden, j, d_chunk), sharding.constrain(d_head, ('embed', 'vocab'))
+        return _set_chunk(d_hidden, j, d_chunk), sharding.constrain(d_head, (None, 'loss_vocab'))
 
     init = (jnp.zeros_like(hidden_view), jnp.zeros(head.shape, jnp.float32))
     d_hidden, d_head = lax.fori_loop(0, hidden_view.shape[2], body, init)
@@ -336,7 +346,7 @@ def student_stats(
         _to_chunks(x, num_chunks, chunk_length)
         for x in (student_hidden, tokens.astype(jnp.int32), lax.stop_gradient(targets.topk_ids).astype(jnp.int32))
     ]
-    head = student_lm_head.astype(student_hidden.dtype)
+    head = _split_head(student_lm_head.astype(student_hidden.dtype))
     logprobs, topk_logprobs, entropy = _student_chunks(vocab_size, views[0], head, views[1], views[2])
     return losses.TokenStats(
         student_logprobs=_from_chunks(logprobs, length),

@@ -1,8 +1,9 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Weights carry logical names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) and activations
-`batch`, `length`. `LOGICAL_RULES` says which mesh axes each is split over: vocabulary, attention heads and MLP
-along `tensor`, the model dimension along `fsdp`, the batch along `data` and `fsdp`. A mesh axis that does not
+`batch`, `length` (and the fused loss's `loss_tokens`, `loss_vocab`). `LOGICAL_RULES` says which mesh axes each is
+split over: vocabulary, attention heads and MLP along `tensor`, the model dimension along `fsdp`, the batch along
+`data` and `fsdp`; a loss chunk's logits along `data` (tokens) and `fsdp` x `tensor` (vocabulary). A mesh axis that does not
 divide the dimension (or is already used by another dimension of the same array) is dropped for that array, so
 tiny test models and odd head counts still place, just less split.
 """
@@ -30,6 +31,10 @@ LOGICAL_RULES = {
     # activations
     'batch': ('data', 'fsdp'),
     'length': (),
+    # one chunk of the fused loss's logits [tokens, vocabulary]: the vocabulary split over every weight axis, so the
+    # LM head and its gradient stay split (`tropd_jax.fused_loss`)
+    'loss_tokens': ('data',),
+    'loss_vocab': ('fsdp', 'tensor'),
 }
 
 

@@ -51,7 +51,9 @@ class ModelConfig:
     each layer's input in pinned host memory instead of the device's (TPU / GPU; on CPU it is 'full').
     `scan_layers` runs cache-free calls (scoring, the train step) as a `lax.scan` over the layers instead of one
     traced copy per layer: compile time stays flat with depth and the backward pass runs layer after layer, for one
-    copy of the layer weights in the compute dtype.
+    copy of the layer weights in the compute dtype. `mlp_chunk_size` > 0 runs the MLP of calls over more positions than
+    that one chunk of positions at a time, forward and backward (`decoder.chunked_swiglu`): its [B, T, M]
+    activations, the largest of a layer, then never exist whole.
     """
 
     architecture: str
@@ -78,6 +80,7 @@ class ModelConfig:
     attention_block_size: int = 512
     remat: str = 'none'
     scan_layers: bool = False
+    mlp_chunk_size: int = 0
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -88,6 +91,8 @@ class ModelConfig:
             raise ValueError(f'attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}.')
         if self.attention_block_size < 8:
             raise ValueError(f'attention_block_size={self.attention_block_size} must be >= 8.')
+        if not isinstance(self.mlp_chunk_size, int) or self.mlp_chunk_size < 0:
+            raise ValueError(f'mlp_chunk_size={self.mlp_chunk_size!r} must be a non-negative integer (0 = no chunks).')
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f'remat={self.remat!r} is not one of {REMAT_POLICIES}.')
         if self.num_heads % self.num_kv_heads:

@@ -17,6 +17,7 @@ Under `jax.jit`, either wrap the call in `nnx.jit`, or split once and use the pu
 `forward` is what a `lax.while_loop` body should call (the state is a loop-invariant pytree, the cache a carry).
 """
 
+import functools
 import math
 
 import flax.struct
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from tropd_jax import sharding
@@ -262,7 +264,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); over more than `chunk_size` > 0 positions, `chunked_swiglu`."""
 
     def __init__(self, config: ModelConfig, init: _Init):
         h, m = config.hidden_size, config.intermediate_size
@@ -271,15 +273,83 @@ class MLP(nnx.Module):
         self.down_proj = init((m, h), ('mlp', 'embed'))
         self.dtype = jnp.dtype(config.dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, chunk_size: int = 0):
         dt = self.dtype
         if _fuse_projections(x):
             m = self.gate_proj[...].shape[1]
             gate_up = x @ jnp.concatenate([_weight(self, 'gate_proj', dt), _weight(self, 'up_proj', dt)], axis=1)
             gate, up = gate_up[..., :m], gate_up[..., m:]
-        else:
-            gate, up = x @ _weight(self, 'gate_proj', dt), x @ _weight(self, 'up_proj', dt)
-        return (jax.nn.silu(gate) * up) @ _weight(self, 'down_proj', dt)
+            return (jax.nn.silu(gate) * up) @ _weight(self, 'down_proj', dt)
+        weights = (_weight(self, 'gate_proj', dt), _weight(self, 'up_proj', dt), _weight(self, 'down_proj', dt))
+        if 0 < chunk_size < x.shape[1]:
+            return chunked_swiglu(x, *weights, chunk_size)
+        return _swiglu(x, *weights)
+
+
+def _swiglu(x, gate, up, down):
+    """[..., H] -> [..., H] with weights [H, M], [H, M], [M, H]."""
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_swiglu(x, gate, up, down, chunk_size: int):
+    """`_swiglu` on x [B, T, H], `chunk_size` positions at a time, forward and backward: the [B, T, M] activations
+    (M the MLP width, 4-6x H) exist one chunk at a time, and only x is kept for the backward pass, which recomputes
+    each chunk's. The weight gradients are accumulated over chunks in float32. Same values as `_swiglu`."""
+    return _chunked_swiglu_fwd(x, gate, up, down, chunk_size)[0]
+
+
+def _chunks(t: int, chunk_size: int) -> tuple[int, int]:
+    """(number of chunks, padded length) for t positions."""
+    n = -(-t // chunk_size)
+    return n, n * chunk_size
+
+
+def _chunked_swiglu_fwd(x, gate, up, down, chunk_size):
+    b, t, h = x.shape
+    n, padded = _chunks(t, chunk_size)
+    xp = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+
+    def body(j, out):
+        piece = lax.dynamic_slice_in_dim(xp, j * chunk_size, chunk_size, axis=1)
+        return lax.dynamic_update_slice_in_dim(out, _swiglu(piece, gate, up, down), j * chunk_size, axis=1)
+
+    out = lax.fori_loop(0, n, body, jnp.zeros((b, padded, down.shape[1]), x.dtype))
+    return out[:, :t], (x, gate, up, down)
+
+
+def _chunked_swiglu_bwd(chunk_size, residuals, d_out):
+    x, gate, up, down = residuals
+    b, t, h = x.shape
+    n, padded = _chunks(t, chunk_size)
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - t), (0, 0)))
+    xp, dp = pad(x), pad(d_out.astype(x.dtype))
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def body(j, carry):
+        dx, d_gate, d_up, d_down = carry
+        piece = lax.dynamic_slice_in_dim(xp, j * chunk_size, chunk_size, axis=1)
+        dy = lax.dynamic_slice_in_dim(dp, j * chunk_size, chunk_size, axis=1)
+        g, u = piece @ gate, piece @ up
+        # the same steps as autodiff of `_swiglu`
+        (act, act_vjp) = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+        d_act = dy @ down.T
+        d_g, d_u = act_vjp(d_act)
+        d_piece = d_g @ gate.T + d_u @ up.T
+        return (
+            lax.dynamic_update_slice_in_dim(dx, d_piece, j * chunk_size, axis=1),
+            d_gate + f32('bth,btm->hm', piece, d_g),
+            d_up + f32('bth,btm->hm', piece, d_u),
+            d_down + f32('btm,bth->mh', act, dy),
+        )
+
+    zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+    init = (jnp.zeros_like(xp), zeros(gate), zeros(up), zeros(down))
+    dx, d_gate, d_up, d_down = lax.fori_loop(0, n, body, init)
+    return dx[:, :t], d_gate.astype(gate.dtype), d_up.astype(up.dtype), d_down.astype(down.dtype)
+
+
+chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
 class Block(nnx.Module):
@@ -292,11 +362,14 @@ class Block(nnx.Module):
         self.mlp = MLP(config, init)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
+    def __call__(
+        self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512, 0), segment_ids=None
+    ):
+        """`kernel` = (attention implementation, attention block size, MLP chunk size); the rest as `Attention`."""
         x_norm = rms_norm(x, self.input_norm[...], self.eps)
-        out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel, segment_ids)
+        out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel[:2], segment_ids)
         x = x + out
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), *kernel[2:])
         return x, cache
 
 
@@ -370,7 +443,7 @@ class Decoder(nnx.Module):
             # A decode step attends to every valid slot (all written before it); a prefill (T > 1, empty cache) to its
             # own T tokens.
             allowed = valid[:, None, :] if t == 1 else None  # [B, 1, S]
-        kernel = (config.attention, config.attention_block_size)
+        kernel = (config.attention, config.attention_block_size, config.mlp_chunk_size)
         remat = cache is None and config.remat != 'none'
 
         # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
