@@ -13,7 +13,9 @@ line with GiB per chip for each program:
   growth       the student's fwd + bwd on one micro-batch at 4k / 16k / 32k tokens per sequence;
   32k          configs/math.py at 32k-token rollouts (8 prompts per generation call), every program;
   teacher8b_colocated, teacher8b_separate, teacher32b_colocated, teacher32b_separate (not run by default)
-               configs/math.py with a Qwen3-8B- or Qwen3-32B-shaped teacher, `model.teacher_placement` as named.
+               configs/math.py with a Qwen3-8B- or Qwen3-32B-shaped teacher, `model.teacher_placement` as named;
+  teacher8b_separate_64slots, teacher32b_int8_colocated (not run by default) the separate 8B teacher through 64
+               decode slots, the 32B teacher colocated in int8 (`model.teacher_quantization=int8`).
 `student_grad_ratio` is before / after for the student's fwd + bwd at the paper's micro-batch. Each program is a
 full XLA TPU compile of a 1.5B-7B model: the whole set takes hours on 2 CPU cores, minutes on a TPU VM's host.
 """
@@ -59,6 +61,14 @@ for _size, _extra in (('8b', []), ('32b', ['--config.rollout.decode_slots=32']))
                 *_extra,
             ],
         )
+RUNS['teacher8b_separate_64slots'] = (
+    'configs/math.py',
+    [*RUNS['teacher8b_separate'][1], '--config.rollout.decode_slots=64'],
+)
+RUNS['teacher32b_int8_colocated'] = (
+    'configs/math.py',
+    [*RUNS['teacher32b_colocated'][1], '--config.model.teacher_quantization=int8'],
+)
 
 
 def run(name: str, topology: str) -> dict:

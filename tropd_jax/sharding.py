@@ -3,9 +3,9 @@
 Weights carry logical names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`) and activations
 `batch`, `length` (and the fused loss's `loss_tokens`, `loss_vocab`). `LOGICAL_RULES` says which mesh axes each is
 split over: vocabulary, attention heads and MLP along `tensor`, the model dimension along `fsdp`, the batch along
-`data` and `fsdp`; a loss chunk's logits along `data` (tokens) and `fsdp` x `tensor` (vocabulary). A mesh axis that does not
-divide the dimension (or is already used by another dimension of the same array) is dropped for that array, so
-tiny test models and odd head counts still place, just less split.
+`data` and `fsdp`; a loss chunk's logits along `data` (tokens) and `fsdp` x `tensor` (vocabulary). A mesh axis
+that does not divide the dimension (or is already used by another dimension of the same array) is dropped for that
+array, so tiny test models and odd head counts still place, just less split.
 """
 
 import math

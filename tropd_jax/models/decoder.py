@@ -362,9 +362,7 @@ class Block(nnx.Module):
         self.mlp = MLP(config, init)
         self.eps = config.rms_norm_eps
 
-    def __call__(
-        self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512, 0), segment_ids=None
-    ):
+    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512, 0), segment_ids=None):
         """`kernel` = (attention implementation, attention block size, MLP chunk size); the rest as `Attention`."""
         x_norm = rms_norm(x, self.input_norm[...], self.eps)
         out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel[:2], segment_ids)
