@@ -363,6 +363,8 @@ def test_mesh_equals_reference(mesh_results, layout):
     # The top-k gathers k candidates per vocabulary shard, never a chunk of logits over the whole vocabulary.
     for shape in result['all_gathers']:
         assert f',{STUDENT_ROWS}]' not in shape and f',{TEACHER_ROWS}]' not in shape, shape
+    # The student head and its float32 gradient are split along the vocabulary over fsdp x tensor: [H, V / 4].
+    assert STUDENT_ROWS // 4 in result['head_columns'], result['head_columns']
     if MESH_LAYOUTS[layout][2] == ('fsdp', 'tensor'):
         # Heads split as the logical rules split them ([H / fsdp, V / tensor]): no device ever holds a whole-H slice
         # wider than 1 / (fsdp x tensor) = 1/4 of a head's vocabulary, nor of its gradient. The chunks' logits are
