@@ -332,7 +332,7 @@ def _chunked_swiglu_bwd(chunk_size, residuals, d_out):
         dy = lax.dynamic_slice_in_dim(dp, j * chunk_size, chunk_size, axis=1)
         g, u = piece @ gate, piece @ up
         # the same steps as autodiff of `_swiglu`
-        (act, act_vjp) = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+        act, act_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
         d_act = dy @ down.T
         d_g, d_u = act_vjp(d_act)
         d_piece = d_g @ gate.T + d_u @ up.T
