@@ -299,31 +299,27 @@ def chunked_swiglu(x, gate, up, down, chunk_size: int):
     return _chunked_swiglu_fwd(x, gate, up, down, chunk_size)[0]
 
 
-def _chunks(t: int, chunk_size: int) -> tuple[int, int]:
-    """(number of chunks, padded length) for t positions."""
-    n = -(-t // chunk_size)
-    return n, n * chunk_size
+def _padded_chunks(a, chunk_size: int):
+    """[B, T, ...] zero-padded along T to whole chunks: (padded array, number of chunks)."""
+    n = -(-a.shape[1] // chunk_size)
+    return jnp.pad(a, ((0, 0), (0, n * chunk_size - a.shape[1])) + ((0, 0),) * (a.ndim - 2)), n
 
 
 def _chunked_swiglu_fwd(x, gate, up, down, chunk_size):
-    b, t, h = x.shape
-    n, padded = _chunks(t, chunk_size)
-    xp = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+    xp, n = _padded_chunks(x, chunk_size)
 
     def body(j, out):
         piece = lax.dynamic_slice_in_dim(xp, j * chunk_size, chunk_size, axis=1)
         return lax.dynamic_update_slice_in_dim(out, _swiglu(piece, gate, up, down), j * chunk_size, axis=1)
 
-    out = lax.fori_loop(0, n, body, jnp.zeros((b, padded, down.shape[1]), x.dtype))
-    return out[:, :t], (x, gate, up, down)
+    out = lax.fori_loop(0, n, body, jnp.zeros(xp.shape[:2] + down.shape[1:], x.dtype))
+    return out[:, : x.shape[1]], (x, gate, up, down)
 
 
 def _chunked_swiglu_bwd(chunk_size, residuals, d_out):
     x, gate, up, down = residuals
-    b, t, h = x.shape
-    n, padded = _chunks(t, chunk_size)
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - t), (0, 0)))
-    xp, dp = pad(x), pad(d_out.astype(x.dtype))
+    xp, n = _padded_chunks(x, chunk_size)
+    dp, _ = _padded_chunks(d_out.astype(x.dtype), chunk_size)
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
     def body(j, carry):
@@ -346,7 +342,7 @@ def _chunked_swiglu_bwd(chunk_size, residuals, d_out):
     zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
     init = (jnp.zeros_like(xp), zeros(gate), zeros(up), zeros(down))
     dx, d_gate, d_up, d_down = lax.fori_loop(0, n, body, init)
-    return dx[:, :t], d_gate.astype(gate.dtype), d_up.astype(up.dtype), d_down.astype(down.dtype)
+    return dx[:, : x.shape[1]], d_gate.astype(gate.dtype), d_up.astype(up.dtype), d_down.astype(down.dtype)
 
 
 chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
