@@ -206,3 +206,117 @@ def test_cli_reports_malformed_jsonl_by_file_and_line(tmp_path):
     assert out.returncode == 1
     assert f'error: {data}:2: invalid JSON (Expecting value)' in out.stderr
     assert 'Traceback' not in out.stderr, out.stderr
+
+
+BOXED_TEMPLATE = "{prompt}\nLet's think step by step and output the final answer within \\boxed{{}}."
+
+
+@pytest.mark.parametrize('chat_template', [True, False])
+def test_evaluation_prompts_are_the_training_prompts(tokenizer, tmp_path, monkeypatch, chat_template):
+    """`evaluate_with_config` renders each problem with `data.prompt_template` and `data.chat_template`, as the
+    trainer's `data.load_prompts` does: the rows it samples from hold the training prompt's ids, instruction
+    included (a string problem and a chat-message problem)."""
+    from tropd_jax import config as config_lib
+    from tropd_jax import data
+
+    records = [
+        {'problem': 'Compute: 1+6', 'answer': '7'},
+        {'problem': [{'role': 'user', 'content': 'Compute: 9-2'}], 'answer': '7'},
+    ][: 2 if chat_template else 1]  # message lists need the chat template
+    path = tmp_path / 'problems.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    config = config_lib.default_config()
+    config.data.prompt_template, config.data.chat_template = BOXED_TEMPLATE, chat_template
+    config.eval.path, config.eval.max_new_tokens, config.eval.batch_size = str(path), 4, 8
+    training, _ = data.load_prompts(
+        str(path), tokenizer, prompt_template=BOXED_TEMPLATE, chat_template=chat_template, max_prompt_length=512
+    )
+    seen = []
+    original = evaluate.sampling.generate
+
+    def capture(model, tokens, mask, *args, **kwargs):
+        tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
+        seen.extend(row[m].tolist() for row, m in zip(tokens, mask))
+        return original(model, tokens, mask.astype(np.int32), *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.sampling, 'generate', capture)
+    evaluate.evaluate_with_config(
+        bigram_model(tokenizer), tokenizer, evaluate.config_records(config), jax.random.key(0), config
+    )
+    expected = sorted(p['prompt_tokens'].tolist() for p in training)
+    assert sorted(seen) == expected
+    text = tokenizer.decode(expected[0])
+    assert 'output the final answer within \\boxed{}' in text
+    assert ('<|im_start|>assistant' in text) == chat_template
+
+
+def test_convert_record_maps_common_field_names():
+    convert = evaluate.convert_record
+    math500 = {'problem': 'P', 'solution': 'so \\boxed{\\frac{1}{2}}', 'answer': '\\frac{1}{2}', 'level': 5}
+    assert convert(math500) == {'problem': 'P', 'answer': '\\frac{1}{2}'}  # `answer` before `solution`
+    assert convert({'ID': '2024-I-1', 'Problem': 'P', 'Solution': 'long', 'Answer': 204}) == {
+        'problem': 'P',
+        'answer': '204',
+    }
+    assert convert({'question': 'Q', 'answer': 'She pays 3 * 24 = 72.\n#### 72'}) == {'problem': 'Q', 'answer': '72'}
+    nested = 'First \\boxed{1}, finally \\boxed{\\dfrac{\\sqrt{3}}{2}} is it.'
+    assert convert({'problem': 'P', 'solution': nested})['answer'] == '\\dfrac{\\sqrt{3}}{2}'
+    assert convert({'q': 'P', 'gold': 3}, problem_field='q', answer_field='gold') == {'problem': 'P', 'answer': '3'}
+    with pytest.raises(ValueError, match=r"record fields \['text'\]: no problem field"):
+        convert({'text': 'P'})
+
+
+def test_convert_script_writes_records_the_evaluation_reads(tmp_path):
+    source, target = tmp_path / 'aime.jsonl', tmp_path / 'out.jsonl'
+    source.write_text(
+        json.dumps({'Problem': 'Find x.', 'Answer': 12}) + '\n' + json.dumps({'problem': 'P', 'solution': 'x'}) + '\n'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, 'scripts', 'convert_eval_data.py')
+    out = subprocess.run([sys.executable, script, str(source), str(target)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'wrote 2 records' in out.stdout
+    assert evaluate.load_records(str(target)) == [
+        {'problem': 'Find x.', 'answer': '12'},
+        {'problem': 'P', 'answer': 'x'},
+    ]
+    source.write_text('{"Problem": "Find x."}\n')
+    out = subprocess.run([sys.executable, script, str(source), str(target)], capture_output=True, text=True)
+    assert out.returncode == 1 and f'error: {source}:1: record fields' in out.stderr
+
+
+SHARDED = """
+import json, sys
+import jax
+sys.path.insert(0, {tests!r})
+from test_evaluate import RECORDS, bigram_model
+from tropd_jax import evaluate, sharding
+from tropd_jax.tasks import arithmetic
+tokenizer = arithmetic.build_tokenizer()
+mesh = sharding.make_mesh(data=2, fsdp=2)
+model = sharding.shard_model(bigram_model(tokenizer), mesh)
+result = evaluate.evaluate(model, tokenizer, RECORDS, samples=3, key=jax.random.key(0), max_new_tokens=8,
+                           batch_size=3, top_p=0.9, mesh=mesh)
+summary = {{'correct': result['correct'], 'lengths': result['mean_response_length']}}
+print(json.dumps({{'devices': jax.device_count(), **summary}}))
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_four_devices(tmp_path):
+    """On a 2 x 2 (data, fsdp) mesh of CPU devices the rows are split over all four (a batch of 3 rounds up to 4)
+    and the grades are those the model's fixed answer gives."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        PYTHONPATH=root,
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    )
+    code = SHARDED.format(tests=os.path.join(root, 'tests'))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result['devices'] == 4
+    np.testing.assert_array_equal(result['correct'], np.repeat(EXPECTED[:, None], 3, axis=1))
+    assert result['lengths'] == 4

@@ -133,6 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
     ev.max_new_tokens = -1  # -1 = rollout.max_new_tokens
     ev.batch_size = 64
     ev.temperature = 1.0
+    ev.top_p = 1.0  # nucleus mass of the evaluation's samples (1 = the full distribution)
 
     config.log = log = ml_collections.ConfigDict()
     log.every_steps = 1
@@ -378,6 +379,7 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(c.eval.every_steps >= 0, f'eval.every_steps={c.eval.every_steps} must be >= 0')
     _require(c.eval.samples >= 1, f'eval.samples={c.eval.samples} must be >= 1')
     _require(c.eval.batch_size >= 1, f'eval.batch_size={c.eval.batch_size} must be >= 1')
+    _require(0 < c.eval.top_p <= 1, f'eval.top_p={c.eval.top_p} must be in (0, 1]')
 
     if not check_paths:
         return

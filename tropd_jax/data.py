@@ -109,6 +109,17 @@ def prompt_text(
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def encode_prompt(
+    prompt: Any, tokenizer, *, prompt_template: str = '{prompt}', chat_template: bool = True, system_prompt: str = ''
+) -> list[int]:
+    """The token ids of `prompt_text`: the ids the trainer's rollouts and the evaluation condition on. The chat
+    template already holds any special tokens; a bare prompt gets the tokenizer's own (e.g. BOS)."""
+    text = prompt_text(
+        prompt, tokenizer, prompt_template=prompt_template, chat_template=chat_template, system_prompt=system_prompt
+    )
+    return tokenizer.encode(text, add_special_tokens=not chat_template)
+
+
 def _check_prompt(prompt: Any, chat_template: bool) -> str | None:
     """Why `prompt` cannot be used, or None."""
     if isinstance(prompt, str):
@@ -159,21 +170,18 @@ def load_prompts(
         else:
             problem = _check_prompt(record[prompt_field], chat_template)
         if problem is None:
-            text = prompt_text(
+            tokens = encode_prompt(
                 record[prompt_field], tokenizer, prompt_template=prompt_template, chat_template=chat_template
             )
-            # The chat template already holds any special tokens; a bare prompt gets the tokenizer's own (e.g. BOS).
-            tokens = tokenizer.encode(text, add_special_tokens=not chat_template)
             teacher_tokens = None
             if teacher_tokenizer is not None:
-                teacher_text = prompt_text(
+                teacher_tokens = encode_prompt(
                     record[prompt_field],
                     teacher_tokenizer,
                     prompt_template=prompt_template,
                     chat_template=chat_template,
                     system_prompt=teacher_system_prompt,
                 )
-                teacher_tokens = teacher_tokenizer.encode(teacher_text, add_special_tokens=not chat_template)
             longest = max(len(tokens), len(teacher_tokens or ()))
             if longest > max_prompt_length:
                 problem, kind = f'prompt has {longest} tokens > max_prompt_length={max_prompt_length}', 'too_long'

@@ -799,13 +799,8 @@ def training_prompts(config, tokenizer, teacher, student, mesh, teacher_mesh, *,
 
 
 def evaluation_records(config) -> list[dict] | None:
-    """The periodic evaluation's problems (`evaluate.config_records`), or None without `eval.path` or on several
-    processes."""
+    """The periodic evaluation's problems (`evaluate.config_records`), or None without `eval.path`."""
     if not config.eval.path:
-        return None
-    if jax.process_count() > 1:
-        # `evaluate` reads its samples back to the host, which a multi-process (sharded) batch does not allow.
-        logging.warning('periodic evaluation is skipped in multi-process runs; evaluate the exported checkpoint')
         return None
     return evaluate.config_records(config)
 
@@ -922,7 +917,7 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
         # the difference in accuracy is the model's, not the draw's (a paired comparison).
         with jax.set_mesh(mesh):
             result = evaluate.evaluate_with_config(
-                nnx.merge(student_graphdef, state.params), tokenizer, eval_records, eval_key, config
+                nnx.merge(student_graphdef, state.params), tokenizer, eval_records, eval_key, config, mesh=mesh
             )
         writer.write(step, result)
         bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in result.items()))
