@@ -51,6 +51,7 @@ DESCRIPTIONS = {
     'log.every_steps': 'write metrics every this many steps',
     'log.tensorboard': 'also write TensorBoard event files under workdir/tensorboard',
     'log.progress_bar': 'a tqdm progress bar on process 0',
+    'log.wandb_project': 'the W&B project of the run (with log.wandb=True)',
 }
 
 

@@ -138,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.log = log = ml_collections.ConfigDict()
     log.every_steps = 1
     log.tensorboard = True
+    log.wandb = False  # also log to Weights & Biases (pip install -e ".[wandb]"; `wandb login` first)
+    log.wandb_project = 'tropd_jax'
+    log.wandb_entity = ''  # '' = your default W&B entity
+    log.wandb_name = ''  # '' = the workdir's name
     log.progress_bar = True
     return config
 
@@ -376,6 +380,7 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     _require(c.checkpoint.every_steps >= 0, f'checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0')
     _require(c.checkpoint.keep >= 1, f'checkpoint.keep={c.checkpoint.keep} must be >= 1')
     _require(c.log.every_steps >= 1, f'log.every_steps={c.log.every_steps} must be >= 1')
+    _require(isinstance(c.log.wandb, bool), f'log.wandb={c.log.wandb!r} must be True or False')
     _require(c.eval.every_steps >= 0, f'eval.every_steps={c.eval.every_steps} must be >= 0')
     _require(c.eval.samples >= 1, f'eval.samples={c.eval.samples} must be >= 1')
     _require(c.eval.batch_size >= 1, f'eval.batch_size={c.eval.batch_size} must be >= 1')

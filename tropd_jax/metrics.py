@@ -1,8 +1,10 @@
-"""Metric writers: one JSON line per step (easy to plot), TensorBoard scalars, and a live progress bar.
+"""Metric writers: one JSON line per step (easy to plot), TensorBoard scalars, optionally Weights & Biases, and a
+live progress bar.
 
 Only process 0 writes; every other process gets writers that do nothing, so callers never branch on the process.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -23,17 +25,49 @@ def _plain(value):
     return value
 
 
+def wandb_settings(config, workdir: str) -> dict | None:
+    """`wandb.init` keyword arguments from the `log` fields of a trainer config, or None with `log.wandb` off. The run
+    id is derived from `workdir`, so a resumed run (same workdir) continues the same W&B run."""
+    log = config.log
+    if not log.get('wandb', False):
+        return None
+    return dict(
+        project=log.wandb_project,
+        entity=log.wandb_entity or None,
+        name=log.wandb_name or os.path.basename(workdir.rstrip('/')),
+        id=hashlib.sha256(workdir.encode()).hexdigest()[:16],
+        resume='allow',
+        config=config.to_dict(),
+    )
+
+
+def _start_wandb(settings: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError('log.wandb=True needs the wandb package: pip install -e ".[wandb]"') from None
+    return wandb.init(**settings)
+
+
 class MetricsWriter:
     """Appends `{"step": s, **metrics}` to `workdir/metrics.jsonl` and, optionally, TensorBoard events under
-    `workdir/tensorboard`. Scalars only; non-numeric values go to the JSONL file alone. `workdir` may be a
-    `gs://` URL: object stores cannot append, so there the JSONL file is rewritten with every row."""
+    `workdir/tensorboard` and a Weights & Biases run (`wandb`: `wandb.init` keyword arguments, `wandb_settings`).
+    Scalars only; non-numeric values go to the JSONL file alone. `workdir` may be a `gs://` URL: object stores cannot
+    append, so there the JSONL file is rewritten with every row."""
 
     def __init__(
-        self, workdir: str, *, tensorboard: bool = True, enabled: bool = True, filename: str = 'metrics.jsonl'
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        filename: str = 'metrics.jsonl',
+        wandb: dict | None = None,
     ):
         self.enabled = enabled
         self._file = None
         self._tensorboard = None
+        self._wandb = None
         self._remote_text = None
         if not enabled:
             return
@@ -50,6 +84,8 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
 
             self._tensorboard = SummaryWriter(paths.join(workdir, 'tensorboard'))
+        if wandb is not None:
+            self._wandb = _start_wandb(wandb)
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
@@ -67,6 +103,10 @@ class MetricsWriter:
                 if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(name, value, int(step))
             self._tensorboard.flush()
+        if self._wandb is not None:
+            scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scalars.pop('step')
+            self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -75,6 +115,9 @@ class MetricsWriter:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -899,7 +899,12 @@ def train_and_evaluate(config, workdir: str, *, export_only: bool = False) -> di
     # Logging, checkpoints, evaluation and export: the loop's periodic actions.
     eval_records = evaluation_records(config)
     is_main = jax.process_index() == 0
-    writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, enabled=is_main)
+    writer = metrics.MetricsWriter(
+        workdir,
+        tensorboard=config.log.tensorboard,
+        enabled=is_main,
+        wandb=metrics.wandb_settings(config, workdir) if is_main else None,
+    )
     bar = metrics.ProgressBar(total_steps, start_step, enabled=is_main and config.log.progress_bar)
     if start_step == 0:  # the data report is the same on every resume; log it once
         writer.write(
