@@ -207,3 +207,58 @@ def test_a_hung_worker_ends_the_run_and_the_restart_resumes(two_process_run, pai
     outputs = finish(start_processes(pair, workdir, cache))  # the same command, both processes
     assert 'resuming from checkpoint step' in outputs[0]
     assert_same_run(workdir, two_process_run)
+
+
+EVALUATION = dict(
+    eval__path='',  # set per test: the pair's prompts
+    eval__every_steps=1,
+    eval__samples=2,
+    eval__num_problems=6,
+    eval__batch_size=4,
+    eval__max_new_tokens=8,
+    train__steps=2,
+    checkpoint__every_steps=0,
+)
+
+
+def evaluations(workdir):
+    from tropd_jax import metrics
+
+    rows = metrics.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+    return {r['step']: {k: v for k, v in r.items() if k.startswith('eval_')} for r in rows if 'eval_avg_at_k' in r}
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_in_two_processes_gives_the_one_process_figures(pair, cache, tmp_path):
+    """Evaluation before training, after each step and at the end, with the student split over two processes
+    (fsdp=2, one CPU device each): every process samples its device's rows, both hold every response, process 0
+    grades and writes. The figures equal those of one process with two devices (same mesh, same programs, same
+    draws)."""
+    overrides = dict(EVALUATION, eval__path=pair['train'])
+    one = str(tmp_path / 'one')
+    finish(
+        [
+            run_main(
+                run_args(pair, one, **overrides),
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_COMPILATION_CACHE_DIR': cache},
+            )
+        ]
+    )
+    two = str(tmp_path / 'two')
+    port = free_port()
+    outputs = finish(
+        [
+            run_main(
+                run_args(pair, two, **overrides)
+                + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+                env={'XLA_FLAGS': '', 'JAX_COMPILATION_CACHE_DIR': cache},
+            )
+            for i in range(2)
+        ]
+    )
+    assert not any('evaluation is skipped' in out for out in outputs)
+    got, want = evaluations(two), evaluations(one)
+    assert sorted(got) == [0, 1, 2]
+    assert all(r['eval_num_problems'] == 6 and r['eval_k'] == 2 for r in got.values())
+    assert all(0 < r['eval_mean_response_length'] <= 8 for r in got.values())
+    assert got == want
