@@ -13,6 +13,14 @@
 # SETUP=1 first copies this checkout to every worker and installs it with the TPU build of JAX (and gs:// support).
 # DRY_RUN=1 prints the gcloud commands instead of running them.
 #
+# The run is detached: each worker starts it with nohup (setsid) and returns at once, so closing this terminal or a
+# dropped ssh connection does not stop it. Each worker writes its own log, ~/REPO_DIR/LOG_DIR/RUN.log (LOG_DIR
+# default logs, RUN default tropd), and the process id next to it (RUN.pid). The same script then follows and stops
+# the run (same TPU_NAME, ZONE, REPO_DIR, LOG_DIR, RUN):
+#   ACTION=logs   launch/tpu_pod.sh   # follow worker 0's log (WORKER=3 for another; Ctrl-C stops following only)
+#   ACTION=status launch/tpu_pod.sh   # on every worker: running or not, and the last lines of its log
+#   ACTION=stop   launch/tpu_pod.sh   # SIGTERM on every worker: the step is finished, checkpointed, then exit 0
+#
 # Preemption: a spot / preemptible slice is reclaimed with SIGTERM; every worker stops after the same step, writes
 # its checkpoint and exits 0. To resume, recreate the slice and run this script again with the same WORKDIR (SETUP=1
 # on a new slice): training continues from that checkpoint. WORKDIR must outlive the slice, so use a bucket
@@ -27,6 +35,11 @@ WORKDIR="${WORKDIR:-runs/math_tpu}"
 CONFIG="${CONFIG:-configs/math.py}"
 REPO_DIR="${REPO_DIR:-tropd_jax}"  # relative to the home directory on each worker
 PYTHON="${PYTHON:-python3}"
+ACTION="${ACTION:-start}"
+LOG_DIR="${LOG_DIR:-logs}"  # relative to ~/REPO_DIR on each worker (its own disk)
+RUN="${RUN:-tropd}"
+log="${LOG_DIR}/${RUN}.log"
+pid="${LOG_DIR}/${RUN}.pid"
 
 tpu_vm=(gcloud compute tpus tpu-vm)
 where=(--zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"})
@@ -39,6 +52,25 @@ run() {
     "$@"
   fi
 }
+
+case "$ACTION" in
+  start) ;;
+  logs)
+    run "${tpu_vm[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker="${WORKER:-0}" ${PROJECT:+--project="$PROJECT"} \
+      --command="tail -n 100 -F ~/${REPO_DIR}/${log}"
+    exit 0 ;;
+  status)
+    run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && \
+if kill -0 \$(cat ${pid} 2>/dev/null) 2>/dev/null; then echo \$(hostname): running; \
+else echo \$(hostname): not running; fi; tail -n 3 ${log}"
+    exit 0 ;;
+  stop)
+    run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && kill -TERM \$(cat ${pid})"
+    exit 0 ;;
+  *)
+    echo "ACTION=$ACTION is not one of start, logs, status, stop" >&2
+    exit 2 ;;
+esac
 
 if [[ "${SETUP:-0}" == 1 ]]; then
   run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="mkdir -p ~/${REPO_DIR}"
@@ -54,4 +86,10 @@ main=(
   ${EVAL_DATA:+--config.eval.path="$EVAL_DATA"}
   "$@"
 )
-run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && ${main[*]@Q}"
+# Detached: the worker's shell returns once the run has started; the run keeps going without this terminal.
+run "${tpu_vm[@]}" ssh "$TPU_NAME" "${where[@]}" --command="cd ~/${REPO_DIR} && mkdir -p ${LOG_DIR} && \
+setsid nohup ${main[*]@Q} > ${log} 2>&1 < /dev/null & echo \$! > ${pid}"
+if [[ "${DRY_RUN:-0}" != 1 ]]; then
+  echo "started on every worker of $TPU_NAME; each logs to ~/${REPO_DIR}/${log}. Follow worker 0 with:"
+  echo "  ACTION=logs TPU_NAME=$TPU_NAME ZONE=$ZONE launch/tpu_pod.sh   (ACTION=status, ACTION=stop likewise)"
+fi

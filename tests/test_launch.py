@@ -95,10 +95,48 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
     assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod']
     assert '--worker=all' in words and '--zone=zone-a' in words
     (remote,) = [w.split('=', 1)[1] for w in words if w.startswith('--command=')]
-    assert remote.startswith('cd ~/tropd_jax && ')
-    parsed = parse_main_flags(main_args(shlex.split(remote.split('&&', 1)[1])), num_devices=16)
+    assert remote.startswith('cd ~/tropd_jax && mkdir -p logs && ')
+    remote_words = shlex.split(remote)
+    # Detached: started with nohup in its own session, output to the worker's log, its pid written beside it.
+    start = remote_words.index('nohup')
+    assert remote_words[start - 1] == 'setsid'
+    end = remote_words.index('>')
+    assert remote_words[end : end + 4] == ['>', 'logs/tropd.log', '2>&1', '<']
+    assert remote.endswith('& echo $! > logs/tropd.pid')
+    parsed = parse_main_flags(main_args(remote_words[start + 1 : end]), num_devices=16)
     assert parsed['distributed'] is True and parsed['steps'] == 7 and parsed['student'] == ENV['STUDENT']
     assert '--worker=all' in shlex.split(lines[1])  # the copy goes to every worker too
+
+
+@pytest.mark.parametrize(
+    'action, worker, remote',
+    [
+        ('logs', '--worker=0', 'tail -n 100 -F ~/tropd_jax/logs/run7.log'),
+        ('stop', '--worker=all', 'cd ~/tropd_jax && kill -TERM $(cat logs/run7.pid)'),
+    ],
+)
+def test_tpu_pod_follows_and_stops_the_detached_run(action, worker, remote):
+    (line,) = dry_run('tpu_pod.sh', TPU_NAME='pod', ZONE='zone-a', ACTION=action, RUN='run7')
+    words = shlex.split(line)
+    assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and worker in words
+    assert f'--command={remote}' in words
+    (line,) = dry_run('tpu_pod.sh', TPU_NAME='pod', ZONE='zone-a', ACTION='status')
+    (status,) = [w for w in shlex.split(line) if w.startswith('--command=')]
+    assert 'kill -0 $(cat logs/tropd.pid' in status and status.endswith('tail -n 3 logs/tropd.log')
+
+
+def test_gpu_node_command_parses_on_eight_gpus():
+    (line,) = dry_run('gpu_node.sh', '--config.loss.method=opd')
+    parsed = parse_main_flags(main_args(shlex.split(line)), num_devices=8)  # validates the mesh and micro-batch
+    assert parsed['student'] == ENV['STUDENT'] and parsed['workdir'] == ENV['WORKDIR']
+    assert parsed['micro_batch_size'] == 16 and parsed['method'] == 'opd' and parsed['distributed'] is False
+    result = subprocess.run(
+        ['bash', str(ROOT / 'launch' / 'gpu_node.sh')],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV, 'DRY_RUN': '1', 'MICRO_BATCH': '12'},
+    )
+    assert result.returncode == 2 and 'MICRO_BATCH=12 must be a multiple of GPUS=8' in result.stderr
 
 
 def test_slurm_asks_for_sigterm_before_the_time_limit():
