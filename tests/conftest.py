@@ -22,7 +22,7 @@ def tiny_hf_checkpoint(tmp_path_factory):
     `max_shard_size` (e.g. '20KB') makes transformers write a sharded checkpoint with an index file. Weights are
     drawn from N(0, 0.3) (norm weights around 1) so logits are far from uniform and parity tests are meaningful.
     """
-    import torch
+    torch = pytest.importorskip('torch')
     import transformers
 
     classes = {'qwen2': transformers.Qwen2Config, 'qwen3': transformers.Qwen3Config, 'llama': transformers.LlamaConfig}

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from tropd_jax.models import Decoder, KVCache, ModelConfig, forward, from_pretrained, init_cache
 from tropd_jax.models.attention import target_backend
+
+# The parity tests' reference: the CPU build of PyTorch (README, Tests); skipped without it.
+torch = pytest.importorskip('torch')
 
 # One case per architecture, each exercising what the published checkpoints of that family use:
 # Qwen2 (q/k/v biases, untied), Qwen3 (q/k norms, tied embeddings), Llama 3 (llama3 RoPE scaling, and biases on

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
 
 # Imported lazily by one command each and brought by an extra; the command says which extra when it is missing.
-OPTIONAL = {'matplotlib': 'plot'}
+OPTIONAL = {'matplotlib': 'plot', 'wandb': 'wandb'}
 # Needed at run time without being imported by name: transformers renders chat templates with jinja2 but does not
 # require it.
 INDIRECT = ['jinja2']
