@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.model.dtype = 'bfloat16'  # student activations (ours)
     config.model.param_dtype = 'float32'  # master weights and AdamW moments (ours)
     # The student's layers as one lax.scan (ours): its fwd + bwd memory stays linear in length and depth however XLA
-    # schedules them (on 8 v5p chips 7.8 GiB per chip scanned, 38.6 GiB unrolled; docs/benchmarks.md).
+    # schedules them (on 8 v5p chips 6.1 GiB per chip scanned; unrolled, 36.0 GiB of temporaries; docs/benchmarks.md).
     config.model.scan_layers = True
     config.model.teacher_dtype = 'bfloat16'  # the frozen teacher only runs inference (ours)
 
