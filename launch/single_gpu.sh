@@ -8,7 +8,8 @@
 # {"problem", "answer"}; EVAL_DATA (optional) a JSONL evaluated during training. Unset ones keep configs/math.py's
 # values. Extra arguments are config overrides for tropd_jax.main, e.g. --config.loss.method=opd. Running the same
 # command again resumes from the latest checkpoint in WORKDIR. DRY_RUN=1 prints the command instead of running it.
-# Install once with: pip install -e ".[gpu]"
+# Install once with: pip install -e ".[gpu]". For one node of 8 GPUs use launch/gpu_node.sh (micro_batch_size=2
+# here is not a multiple of 8 devices).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root: configs/ paths are relative to it
 
