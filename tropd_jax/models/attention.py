@@ -367,7 +367,9 @@ def _contiguous_dot_product_attention(q, k, v, key_mask, implementation):
     tokens, and the output rotated back. Within the block, causal order is unchanged by the rotation, so real queries
     get exactly the attention of `naive`; padding queries get zeros or uniform values (finite). `implementation` is
     passed through: 'cudnn' on GPU, 'xla' to test this preparation on CPU. A row with holes in key_mask is NOT
-    supported (it would attend the holes); a row with no real token is not either.
+    supported (it would attend the holes); a row with no real token is not either. An odd T gets one more, empty
+    column at the end (beyond every row's length): cuDNN's training kernel takes no odd sequence length ("Unsupported
+    sequence length Q 4095, KV 4095" on an H200), and scoring calls have odd T whenever the rollouts' P + N is even.
     q: [B, N, T, D]; k, v: [B, KV, T, D]; key_mask: [B, T] bool. Returns [B, N, T, D].
     """
     t = q.shape[2]
@@ -377,7 +379,9 @@ def _contiguous_dot_product_attention(q, k, v, key_mask, implementation):
     shifted = (positions + leading[:, None]) % t  # [B, T]: rotated slot s holds original slot s + leading
     restored = (positions - leading[:, None]) % t
     rotate = lambda x, index: jnp.take_along_axis(x, index[:, None, :, None], axis=2)
-    to_layout = lambda x: rotate(x, shifted).transpose(0, 2, 1, 3)  # [B, T, heads, D], as jax.nn expects
+    even = t + t % 2
+    # [B, T', heads, D] as jax.nn expects, T' = T rounded up to even (the extra column is past every row's length).
+    to_layout = lambda x: jnp.pad(rotate(x, shifted).transpose(0, 2, 1, 3), ((0, 0), (0, even - t), (0, 0), (0, 0)))
     out = jax.nn.dot_product_attention(
         to_layout(q),
         to_layout(k),
@@ -387,4 +391,4 @@ def _contiguous_dot_product_attention(q, k, v, key_mask, implementation):
         key_value_seq_lengths=lengths,
         implementation=implementation,
     )
-    return rotate(out.transpose(0, 2, 1, 3), restored).astype(q.dtype)
+    return rotate(out[:, :t].transpose(0, 2, 1, 3), restored).astype(q.dtype)
