@@ -8,12 +8,11 @@ student's config), so no checkpoint is needed.
 
 train  The math recipe's train step (configs/math.py: the fused TrOPD loss with k = 64, AdamW, bf16 compute with
        float32 master weights, scanned layers, full rematerialisation) on one micro-batch of `--train_rows` rows of
-       `--train_length` tokens (default 2 x 4,097 = 8,194 tokens): the student's forward, backward and optimizer
-       update. The student scores `--train_length - 1` positions (each predicts the next token); 4,097 columns make
-       that 4,096 because cuDNN's training kernel takes no odd length with a mask ("Unsupported sequence length Q
-       4095, KV 4095" on an H200 with jax 0.11.2 at 4,096 columns). The teacher's top-k targets are random and
-       precomputed (the step as it runs with `model.teacher_placement=separate`), so the teacher's own scoring is not
-       in the time. Variants:
+       `--train_length` tokens (default 2 x 4,096 = 8,192 tokens): the student's forward, backward and optimizer
+       update. The student scores `--train_length - 1` positions (each predicts the next token), an odd number that
+       the cuDNN path pads by one column (cuDNN's training kernel rejects odd lengths). The teacher's top-k targets
+       are random and precomputed (the step as it runs with `model.teacher_placement=separate`), so the teacher's own
+       scoring is not in the time. Variants:
          cudnn      full rows (every token real), `model.attention=cudnn` (GPU only; skipped elsewhere);
          blockwise  the same rows, `model.attention=blockwise` (the pure-JAX flash kernel);
          packed     rollouts of random prompt and response lengths packed into the same rows and columns
@@ -73,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument('--sections', default='train,sampler')
     parser.add_argument('--variants', default=','.join(VARIANTS), help=f'train variants, from {VARIANTS}')
     parser.add_argument('--train_rows', type=int, default=2)
-    parser.add_argument('--train_length', type=int, default=4097, help='columns per row (prompt + response)')
+    parser.add_argument('--train_length', type=int, default=4096, help='columns per row (prompt + response)')
     parser.add_argument('--train_prompt', type=int, default=256, help='prompt columns of the full rows')
     parser.add_argument('--sampler_batch', type=int, default=64)
     parser.add_argument('--sampler_prompt', type=int, default=256)
