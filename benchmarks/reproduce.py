@@ -491,7 +491,7 @@ def _accuracy_figure(by_method, base, path, k) -> None:
     from matplotlib.figure import Figure
 
     methods = [m for m in losses.METHODS if m in by_method]
-    fig = Figure(figsize=(max(6.0, 0.9 * len(methods) + 2), 3.6), layout='constrained')
+    fig = Figure(figsize=(3 * max(2.5, 0.45 * len(methods) + 1), 3.6), layout='constrained')
     axes = fig.subplots(1, 3)
     for ax, key, title in zip(
         axes, ('greedy', 'avg_at_k', 'pass_at_k'), ('greedy', f'avg@{k} (T=1)', f'pass@{k} (T=1)'), strict=True
@@ -502,9 +502,9 @@ def _accuracy_figure(by_method, base, path, k) -> None:
             color = 'tab:green' if m.startswith('tropd') else 'tab:blue'
             ax.bar(i, mean, yerr=std, color=color, alpha=0.8, capsize=3)
             ax.plot([i] * len(values), values, 'k.', ms=4)
-        for name, style in (('student', '--'), ('teacher', ':')):
+        for name, label, style in (('student', 'initial student', '--'), ('teacher', 'teacher', ':')):
             if key in base.get(name, {}):
-                ax.axhline(base[name][key], color='k', ls=style, lw=1, label=f'{name} before training')
+                ax.axhline(base[name][key], color='k', ls=style, lw=1, label=label)
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha='right', fontsize=8)
         ax.set_title(f'held-out {title}', fontsize=9)
         ax.set_ylim(bottom=0.0)
