@@ -1,12 +1,19 @@
-"""The CPU demo: TrOPD on the shipped tiny teacher / student pair and the synthetic arithmetic task.
+"""The CPU demo: on-policy distillation of the shipped tiny student from the shipped tiny teacher (arithmetic).
 
     python -m tropd_jax.main --config=configs/tiny.py --workdir=runs/tiny
 
-About four minutes on two CPU cores: evaluation of the student before training, 150 TrOPD steps (64 prompts x 1
-rollout, the teacher prefix cosine-annealed from 24 tokens, about one worked solution, to 0), evaluation after, and
-the trained student exported to runs/tiny/hf as a Hugging Face checkpoint. Progress, checkpoints and metrics go to
-runs/tiny; running the command again resumes. The learning rate (3e-4, cosine) is the highest at which the
-student's entropy stays flat here; at 1e-3 it climbs and accuracy falls (docs/benchmarks.md).
+Under five minutes on two CPU cores: evaluation of the student before training (avg@8 on 256 held-out problems),
+200 steps of on-policy distillation with the exact generalised JSD (64 prompts x 1 rollout each; learning rate 2e-3,
+cosine), evaluation after, and the trained student exported to runs/tiny/hf as a Hugging Face checkpoint. avg@8
+goes from 0.23 to about 0.6 (the teacher's is 1.0): about half of the gap closed. Progress, checkpoints and metrics go
+to runs/tiny; running the command again resumes.
+
+Why the exact JSD and not TrOPD: this teacher is near-deterministic and always right, so every token TrOPD
+distrusts is a real student error, and the full-vocabulary divergence on every on-policy token is the strongest
+signal there is; it was the best method of the 150-step study (docs/results.md) and stays stable at this learning
+rate. TrOPD's recipe on this pair, for its trust region and teacher prefix:
+`--config.loss.method=tropd --config.loss.fused=True --config.optim.learning_rate=3e-4 --config.train.steps=150`
+(above ~1e-3 its on-policy entropy climbs and accuracy falls). The prefix settings below apply to the tropd* methods.
 Plot the curves with `python -m tropd_jax.plotting --metrics=runs/tiny/metrics.jsonl --out=runs/tiny/plots`.
 Compare a baseline with `--config.loss.method=opd --workdir=runs/tiny_opd`.
 """
@@ -35,13 +42,16 @@ def get_config(arg=None):
     config.rollout.max_new_tokens = 64
     config.rollout.temperature = 1.0
 
-    config.loss.method = 'tropd'
+    config.loss.method = 'jsd'
+    # The exact divergence over the full vocabulary (105 tokens here: full logits are cheap). The fused loss would
+    # compute a top-k-plus-tail lower bound of it instead.
+    config.loss.fused = False
     config.loss.k = 16
     config.loss.beta = 0.001
 
     config.prefix.max_length = 24  # worked solutions are ~20 tokens; the default (max_new_tokens) is mostly teacher
 
-    config.optim.learning_rate = 3e-4
+    config.optim.learning_rate = 2e-3  # JSD's gradients stay small (~0.1): 3e-4 closes a fifth of the gap in 150 steps
     config.optim.schedule = 'cosine'
     config.optim.warmup_steps = 10
     config.optim.b2 = 0.98
@@ -49,7 +59,7 @@ def get_config(arg=None):
 
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
 
-    config.train.steps = 150
+    config.train.steps = 200
     config.train.prompts_per_step = 64
     config.train.micro_batch_size = 32  # packed rows: the 64 rollouts fit in about 30 rows of P + N columns
     config.train.packing = True  # 1.6x faster steps than 64 unpacked rows, the same training (docs/benchmarks.md)
@@ -60,7 +70,7 @@ def get_config(arg=None):
     config.eval.path = assets.eval_data
     config.eval.at_start = True
     config.eval.at_end = True
-    config.eval.every_steps = 50
+    config.eval.every_steps = 0  # before and after training only: each evaluation costs ~15 s of the demo's budget
     config.eval.samples = 8  # avg@8 over 256 held-out problems, the same draws before and after
     config.eval.num_problems = 256
     config.eval.max_new_tokens = 64  # worked solutions are at most ~45 tokens

@@ -113,6 +113,28 @@ def test_pass_at_k_differs_from_avg_at_k(tokenizer, monkeypatch):
     assert result['avg_at_k'] == 0.5 and result['pass_at_k'] == 1.0
 
 
+def test_greedy_and_sampled_on_a_model_unsure_of_its_answer(tokenizer):
+    """An LM head scaled down 20x: each successor's logit is m = 0.5 * sqrt(hidden) ~ 5.66 above the others (the
+    final RMS norm maps a one-hot row to sqrt(hidden)). The argmax still writes `\\boxed{7}`, so greedy accuracy is
+    the fraction of answers equal to 7; a temperature-1 sample picks each of the 4 chain tokens with probability
+    p = e^m / (e^m + V - 1) over the tokenizer's V tokens, and a wrong token ends the response (its successor is
+    EOS), so avg@K is p^4 on those problems."""
+    model = bigram_model(tokenizer)
+    model.lm_head[...] = 0.05 * model.lm_head[...]
+    result = evaluate.greedy_and_sampled(
+        model, tokenizer, RECORDS, samples=64, key=jax.random.key(0), max_new_tokens=8, batch_size=64
+    )
+    assert result['greedy'] == pytest.approx(EXPECTED.mean())
+    assert result['greedy_response_length'] == 4 and result['k'] == 64
+    margin = 0.5 * np.sqrt(128.0)
+    p = np.exp(margin) / (np.exp(margin) + len(tokenizer) - 1)
+    # 5 x 64 = 320 draws with success probability 0.6 p^4 ~ 0.17: the standard error is ~0.02.
+    assert result['avg_at_k'] == pytest.approx(EXPECTED.mean() * p**4, abs=0.07)
+    # pass@64: with p^4 ~ 0.29 each problem whose answer is 7 has a right sample (all but ~1e-9 of the time), and
+    # the others need two unlikely tokens in a row (~1e-5 per sample).
+    assert result['pass_at_k'] == pytest.approx(EXPECTED.mean())
+
+
 def test_cli_prints_table_and_json_line(tokenizer, tmp_path):
     checkpoint = str(tmp_path / 'bigram')
     save_pretrained(bigram_model(tokenizer), checkpoint)

@@ -27,6 +27,7 @@ def run(placement, packed=False):
   config = tiny.get_config()
   config.unlock()
   config.model.teacher_placement = placement
+  config.loss.method = 'tropd'  # teacher prefixes and the trust region (the demo recipe runs the exact JSD)
   config.loss.fused = fused
   config.rollout.max_new_tokens = 64 if packed_case else 24  # room in a row for two rollouts that stopped early
   config.prefix.max_length = 12  # step 0: prefixes of 0..12 teacher tokens
@@ -156,6 +157,7 @@ for case in sys.argv[1].split(','):  # placement:decode_slots
   config = tiny.get_config()
   config.unlock()
   config.model.teacher_placement = placement
+  config.loss.method = 'tropd'  # only the tropd* methods get teacher prefixes
   config.data.teacher_template = 'teacher'
   config.data.teacher_system_prompt = SYSTEM
   config.rollout.max_new_tokens, config.rollout.num_rollouts, config.rollout.decode_slots = NEW, 2, slots

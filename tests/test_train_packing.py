@@ -266,6 +266,8 @@ def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
         with config.unlocked():
             config.train.steps, config.train.prompts_per_step, config.train.micro_batch_size = 3, 16, 4
             config.train.packing = packed
+            # TrOPD with the fused loss: teacher prefixes and the trust region in packed rows (the demo runs the JSD).
+            config.loss.method, config.loss.fused = 'tropd', True
             config.eval.path = ''
             config.checkpoint.export_hf_at_end = False
             config.log.progress_bar = False

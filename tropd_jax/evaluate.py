@@ -273,6 +273,41 @@ def convert_record(record: dict, problem_field: str = '', answer_field: str = ''
     return {'problem': record[problem_key], 'answer': answer}
 
 
+def greedy_and_sampled(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    samples: int,
+    key: jax.Array,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 1.0,
+    **kwargs,
+) -> dict:
+    """Both views of a model's accuracy: greedy decoding (one response per problem, since every greedy sample is
+    the same) and `samples` responses per problem at `temperature` (`evaluate`'s avg@K and pass@K). `kwargs` go to
+    both `evaluate` calls (prompt rendering, `top_p`, `mesh`).
+
+    Returns a dict of floats: greedy (accuracy of the greedy responses), avg_at_k, pass_at_k, k, temperature,
+    greedy_response_length and mean_response_length (tokens), greedy_truncated_fraction and truncated_fraction.
+    """
+    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, **kwargs)
+    greedy = evaluate(model, tokenizer, records, samples=1, key=key, temperature=0.0, **common)
+    sampled = evaluate(model, tokenizer, records, samples=samples, key=key, temperature=temperature, **common)
+    return {
+        'greedy': greedy['avg_at_k'],
+        'avg_at_k': sampled['avg_at_k'],
+        'pass_at_k': sampled['pass_at_k'],
+        'k': samples,
+        'temperature': temperature,
+        'greedy_response_length': greedy['mean_response_length'],
+        'mean_response_length': sampled['mean_response_length'],
+        'greedy_truncated_fraction': greedy['truncated_fraction'],
+        'truncated_fraction': sampled['truncated_fraction'],
+    }
+
+
 def format_table(rows: list[tuple[str, str]]) -> str:
     """A two-column plain-text table."""
     width = max(len(name) for name, _ in rows)

@@ -27,6 +27,7 @@ import numpy as np
 PANELS = (
     ('student entropy', ('student_entropy',)),
     ('gradient norm (pre-clip)', ('grad_norm', 'gradient_norm')),
+    ('update norm (after the optimizer)', ('update_norm',)),
     ('loss', ('loss',)),
     ('policy-gradient term', ('pg_loss',)),
     ('top-k FKL term', ('fkl_loss',)),
@@ -164,7 +165,7 @@ def _style(ax, title: str, key: str) -> None:
     ax.set_xlabel('step', fontsize=8)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
-    if key.endswith('grad_norm') or key.endswith('gradient_norm'):
+    if key.endswith(('grad_norm', 'gradient_norm', 'update_norm')):
         ax.set_yscale('log')  # OPD's spikes span orders of magnitude; a linear axis hides TrOPD's curve
     else:
         ax.ticklabel_format(axis='y', useOffset=False)

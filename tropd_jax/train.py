@@ -310,6 +310,7 @@ def train_step(
     optimizer = make_optimizer(s.optimizer)
     grad_norm = optax.tree.norm(grads)  # before clipping
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    update_norm = optax.tree.norm(updates)  # the step's size after clipping and AdamW (grad_norm is before)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(out['loss']) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -320,6 +321,7 @@ def train_step(
     prefix = batch['prefix_mask'][:, s.prompt_length :].astype(jnp.float32) * response
     out.update(
         grad_norm=grad_norm,
+        update_norm=update_norm,
         skipped=1.0 - finite.astype(jnp.float32),
         learning_rate=learning_rate(new_opt_state),
         response_length=response.sum() / num_rollouts,
