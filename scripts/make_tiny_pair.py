@@ -64,15 +64,17 @@ def model_config(tokenizer, **sizes) -> ModelConfig:
     )
 
 
-def encode(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chat-templated prompt + worked solution + EOS, right-padded: tokens, input_mask, loss_mask, all [N, T].
+def encode(
+    tokenizer, records: list[dict], solution=arithmetic.worked_solution
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chat-templated prompt + `solution(problem)` + EOS, right-padded: tokens, input_mask, loss_mask, all [N, T].
 
     T is the longest sequence rounded up to a multiple of 16; loss_mask is 1 on the response tokens (EOS included).
     """
     sequences = []
     for record in records:
         prompt = evaluation.prompt_ids(tokenizer, record['problem'])
-        response = tokenizer.encode(arithmetic.worked_solution(record['problem']), add_special_tokens=False)
+        response = tokenizer.encode(solution(record['problem']), add_special_tokens=False)
         sequences.append((prompt, response + [tokenizer.eos_token_id]))
     length = -(-max(len(p) + len(r) for p, r in sequences) // 16) * 16
     tokens = np.full((len(records), length), tokenizer.pad_token_id, np.int32)
@@ -105,9 +107,14 @@ def train(
     seed: int,
     name: str,
     final_lr_fraction: float = 0.1,
+    probe=None,
+    probe_every: int = 100,
 ) -> Decoder:
     """AdamW (linear warm-up, cosine decay to `final_lr_fraction` of the peak, global-norm clip 1) on random batches
-    of `data`; returns the model."""
+    of `data`; returns the model.
+
+    `probe(model, step) -> bool`, if given, runs every `probe_every` steps; training stops early when it returns True.
+    """
     tokens, input_mask, loss_mask = data
     model = Decoder(config, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
@@ -150,6 +157,9 @@ def train(
                 flush=True,
             )
             losses = []
+        if probe is not None and (i + 1) % probe_every == 0 and (i + 1) < steps:
+            if probe(nnx.merge(graphdef, params), i + 1):
+                break
     return nnx.merge(graphdef, params)
 
 

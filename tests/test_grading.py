@@ -53,6 +53,15 @@ def test_integer_fast_path_agrees_with_math_verify():
         assert grading.answers_match(prediction, answer) == reference, (prediction, answer)
 
 
+def test_scientific_fast_path_agrees_with_math_verify():
+    pairs = [(a, b) for a in ('7E0', '4.2E1', '42E-0', '1E2', '2E3', '.5E1', '2e3') for b in ('7', '42', '100', '5')]
+    for prediction, answer in pairs:
+        reference = math_verify.verify(math_verify.parse(f'${answer}$'), math_verify.parse(f'${prediction}$'))
+        assert grading.answers_match(prediction, answer) == reference, (prediction, answer)
+    # A sampled digit turned `E`: math-verify would expand 10**21342208 exactly (minutes); this answers at once.
+    assert not grading.answers_match('2E21342208', '2661342208')
+
+
 def test_grade():
     assert grading.grade('= 3+4\n= 7\n\\boxed{7}', '7')
     assert not grading.grade('= 3+4\n= 7\n\\boxed{8}', '7')

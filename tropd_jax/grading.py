@@ -5,10 +5,12 @@ faster. Anything else goes through math-verify (`4` = `4.0` = `\\frac{8}{2}`); i
 the normalised strings are compared exactly.
 """
 
+import decimal
 import re
 import threading
 
 _INTEGER = re.compile(r'[+-]?\d+')
+_SCIENTIFIC = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)E[+-]?\d+')  # math-verify reads a small e as Euler's
 _BOXED = '\\boxed{'
 
 
@@ -54,6 +56,10 @@ def answers_match(prediction: str, answer: str) -> bool:
     prediction, answer = _normalise(prediction), _normalise(answer)
     if _INTEGER.fullmatch(prediction) and _INTEGER.fullmatch(answer):
         return int(prediction) == int(answer)
+    if _SCIENTIFIC.fullmatch(prediction) and _INTEGER.fullmatch(answer):
+        # math-verify makes `2E21342208` (a sampled digit turned `E`) an exact rational of 21 million digits, which
+        # takes minutes and ignores its timeout; Decimal compares it at once.
+        return decimal.Decimal(prediction) == int(answer)
     verdict = _math_verify_equal(prediction, answer)
     if verdict is None:
         return prediction == answer

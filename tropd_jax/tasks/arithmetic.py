@@ -247,7 +247,8 @@ def save_tokenizer(tokenizer, path: str) -> None:
 
 
 class TinyAssets(NamedTuple):
-    """Paths of the shipped tiny demo assets (made by `scripts/make_tiny_pair.py`)."""
+    """Paths of a shipped tiny pair: `tiny` (made by `scripts/make_tiny_pair.py`) or `tiny_long`
+    (`scripts/make_tiny_long_pair.py`)."""
 
     tokenizer: str  # directory with tokenizer.json and tokenizer_config.json
     teacher: str  # HF checkpoint directory
@@ -256,8 +257,9 @@ class TinyAssets(NamedTuple):
     eval_data: str  # JSONL of held-out {"problem", "answer"}
 
 
-def tiny_assets() -> TinyAssets:
-    root = importlib.resources.files('tropd_jax') / 'assets' / 'tiny'
+def tiny_assets(name: str = 'tiny') -> TinyAssets:
+    """The shipped pair `name`: `tiny` (this task) or `tiny_long` (`tropd_jax.tasks.doubling`)."""
+    root = importlib.resources.files('tropd_jax') / 'assets' / name
     return TinyAssets(
         tokenizer=str(root / 'tokenizer'),
         teacher=str(root / 'teacher'),
