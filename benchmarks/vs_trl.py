@@ -50,9 +50,9 @@ runs): TRL's step 29.1 s against our 1.62 s (13.8x; per run 21.3x, 12.6x, 13.8x)
 22 tokens per response, 64 rows) takes 14.5 s against our 0.22 s (46x): eager decoding pays Python and kernel-launch
 overhead per token and layer that a compiled sampler does not. Its teacher forward takes 2.5 s and the rest of its
 train step (student forward / backward, chunked JSD, AdamW) 5.3 s; our whole train step, teacher included, 1.43 s
-(5.4x). Both students reach the same held-out accuracy in the same steps (avg@8 TRL 0.285 / 0.284 / 0.293, ours
-0.304 / 0.275 / 0.294, from the shipped student's 0.224). Our first step adds 75 s of compilation that TRL does
-not pay: on this tiny pair it costs about as much as 3 TRL steps, so runs of fewer than ~5 steps favour TRL.
+(5.4x). The two students end within each other's seed spread (avg@8 TRL 0.285 / 0.284 / 0.293, ours 0.304 / 0.275
+/ 0.294; the shipped student's is 0.224, docs/benchmarks.md). Our first step adds 75 s of compilation that TRL
+does not pay: about 2.7 TRL steps' worth here, so on this pair a run of fewer than 3 steps is faster with TRL.
 """
 
 import argparse
