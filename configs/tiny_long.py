@@ -3,10 +3,9 @@ worked as nine doublings of 11 tokens each, then the boxed product: 112 response
 
     python -m tropd_jax.main --config=configs/tiny_long.py --workdir=runs/tiny_long
 
-The teacher here is fallible (held-out avg@8 0.664 at temperature 1, 0.848 greedy) and the student starts far
-lower (avg@8 0.245, 0.543 greedy), so the
-distillation works where the paper's claim lives: long responses in which one wrong digit spoils the answer, and
-a teacher that is uncertain on the student's states. Evaluation of the student before and after 150 TrOPD steps
+The teacher here is fallible (held-out avg@8 0.664 at temperature 1, 0.848 greedy) and the student starts far lower
+(avg@8 0.245, 0.543 greedy), so the distillation works where the paper's claim lives: long responses in which one
+wrong digit spoils the answer, and a teacher that is uncertain on the student's states. Evaluation of the student before and after 150 TrOPD steps
 (32 prompts x 1 rollout, the teacher prefix cosine-annealed from 44 tokens, four of the nine lines, to 0).
 Compare a baseline with `--config.loss.method=opd --workdir=runs/tiny_long_opd`.
 """
