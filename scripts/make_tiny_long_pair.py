@@ -17,6 +17,9 @@ The defaults made the shipped pair (about 20 minutes on 2 busy CPU cores). The t
 step 250 (probe 0.688) and the student (0.11M) at step 300 (probe 0.258). On the 256 held-out problems
 (`python -m tropd_jax.evaluate`, sampler seed 0, max_new_tokens 128): teacher avg@8 0.664 at temperature 1
 (pass@8 0.984) and 0.848 greedy; student avg@8 0.245 (pass@8 0.695) and 0.543 greedy. Responses average 112 tokens.
+The student has the capacity to close the gap: the same architecture and seed with `--student-steps 900` (which also
+shortens the warm-up, a tenth of the steps up to 100, so the trajectory differs) reaches held-out avg@8 0.777 at
+step 250. The step at which SFT takes off is that sensitive; the shipped student is a few dozen steps before it.
 """
 
 import argparse
