@@ -3,10 +3,13 @@ worked as nine doublings of 11 tokens each, then the boxed product: 112 response
 
     python -m tropd_jax.main --config=configs/tiny_long.py --workdir=runs/tiny_long
 
-The teacher here is fallible (held-out avg@8 about 0.75 at temperature 1) and the student starts far lower, so the
-distillation works where the paper's claim lives: long responses in which one wrong digit spoils the answer, and
-a teacher that is uncertain on the student's states. Evaluation of the student before and after 150 TrOPD steps
-(32 prompts x 1 rollout, the teacher prefix cosine-annealed from 44 tokens, four of the nine lines, to 0).
+The teacher here is fallible (held-out avg@8 0.664 at temperature 1, 0.848 greedy) and the student starts far lower
+(avg@8 0.245, 0.543 greedy), so the distillation works where the paper's claim lives: long responses in which one
+wrong digit spoils the answer, and a teacher that is uncertain on the student's states. The run evaluates the
+student before and after 150 TrOPD steps (32 prompts x 1 rollout, the teacher prefix cosine-annealed from 44 tokens,
+four of the nine lines, to 0). On 2 busy CPU cores a step takes about 1.1 s (rollouts 0.15 s, scoring and update
+0.95 s) after a first step of about 100 s that compiles, and each avg@8 evaluation (2,048 responses of 112 tokens)
+about 3 minutes.
 Compare a baseline with `--config.loss.method=opd --workdir=runs/tiny_long_opd`.
 """
 

@@ -55,7 +55,13 @@ def test_recipes_load_and_validate():
     assert 'Qwen3' in multidomain.model.student_path and 'Nemotron' in multidomain.model.teacher_path
     assert 'Skywork-OR1-7B' in load_recipe('multidomain', 'deepseek').model.teacher_path
     assert math_config.train.packing and multidomain.train.packing  # the paper's lengths: 77% padding unpacked
-    for config in (math_config, multidomain, load_recipe('math', 'tiny'), load_recipe('tiny')):
+    for config in (
+        math_config,
+        multidomain,
+        load_recipe('math', 'tiny'),
+        load_recipe('tiny'),
+        load_recipe('tiny_long'),
+    ):
         config_lib.validate_config(config, num_devices=1, check_paths=False)
     # The prompt template leaves a literal \boxed{} for the model to fill.
     assert math_config.data.prompt_template.format(prompt='P').endswith('within \\boxed{}.')
