@@ -10,7 +10,8 @@ continuous side makes one call over all rollouts with `decode_slots=--slots` (a 
 pending rollout). Same key, so the two return the same rollouts (checked).
 
 After one warm-up call each (compiles), the two sides alternate for `--repeats` rounds and the median round of each
-is reported. Prints one JSON line: `static_tokens_per_s`, `continuous_tokens_per_s`, their `ratio`, the tokens
+is reported. Prints one JSON line: `static_tokens_per_s`, `continuous_tokens_per_s`, their `ratio` (and
+`ratio_cpu_time`, the same by process CPU time, which a shared host's load distorts far less), the tokens
 generated, and the decode steps each side runs (`static_steps`: the sum over calls of the longest row;
 `continuous_steps`: the slot schedule replayed on the host, refilled in groups of slots / 8 as the sampler does;
 above generated tokens / slots because of the long rollouts that start last).
@@ -119,36 +120,44 @@ def main():
         )
 
     def timed(fn):
-        start = time.perf_counter()
+        """(wall seconds, this process's CPU seconds, output)."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        return time.perf_counter() - start, out
+        return time.perf_counter() - start, time.process_time() - start_cpu, out
 
     load = os.getloadavg()[0]
-    _, static_out = timed(static)
-    _, continuous_out = timed(continuous)
+    *_, static_out = timed(static)
+    *_, continuous_out = timed(continuous)
     generated = int(lengths.sum())
     assert sum(int(np.asarray(p.lengths).sum()) for p in static_out) == generated
     np.testing.assert_array_equal(np.asarray(continuous_out.lengths), lengths)
-    static_times, continuous_times = [], []
+    static_times, continuous_times, static_cpu, continuous_cpu = [], [], [], []
     for _ in range(args.repeats):
-        static_times.append(timed(static)[0])
-        continuous_times.append(timed(continuous)[0])
+        for times, cpu, fn in ((static_times, static_cpu, static), (continuous_times, continuous_cpu, continuous)):
+            wall_s, cpu_s, _ = timed(fn)
+            times.append(wall_s)
+            cpu.append(cpu_s)
     static_rate = generated / statistics.median(static_times)
     continuous_rate = generated / statistics.median(continuous_times)
+    static_steps = int(sum(lengths[s : s + args.slots].max() for s in range(0, args.rollouts, args.slots)))
+    slot_steps = continuous_steps(lengths, args.slots)
     print(
         json.dumps(
             {
                 'static_tokens_per_s': round(static_rate, 1),
                 'continuous_tokens_per_s': round(continuous_rate, 1),
                 'ratio': round(continuous_rate / static_rate, 3),
+                # The same ratio by process CPU time: on a shared host, wall clock measures the load as much as the
+                # code. A continuous step costs at least a static one, so neither ratio can honestly exceed
+                # step_ratio (static decode steps / continuous decode steps).
+                'ratio_cpu_time': round(statistics.median(static_cpu) / statistics.median(continuous_cpu), 3),
+                'step_ratio': round(static_steps / slot_steps, 3),
                 'static_seconds': [round(t, 3) for t in static_times],
                 'continuous_seconds': [round(t, 3) for t in continuous_times],
                 'generated_tokens': generated,
                 'short_fraction': float(np.mean(lengths <= args.new_tokens // 4)),
-                'static_steps': int(
-                    sum(lengths[s : s + args.slots].max() for s in range(0, args.rollouts, args.slots))
-                ),
-                'continuous_steps': continuous_steps(lengths, args.slots),
+                'static_steps': static_steps,
+                'continuous_steps': slot_steps,
                 'rollouts': args.rollouts,
                 'slots': args.slots,
                 'prompt': args.prompt,
