@@ -5,8 +5,8 @@
 Under five minutes on two CPU cores: evaluation of the student before training (avg@8 on 256 held-out problems),
 200 steps of on-policy distillation with the exact generalised JSD (64 prompts x 1 rollout each; learning rate 2e-3,
 cosine), evaluation after, and the trained student exported to runs/tiny/hf as a Hugging Face checkpoint. avg@8
-goes from 0.23 to 0.65 (the teacher's is 1.00): 55% of the gap closed. Progress, checkpoints and metrics go to
-runs/tiny; running the command again resumes.
+goes from 0.23 to 0.65 (the teacher's is 1.00): 55% of the gap closed (44% with train.seed=1 and data.seed=1).
+Progress, checkpoints and metrics go to runs/tiny; running the command again resumes.
 
 Why the exact JSD and not TrOPD: this teacher is near-deterministic and always right, so every token TrOPD
 distrusts is a real student error, and the full-vocabulary divergence on every on-policy token is the strongest
