@@ -5,8 +5,8 @@
 Under five minutes on two CPU cores: evaluation of the student before training (avg@8 on 256 held-out problems),
 200 steps of on-policy distillation with the exact generalised JSD (64 prompts x 1 rollout each; learning rate 2e-3,
 cosine), evaluation after, and the trained student exported to runs/tiny/hf as a Hugging Face checkpoint. avg@8
-goes from 0.23 to about 0.6 (the teacher's is 1.0): about half of the gap closed. Progress, checkpoints and metrics go
-to runs/tiny; running the command again resumes.
+goes from 0.23 to 0.65 (the teacher's is 1.00): 55% of the gap closed (44% with train.seed=1 and data.seed=1).
+Progress, checkpoints and metrics go to runs/tiny; running the command again resumes.
 
 Why the exact JSD and not TrOPD: this teacher is near-deterministic and always right, so every token TrOPD
 distrusts is a real student error, and the full-vocabulary divergence on every on-policy token is the strongest
@@ -51,7 +51,8 @@ def get_config(arg=None):
 
     config.prefix.max_length = 24  # worked solutions are ~20 tokens; the default (max_new_tokens) is mostly teacher
 
-    config.optim.learning_rate = 2e-3  # JSD's gradients stay small (~0.1): 3e-4 closes a fifth of the gap in 150 steps
+    # avg@8 after 150 steps: 0.40 at 3e-4, 0.49 at 1e-3 (150-step cosine); 0.61 at 2e-3 (step 150 of this 200).
+    config.optim.learning_rate = 2e-3
     config.optim.schedule = 'cosine'
     config.optim.warmup_steps = 10
     config.optim.b2 = 0.98
