@@ -205,6 +205,80 @@ def test_teacher_pass_takes_a_function_and_has_no_gradient(data):
         np.testing.assert_array_equal(g, 0.0)
 
 
+def _fd_columns(f, z, h=1e-5):
+    """Central differences of a per-position float64 function f([B, T, V]) -> [B, T], one column at a time."""
+    grad = np.zeros(z.shape)
+    for v in range(z.shape[-1]):
+        up, down = z.copy(), z.copy()
+        up[..., v] += h
+        down[..., v] -= h
+        grad[..., v] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize('method', losses.FULL_VOCABULARY_METHODS)
+def test_exact_divergences_match_float64(data, method):
+    """The fused per-token divergence and its gradient w.r.t. the student hidden states and head against NumPy float64
+    on the shared vocabulary (finite differences w.r.t. the logits, then the chain rule through hidden @ head)."""
+    d, _, _ = data
+    reference_fn = {
+        'jsd': lambda z, t: ref.generalized_jsd(z, t, 0.3),
+        'full_fkl': ref.forward_kl,
+        'full_rkl': ref.reverse_kl,
+    }[method]
+    student = d['student_hidden'].astype(np.float64) @ d['student_head'].astype(np.float64)
+    teacher = (d['teacher_hidden'].astype(np.float64) @ d['teacher_head'].astype(np.float64))[..., :VOCAB]
+    weights = np.random.default_rng(1).uniform(size=d['tokens'].shape)
+    targets = fused_loss.teacher_pass(
+        d['teacher_hidden'], d['teacher_head'], d['tokens'], k=K, vocab_size=VOCAB, chunk_size=6, full_vocabulary=True
+    )
+
+    def divergence(hidden, head):
+        stats = fused_loss.student_stats(
+            hidden, head, d['tokens'], targets, vocab_size=VOCAB, chunk_size=6, divergence=method, jsd_beta=0.3
+        )
+        return jnp.sum(stats.full_divergence * weights), stats.full_divergence
+
+    (_, per_token), grads = jax.value_and_grad(divergence, argnums=(0, 1), has_aux=True)(
+        d['student_hidden'], d['student_head']
+    )
+    np.testing.assert_allclose(per_token, reference_fn(student[..., :VOCAB], teacher), rtol=1e-5, atol=1e-5)
+    d_logits = np.zeros(student.shape)
+    d_logits[..., :VOCAB] = weights[..., None] * _fd_columns(lambda z: reference_fn(z, teacher), student[..., :VOCAB])
+    want_hidden = d_logits @ d['student_head'].T.astype(np.float64)
+    want_head = np.einsum('bth,btv->hv', d['student_hidden'].astype(np.float64), d_logits)
+    np.testing.assert_allclose(grads[0], want_hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], want_head, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('tail', [False, True])
+def test_self_distillation_fused(data, tail):
+    """Teacher = student (same hidden states and head), no prefix: every method's loss is 0; the gradient too, except
+    the top-k FKL's truncation bias -p_j (1[j in K_t] - p(K_t)) (here `topk_fkl`, on every on-policy token), which the
+    tail outcome removes."""
+    d, hp, key = data
+    same = dict(d, teacher_hidden=d['student_hidden'], teacher_head=d['student_head'][:, :TEACHER_ROWS])
+    same['prefix_mask'] = np.zeros_like(d['prefix_mask'])
+    hp = dict(hp, topk_tail=tail)
+    methods = ('topk_fkl', 'tropd', 'opd', 'jsd', 'full_fkl', 'full_rkl')
+    results = fused(methods, same, hp, key, chunk_size=6)[0]
+    logits = (d['student_hidden'].astype(np.float64) @ d['student_head'])[..., :VOCAB]
+    p = np.exp(ref.log_softmax(logits))
+    inside = np.zeros(p.shape, bool)
+    np.put_along_axis(inside, ref.teacher_topk(logits, K), True, axis=-1)
+    bias = -p * (inside - np.sum(np.where(inside, p, 0.0), axis=-1, keepdims=True))
+    for method, ((loss, _), grads) in results.items():
+        np.testing.assert_allclose(loss, 0.0, atol=1e-5, err_msg=method)
+        d_logits = np.zeros(d['student_hidden'].shape[:2] + (STUDENT_ROWS,))
+        if method == 'topk_fkl' and not tail:
+            on = d['response_mask'] > 0
+            d_logits[..., :VOCAB] = np.where(on[..., None], bias / on.sum(), 0.0)
+            assert np.abs(d_logits).max() > 1e-3
+        np.testing.assert_allclose(grads[0], d_logits @ d['student_head'].T, atol=1e-6, err_msg=method)
+        want_head = np.einsum('bth,btv->hv', d['student_hidden'], d_logits)
+        np.testing.assert_allclose(grads[1], want_head, atol=1e-6, err_msg=method)
+
+
 def test_bfloat16_inputs(data):
     """bf16 hidden states and head: logits are exact float32 products, so the loss equals the float32 reference on the
     rounded inputs; gradients come back in bf16, within bf16 rounding of the reference."""
