@@ -6,19 +6,27 @@ while the estimators only need O(k) numbers per token. This module computes exac
 chunk, and hands them to `losses.loss_from_stats`, so every method is still written once.
 
   1. `teacher_pass`: teacher hidden states + LM head -> `TeacherTargets` (tau_t, top-k ids and log-probs, entropy),
-     no gradient; only one chunk of teacher logits exists at a time.
-  2. `student_stats`: student hidden states + LM head + targets -> `TokenStats`, with a custom VJP that recomputes each
-     chunk's logits in the backward pass, so forward + backward memory grows with chunk x V, not tokens x V.
+     no gradient; only one chunk of teacher logits exists at a time. With `full_vocabulary=True` (the exact
+     divergences of `losses.FULL_VOCABULARY_METHODS`: `jsd`, `full_fkl`, `full_rkl`) it also keeps each token's
+     log-normaliser (the log-sum-exp over the whole vocabulary), its hidden states and its head.
+  2. `student_stats`: student hidden states + LM head + targets -> `TokenStats`, with a custom VJP. Pass 1 (forward)
+     computes each chunk's log-normaliser and saves it; pass 2 (backward) recomputes each chunk's logits, normalises
+     them with the saved log-normaliser, and forms the gradient, so forward + backward memory grows with chunk x V,
+     not tokens x V. The exact divergences recompute the chunk's teacher logits from its hidden states and head in
+     both passes, and take their gradient in closed form (`_divergence_grad`).
   3. `fused_distillation_loss` = `student_stats` + `losses.loss_from_stats`.
 
 At 32k tokens, hidden 1536 and vocabulary 151,936 (bf16), loss + gradient need 3.4 GB of temporaries against 91 GB
-for the naive loss, nearly all of it independent of the length (docs/benchmarks.md).
+for the naive loss, nearly all of it independent of the length (`benchmarks/loss_memory.py`): the float32 LM-head
+gradient (0.93 GB) and its per-chunk increment, plus a few float32 buffers of one chunk's logits (0.62 GB each at
+chunk_size 1024); under a mesh all of them are split over the devices.
 
 Where the inputs come from (`tropd_jax.models.decoder`), with the shift of docs/architecture.md done by the caller:
 
   inputs, targets_ids = tokens[:, :-1], tokens[:, 1:]          # hidden[:, t] predicts targets_ids[:, t]
   teacher_hidden, _ = teacher(inputs, positions[:, :-1], input_mask[:, :-1], return_hidden=True)   # [B, T, H_T]
   targets = teacher_pass(teacher_hidden, teacher.lm_head_weight(), targets_ids, k=k, vocab_size=V, chunk_size=c)
+  # For jsd / full_fkl / full_rkl: teacher_pass(..., full_vocabulary=True).
   def loss_fn(student):
       hidden, _ = student(inputs, positions[:, :-1], input_mask[:, :-1], return_hidden=True)       # [B, T, H_S]
       return fused_distillation_loss(method, hidden, student.lm_head_weight(), targets, targets_ids,
@@ -26,7 +34,8 @@ Where the inputs come from (`tropd_jax.models.decoder`), with the shift of docs/
 
 `Decoder.lm_head_weight()` is `[H, V_padded]` (the transposed embedding when tied); the two models may pad their
 vocabularies differently (151,936 vs 152,064 rows): `vocab_size` is the shared real vocabulary, and logits beyond it
-are masked to -inf rather than sliced, so a vocabulary-sharded head is never copied.
+are masked to -inf rather than sliced, so a vocabulary-sharded head is never copied. (The exact divergences cut or
+zero-pad the teacher's head to the student's width once per call, so both chunks' logits line up column by column.)
 
 Chunks are strided along the sequence: each row's T positions are viewed as `[chunk_length, num_chunks]` (a free
 reshape after padding T to chunk_length x num_chunks), and chunk j takes positions j, j + num_chunks, ... of every
