@@ -174,6 +174,15 @@ def test_chunk_sizes(data, single_device, chunk_size):
     assert_same(expected, fused(['tropd'], d, hp, key, chunk_size)[0]['tropd'])
 
 
+def test_topk_tail_equals_reference(data):
+    """The top-k FKL with its tail outcome (`topk_tail=True`) in every method that has a top-k FKL term."""
+    d, hp, key = data
+    methods, hp = ('topk_fkl', 'tropd', 'eopd', 'aopd'), dict(hp, topk_tail=True)
+    expected, actual = reference(methods, d, hp, key), fused(methods, d, hp, key, chunk_size=6)[0]
+    for method in methods:
+        assert_same(expected[method], actual[method])
+
+
 @pytest.mark.parametrize('chunk_size', [1, 6, 64])
 def test_teacher_pass_matches_float64(data, chunk_size):
     d, _, _ = data

