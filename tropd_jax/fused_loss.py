@@ -364,19 +364,14 @@ def _student_chunks_bwd(vocab_size, divergence, residuals, cotangents):
         p = jnp.exp(logprobs)
         rows = jnp.arange(tokens.shape[0])
         d_logits = -p * (ct_s + jnp.sum(ct_k, axis=-1))[:, None]
+        d_logits = d_logits.at[rows, tokens].add(ct_s).at[rows[:, None], ids].add(ct_k)
         if divergence is not None:
             logq = _teacher_logprobs(teacher, j, vocab_size)
             grad = _divergence_grad(divergence, logprobs, logq, _chunk(aux, j))
             d_logits = d_logits + _chunk(cotangents[3], j)[:, None] * grad
-        # The dense part goes to the head's dtype in the same fusion that makes it, before the sparse scatter, so no
-        # float32 copy of the chunk outlives it (the matmuls below take the head's dtype anyway).
-        dtype = head.dtype
-        d_logits = d_logits.astype(dtype).at[rows, tokens].add(ct_s.astype(dtype))
-        d_logits = sharding.constrain(d_logits.at[rows[:, None], ids].add(ct_k.astype(dtype)), LOGITS_AXES)
+        d_logits = sharding.constrain(d_logits.astype(head.dtype), LOGITS_AXES)
         d_chunk = jnp.dot(d_logits, head.T, preferred_element_type=jnp.float32)
-        # Each chunk's increment in the head's dtype (a float32 [H, V] increment would double the accumulator's
-        # memory); the sum over chunks stays float32.
-        d_head = d_head + jnp.dot(hidden.T, d_logits, preferred_element_type=dtype)
+        d_head = d_head + jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
         return _set_chunk(d_hidden, j, d_chunk), sharding.constrain(d_head, (None, 'loss_vocab'))
 
     init = (jnp.zeros_like(hidden_view), jnp.zeros(head.shape, jnp.float32))

@@ -144,16 +144,16 @@ def _finite_logprobs(logp: jax.Array) -> jax.Array:
 def _log_tail(topk_logprobs: jax.Array) -> jax.Array:
     """log(1 - sum_k exp(topk_logprobs)), the log-mass outside the top-k set: [B, T, k] -> [B, T, 1].
 
-    log1mexp of the set's log-mass, accurate at both ends; clamped to a finite floor when the set holds all the mass
-    in float32 (its value then contributes 0 and its gradient, bounded by the tail's mass, vanishes)."""
+    log1mexp of the set's log-mass, accurate at both ends. When the set holds all the mass in float32 (the rest is
+    below ~1e-7) it is clamped to log(tiny) ~ -87, and its gradient there is dropped. The inner `where`s keep the
+    branch not taken finite, so no NaN reaches the gradient."""
     log_mass = jnp.minimum(jax.nn.logsumexp(topk_logprobs, axis=-1, keepdims=True), 0.0)
     near_one = log_mass > -math.log(2.0)
-    tail = jnp.where(
+    return jnp.where(
         near_one,
         jnp.log(jnp.maximum(-jnp.expm1(jnp.where(near_one, log_mass, -1.0)), jnp.finfo(jnp.float32).tiny)),
         jnp.log1p(-jnp.exp(jnp.where(near_one, -1.0, log_mass))),
     )
-    return tail
 
 
 def topk_kl_from_logprobs(
