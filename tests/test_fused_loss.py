@@ -374,6 +374,10 @@ def test_validation_errors(data):
         fused_loss.fused_distillation_loss(
             'tropd', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB, **hp
         )
+    with pytest.raises(ValueError, match=r'use teacher_pass\(\.\.\., full_vocabulary=True\)'):
+        fused_loss.fused_distillation_loss(
+            'jsd', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB, k=4
+        )
     with pytest.raises(ValueError, match='unknown method'):
         fused_loss.fused_distillation_loss(
             'nope', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB

@@ -16,10 +16,13 @@ chunk, and hands them to `losses.loss_from_stats`, so every method is still writ
      both passes, and take their gradient in closed form (`_divergence_grad`).
   3. `fused_distillation_loss` = `student_stats` + `losses.loss_from_stats`.
 
-At 32k tokens, hidden 1536 and vocabulary 151,936 (bf16), loss + gradient need 3.4 GB of temporaries against 91 GB
-for the naive loss, nearly all of it independent of the length (`benchmarks/loss_memory.py`): the float32 LM-head
-gradient (0.93 GB) and its per-chunk increment, plus a few float32 buffers of one chunk's logits (0.62 GB each at
-chunk_size 1024); under a mesh all of them are split over the devices.
+At 32k tokens, hidden 1536 and vocabulary 151,936 (bf16), `tropd`'s loss + gradient need 3.4 GB of temporaries
+against 91 GB for the naive loss, and the exact `jsd` 4.6 GB against 270 GB (`benchmarks/loss_memory.py`, XLA CPU),
+nearly all of it independent of the length. XLA's buffer assignment for `tropd` shows three [H, V] float32 arrays
+(0.93 GB each) and float32 chunks of logits (0.62 GB each at chunk_size 1024): the head gradient's float32
+accumulator, its per-chunk increment (sharing its space with the chunk's logit-gradient buffers), and a float32
+copy of the bf16 head that the CPU backend makes for its bf16 matmuls. Under a mesh all of them are split over the
+devices.
 
 Where the inputs come from (`tropd_jax.models.decoder`), with the shift of docs/architecture.md done by the caller:
 
