@@ -93,9 +93,6 @@ def run_config(args, method: str, seed: int):
         'checkpoint.export_hf_at_end': True,
         'log.progress_bar': False,
         'log.tensorboard': False,
-        # The fused loss's jsd is a top-k-plus-tail lower bound; the plain loss computes the exact divergence (the
-        # tiny vocabularies make full logits cheap).
-        'loss.fused': method != 'jsd',
         **args.set,
     }
     return load_config(args.config, overrides)  # validate_config clamps the recipe's warm-up to a short run

@@ -27,6 +27,8 @@ METHODS = (
     'reopold',
     'aopd',
     'tropd_aopd',
+    'full_fkl',
+    'full_rkl',
 )
 # Methods whose per-token loss reads M_t.
 TRUST_METHODS = ('fkl_outlier', 'tropd', 'tropd_mask', 'tropd_clip', 'tropd_aopd')
@@ -35,6 +37,7 @@ DEFAULTS = dict(
     k=64,
     beta=0.001,
     renormalize=False,
+    topk_tail=False,
     jsd_beta=0.5,
     entropy_top_q=0.2,
     reward_floor=-2.0,
@@ -83,14 +86,29 @@ def _logsumexp(x):
     return m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def topk_forward_kl(student_logits, teacher_logits, k, renormalize=False, ids=None):
-    """F_t = sum_{v in K_t} p_T(v) (log p_T(v) - log p_S(v)) -> [B, T]; `ids` overrides K_t (frozen top-k)."""
+def topk_forward_kl(student_logits, teacher_logits, k, renormalize=False, ids=None, tail=False):
+    """F_t = sum_{v in K_t} p_T(v) (log p_T(v) - log p_S(v)) -> [B, T]; `ids` overrides K_t (frozen top-k).
+
+    `tail`: plus p_T(rest) (log p_T(rest) - log p_S(rest)), rest = the vocabulary outside K_t, its mass 1 - sum_K p
+    summed directly over the ids outside K_t.
+    """
     ids = teacher_topk(teacher_logits, k) if ids is None else ids
     log_pt = np.take_along_axis(log_softmax(teacher_logits), ids, axis=-1)
     log_ps = np.take_along_axis(log_softmax(student_logits), ids, axis=-1)
     if renormalize:  # a proper KL between the two distributions restricted to K_t
         log_pt = log_pt - _logsumexp(log_pt)
         log_ps = log_ps - _logsumexp(log_ps)
+    if tail:
+
+        def rest(logits):
+            p = np.exp(log_softmax(logits))
+            inside = np.zeros(p.shape, bool)
+            np.put_along_axis(inside, ids, True, axis=-1)
+            with np.errstate(divide='ignore'):  # k = V: an empty tail
+                return np.log(np.sum(np.where(inside, 0.0, p), axis=-1, keepdims=True))
+
+        log_pt = np.concatenate([log_pt, rest(teacher_logits)], axis=-1)
+        log_ps = np.concatenate([log_ps, rest(student_logits)], axis=-1)
     pt = np.exp(log_pt)
     with np.errstate(invalid='ignore'):
         return np.sum(np.where(pt > 0, pt * (log_pt - log_ps), 0.0), axis=-1)
@@ -112,18 +130,14 @@ def generalized_jsd(student_logits, teacher_logits, beta):
     return beta * _kl_sum(log_t, log_m) + (1.0 - beta) * _kl_sum(log_s, log_m)
 
 
-def topk_tail_jsd(student_logits, teacher_logits, k, beta, ids=None):
-    """The generalised JSD of the two distributions merged to k + 1 outcomes: the teacher's top-k ids and the rest."""
-    ids = teacher_topk(teacher_logits, k) if ids is None else ids
+def forward_kl(student_logits, teacher_logits):
+    """KL(p_T || p_S) over the full vocabulary -> [B, T]."""
+    return _kl_sum(log_softmax(teacher_logits), log_softmax(student_logits))
 
-    def merged(logits):
-        p = np.take_along_axis(np.exp(log_softmax(logits)), ids, axis=-1)
-        return np.concatenate([p, np.maximum(1.0 - p.sum(-1, keepdims=True), 0.0)], axis=-1)
 
-    p_s, p_t = merged(student_logits), merged(teacher_logits)
-    p_m = beta * p_t + (1.0 - beta) * p_s
-    with np.errstate(divide='ignore'):
-        return beta * _kl_sum(np.log(p_t), np.log(p_m)) + (1.0 - beta) * _kl_sum(np.log(p_s), np.log(p_m))
+def reverse_kl(student_logits, teacher_logits):
+    """KL(p_S || p_T) over the full vocabulary -> [B, T]."""
+    return _kl_sum(log_softmax(student_logits), log_softmax(teacher_logits))
 
 
 def mixture_reward(r, weight):
@@ -196,7 +210,9 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
     k1 = -r * rho
 
     def fkl():
-        return topk_forward_kl(student_logits, teacher_logits, hp['k'], hp['renormalize'], ids=c['topk'])
+        return topk_forward_kl(
+            student_logits, teacher_logits, hp['k'], hp['renormalize'], ids=c['topk'], tail=hp['topk_tail']
+        )
 
     zero = np.zeros_like(s)
     if method == 'opd':
@@ -204,11 +220,11 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
     elif method == 'topk_fkl':
         pg, fk = zero, fkl()
     elif method == 'jsd':
-        if hp.get('jsd_topk_tail'):  # the fused loss's approximation
-            fk = topk_tail_jsd(student_logits, teacher_logits, hp['k'], hp['jsd_beta'], ids=c['topk'])
-        else:
-            fk = generalized_jsd(student_logits, teacher_logits, hp['jsd_beta'])
-        pg = zero  # a divergence: reported as fkl_loss
+        pg, fk = zero, generalized_jsd(student_logits, teacher_logits, hp['jsd_beta'])  # reported as fkl_loss
+    elif method == 'full_fkl':
+        pg, fk = zero, forward_kl(student_logits, teacher_logits)
+    elif method == 'full_rkl':
+        pg, fk = zero, reverse_kl(student_logits, teacher_logits)
     elif method == 'entropy_opd':
         pg, fk = np.where(c['entropy_selected'], k1, 0.0), zero
     elif method == 'clip_outlier':
@@ -222,7 +238,9 @@ def _terms(method, student_logits, teacher_logits, tokens, c, hp):
     elif method == 'tropd_clip':
         pg, fk = np.where(M, k1, -np.maximum(r, floor) * rho), zero
     elif method == 'eopd':
-        f16 = topk_forward_kl(student_logits, teacher_logits, hp['eopd_k'], hp['renormalize'], ids=c['eopd_topk'])
+        f16 = topk_forward_kl(
+            student_logits, teacher_logits, hp['eopd_k'], hp['renormalize'], ids=c['eopd_topk'], tail=hp['topk_tail']
+        )
         pg, fk = k1, np.where(c['teacher_entropy'] > hp['eopd_entropy_threshold'], f16, 0.0)
     elif method == 'reopold':
         reward = mixture_reward(r, hp['reopold_mixture_weight'])
@@ -277,10 +295,7 @@ def distillation_loss(
     fd_step=1e-5,
     **hyperparameters,
 ):
-    """Returns (loss, grad [B, T, V] w.r.t. the student logits, metrics dict) in float64.
-
-    `jsd_topk_tail=True` (a reference-only switch) gives the fused loss's top-k-plus-tail `jsd`.
-    """
+    """Returns (loss, grad [B, T, V] w.r.t. the student logits, metrics dict) in float64."""
     hp = dict(DEFAULTS, **hyperparameters)
     zs, zt = np.asarray(student_logits, np.float64), np.asarray(teacher_logits, np.float64)
     if vocab_size is not None:
@@ -338,6 +353,8 @@ def distillation_loss(
         teacher_entropy=mean_on(c['teacher_entropy']),
         prefix_student_entropy=mean_prefix(c['student_entropy']),
         prefix_teacher_entropy=mean_prefix(c['teacher_entropy']),
+        teacher_topk_mass=mean_on(topk_mass(zt, zt, hp['k'])),
+        student_topk_mass=mean_on(topk_mass(zs, zt, hp['k'])),
         logprob_mismatch=mean_on(mismatch),
         logprob_mismatch_max=float(np.max(np.where(c['on_policy'], mismatch, 0))),
         ratio_truncated_fraction=0.0 if cap is None else mean_on(c['rho'] > cap),
@@ -345,6 +362,12 @@ def distillation_loss(
         num_tokens=float(n_resp),
     )
     return loss, grad, metrics
+
+
+def topk_mass(logits, teacher_logits, k):
+    """[B, T]: the probability mass softmax(logits) puts on the teacher's top-k ids."""
+    ids = teacher_topk(teacher_logits, k)
+    return np.sum(np.take_along_axis(np.exp(log_softmax(logits)), ids, axis=-1), axis=-1)
 
 
 def random_batch(rng, batch, length, vocab, *, scale=2.0, prefixes=True, empty_row=True, rollout_noise=0.0):
@@ -407,17 +430,11 @@ def distance_to_thresholds(
     q = {'entropy_opd': hp['entropy_top_q'], 'reopold': hp['reopold_entropy_top_q']}.get(method)
     if q is not None:
         gaps += list(np.diff(np.sort(entropy(student_logits)[on]))) + [abs(q * on.sum() - round(q * on.sum()))]
-    sizes = {
-        'topk_fkl': hp['k'],
-        'jsd': hp['k'],
-        'fkl_outlier': hp['k'],
-        'tropd': hp['k'],
-        'aopd': hp['k'],
-        'tropd_aopd': hp['k'],
-        'eopd': hp['eopd_k'],
-    }
+    # Every method reports the top-k mass metrics, so no method's top-k set may hinge on a near tie.
+    sizes = [hp['k']] + ([hp['eopd_k']] if method == 'eopd' else [])
     vocab = np.shape(teacher_logits)[-1]
-    if method in sizes and sizes[method] < vocab:  # the top-k set must not hinge on a near tie
-        ordered = -np.sort(-np.asarray(teacher_logits, np.float64)[on], axis=-1)
-        gaps += list(ordered[:, sizes[method] - 1] - ordered[:, sizes[method]])
+    ordered = -np.sort(-np.asarray(teacher_logits, np.float64)[on], axis=-1)
+    for size in sizes:
+        if size < vocab:
+            gaps += list(ordered[:, size - 1] - ordered[:, size])
     return float(min(gaps))

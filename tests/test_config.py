@@ -76,6 +76,19 @@ def test_every_method_is_one_field():
         config_lib.validate_config(config, num_devices=8, check_paths=False)
 
 
+def test_exact_fused_divergences_need_a_colocated_teacher_and_the_tail_excludes_renormalising():
+    config = load_recipe('math')
+    config.loss.method, config.model.teacher_placement = 'jsd', 'separate'
+    with pytest.raises(ValueError, match="loss.method='jsd' with loss.fused=True"):
+        config_lib.validate_config(config, num_devices=8, check_paths=False)
+    config.loss.fused = False
+    config_lib.validate_config(config, num_devices=8, check_paths=False)
+    config = load_recipe('math')
+    config.loss.topk_tail, config.loss.renormalize = True, True
+    with pytest.raises(ValueError, match='topk_tail=True exclude each other'):
+        config_lib.validate_config(config, num_devices=8, check_paths=False)
+
+
 def test_recipes_are_locked():
     config = load_recipe('math')
     with pytest.raises(AttributeError, match='Key "lr" does not exist'):

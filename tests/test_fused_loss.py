@@ -22,6 +22,7 @@ import pytest
 from tropd_jax import fused_loss, losses
 
 B, T, H = 2, 11, 16
+H_TEACHER = 12  # the teacher's hidden size differs, as a larger teacher's does
 STUDENT_ROWS, TEACHER_ROWS, VOCAB = 100, 96, 90
 K = 8
 HP = dict(k=K, eopd_k=4, beta=0.05, entropy_top_q=0.3, reward_floor=-1.0, reopold_entropy_top_q=0.5)
@@ -33,16 +34,16 @@ def make_data(length=T, seed=0):
     """Hidden states, padded heads, tokens, masks, rollout log-probs (NumPy float32) and hyperparameters."""
     rng = np.random.default_rng(seed)
 
-    def head(rows):
-        w = rng.normal(size=(H, rows)) * 0.5
+    def head(rows, hidden=H):
+        w = rng.normal(size=(hidden, rows)) * 0.5
         w[:, VOCAB:] *= 3.0  # padding rows: large logits that must never count
         return w.astype(np.float32)
 
     d = dict(
         student_hidden=rng.normal(size=(B, length, H)).astype(np.float32),
         student_head=head(STUDENT_ROWS),
-        teacher_hidden=rng.normal(size=(B, length, H)).astype(np.float32),
-        teacher_head=head(TEACHER_ROWS),
+        teacher_hidden=rng.normal(size=(B, length, H_TEACHER)).astype(np.float32),
+        teacher_head=head(TEACHER_ROWS, H_TEACHER),
         tokens=rng.integers(0, VOCAB, (B, length)).astype(np.int32),
     )
     t = np.arange(length)[None]
@@ -66,12 +67,6 @@ def reference(methods, d, hp, key):
     """{method: (loss, metrics, (d hidden, d head))} of `losses.distillation_loss` on full logits."""
 
     def run(method, hidden, head):
-        if method == 'jsd':  # the fused jsd is the top-k-plus-tail JSD (test_losses checks it against the exact one)
-            teacher_logits = (d['teacher_hidden'] @ d['teacher_head'])[..., :VOCAB]
-            stats = losses.token_statistics((hidden @ head)[..., :VOCAB], teacher_logits, d['tokens'], K)
-            return losses.loss_from_stats(
-                method, stats, d['response_mask'], d['prefix_mask'], key, rollout_logprobs=d['rollout_logprobs'], **hp
-            )
         return losses.distillation_loss(
             method,
             hidden @ head,
@@ -101,8 +96,15 @@ def fused(methods, d, hp, key, chunk_size, put=lambda name, x: x):
 
     @jax.jit
     def all_methods(a):
+        full = any(m in losses.FULL_VOCABULARY_METHODS for m in methods)
         targets = fused_loss.teacher_pass(
-            a['teacher_hidden'], a['teacher_head'], a['tokens'], k=K, vocab_size=VOCAB, chunk_size=chunk_size
+            a['teacher_hidden'],
+            a['teacher_head'],
+            a['tokens'],
+            k=K,
+            vocab_size=VOCAB,
+            chunk_size=chunk_size,
+            full_vocabulary=full,
         )
 
         def run(method, hidden, head):
@@ -172,6 +174,15 @@ def test_chunk_sizes(data, single_device, chunk_size):
     assert_same(expected, fused(['tropd'], d, hp, key, chunk_size)[0]['tropd'])
 
 
+def test_topk_tail_equals_reference(data):
+    """The top-k FKL with its tail outcome (`topk_tail=True`) in every method that has a top-k FKL term."""
+    d, hp, key = data
+    methods, hp = ('topk_fkl', 'tropd', 'eopd', 'aopd'), dict(hp, topk_tail=True)
+    expected, actual = reference(methods, d, hp, key), fused(methods, d, hp, key, chunk_size=6)[0]
+    for method in methods:
+        assert_same(expected[method], actual[method])
+
+
 @pytest.mark.parametrize('chunk_size', [1, 6, 64])
 def test_teacher_pass_matches_float64(data, chunk_size):
     d, _, _ = data
@@ -201,6 +212,80 @@ def test_teacher_pass_takes_a_function_and_has_no_gradient(data):
 
     for g in jax.grad(total, argnums=(0, 1))(d['teacher_hidden'], d['teacher_head']):
         np.testing.assert_array_equal(g, 0.0)
+
+
+def _fd_columns(f, z, h=1e-5):
+    """Central differences of a per-position float64 function f([B, T, V]) -> [B, T], one column at a time."""
+    grad = np.zeros(z.shape)
+    for v in range(z.shape[-1]):
+        up, down = z.copy(), z.copy()
+        up[..., v] += h
+        down[..., v] -= h
+        grad[..., v] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize('method', losses.FULL_VOCABULARY_METHODS)
+def test_exact_divergences_match_float64(data, method):
+    """The fused per-token divergence and its gradient w.r.t. the student hidden states and head against NumPy float64
+    on the shared vocabulary (finite differences w.r.t. the logits, then the chain rule through hidden @ head)."""
+    d, _, _ = data
+    reference_fn = {
+        'jsd': lambda z, t: ref.generalized_jsd(z, t, 0.3),
+        'full_fkl': ref.forward_kl,
+        'full_rkl': ref.reverse_kl,
+    }[method]
+    student = d['student_hidden'].astype(np.float64) @ d['student_head'].astype(np.float64)
+    teacher = (d['teacher_hidden'].astype(np.float64) @ d['teacher_head'].astype(np.float64))[..., :VOCAB]
+    weights = np.random.default_rng(1).uniform(size=d['tokens'].shape)
+    targets = fused_loss.teacher_pass(
+        d['teacher_hidden'], d['teacher_head'], d['tokens'], k=K, vocab_size=VOCAB, chunk_size=6, full_vocabulary=True
+    )
+
+    def divergence(hidden, head):
+        stats = fused_loss.student_stats(
+            hidden, head, d['tokens'], targets, vocab_size=VOCAB, chunk_size=6, divergence=method, jsd_beta=0.3
+        )
+        return jnp.sum(stats.full_divergence * weights), stats.full_divergence
+
+    (_, per_token), grads = jax.value_and_grad(divergence, argnums=(0, 1), has_aux=True)(
+        d['student_hidden'], d['student_head']
+    )
+    np.testing.assert_allclose(per_token, reference_fn(student[..., :VOCAB], teacher), rtol=1e-5, atol=1e-5)
+    d_logits = np.zeros(student.shape)
+    d_logits[..., :VOCAB] = weights[..., None] * _fd_columns(lambda z: reference_fn(z, teacher), student[..., :VOCAB])
+    want_hidden = d_logits @ d['student_head'].T.astype(np.float64)
+    want_head = np.einsum('bth,btv->hv', d['student_hidden'].astype(np.float64), d_logits)
+    np.testing.assert_allclose(grads[0], want_hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[1], want_head, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('tail', [False, True])
+def test_self_distillation_fused(data, tail):
+    """Teacher = student (same hidden states and head), no prefix: every method's loss is 0; the gradient too, except
+    the top-k FKL's truncation bias -p_j (1[j in K_t] - p(K_t)) (here `topk_fkl`, on every on-policy token), which the
+    tail outcome removes."""
+    d, hp, key = data
+    same = dict(d, teacher_hidden=d['student_hidden'], teacher_head=d['student_head'][:, :TEACHER_ROWS])
+    same['prefix_mask'] = np.zeros_like(d['prefix_mask'])
+    hp = dict(hp, topk_tail=tail)
+    methods = ('topk_fkl', 'tropd', 'opd', 'jsd', 'full_fkl', 'full_rkl')
+    results = fused(methods, same, hp, key, chunk_size=6)[0]
+    logits = (d['student_hidden'].astype(np.float64) @ d['student_head'])[..., :VOCAB]
+    p = np.exp(ref.log_softmax(logits))
+    inside = np.zeros(p.shape, bool)
+    np.put_along_axis(inside, ref.teacher_topk(logits, K), True, axis=-1)
+    bias = -p * (inside - np.sum(np.where(inside, p, 0.0), axis=-1, keepdims=True))
+    for method, ((loss, _), grads) in results.items():
+        np.testing.assert_allclose(loss, 0.0, atol=1e-5, err_msg=method)
+        d_logits = np.zeros(d['student_hidden'].shape[:2] + (STUDENT_ROWS,))
+        if method == 'topk_fkl' and not tail:
+            on = d['response_mask'] > 0
+            d_logits[..., :VOCAB] = np.where(on[..., None], bias / on.sum(), 0.0)
+            assert np.abs(d_logits).max() > 1e-3
+        np.testing.assert_allclose(grads[0], d_logits @ d['student_head'].T, atol=1e-6, err_msg=method)
+        want_head = np.einsum('bth,btv->hv', d['student_hidden'], d_logits)
+        np.testing.assert_allclose(grads[1], want_head, atol=1e-6, err_msg=method)
 
 
 def test_bfloat16_inputs(data):
@@ -289,6 +374,10 @@ def test_validation_errors(data):
         fused_loss.fused_distillation_loss(
             'tropd', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB, **hp
         )
+    with pytest.raises(ValueError, match=r'use teacher_pass\(\.\.\., full_vocabulary=True\)'):
+        fused_loss.fused_distillation_loss(
+            'jsd', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB, k=4
+        )
     with pytest.raises(ValueError, match='unknown method'):
         fused_loss.fused_distillation_loss(
             'nope', hidden, head, targets, tokens, d['response_mask'], d['prefix_mask'], key, vocab_size=VOCAB
@@ -337,9 +426,13 @@ def mesh_check() -> dict:
                 errors[m] = str(e)
         lines = [line for line in text.splitlines() if 'all-gather(' in line]
         gathers = [line.split('= ', 1)[1].split(' all-gather')[0] for line in lines]
-        # Every [H, n] array of the program: the LM heads, their gradients and any copies of them.
+        # Every [H, n] array of the program: the student's LM head, its gradient and any copies of them; and every
+        # [H_TEACHER, n] array: the teacher's head and its copies.
         head_columns = sorted({int(n) for n in re.findall(rf'\[{H},(\d+)\]', text)})
-        results[str(i)] = dict(errors=errors, all_gathers=gathers, head_columns=head_columns)
+        teacher_head_columns = sorted({int(n) for n in re.findall(rf'\[{H_TEACHER},(\d+)\]', text)})
+        results[str(i)] = dict(
+            errors=errors, all_gathers=gathers, head_columns=head_columns, teacher_head_columns=teacher_head_columns
+        )
     return results
 
 
@@ -370,7 +463,11 @@ def test_mesh_equals_reference(mesh_results, layout):
         # wider than 1 / (fsdp x tensor) = 1/4 of a head's vocabulary, nor of its gradient. The chunks' logits are
         # split along the vocabulary over fsdp too, instead of gathering the head FSDP-style.
         assert result['head_columns'], 'no [H, n] array found: the check below would pass vacuously'
-        assert max(result['head_columns']) <= max(STUDENT_ROWS, TEACHER_ROWS) // 4, result['head_columns']
+        assert max(result['head_columns']) <= STUDENT_ROWS // 4, result['head_columns']
+        # The exact divergences zero-pad the teacher's head to the student's width (96 -> 100 columns) once per call;
+        # the re-split moves a few halo columns, still far from a whole head.
+        assert result['teacher_head_columns'], 'no [H_TEACHER, n] array found'
+        assert max(result['teacher_head_columns']) <= STUDENT_ROWS // 4 + 3, result['teacher_head_columns']
 
 
 if __name__ == '__main__':

@@ -24,6 +24,9 @@ CASES = [(m, {}) for m in losses.METHODS] + [
     ('reopold', dict(progress=0.8)),  # refinement: every on-policy token
     ('opd', dict(importance_ratio_cap=1.05)),  # truncated importance weights (token_mean runs with rho != 1)
     ('tropd', dict(importance_ratio_cap=1.05)),
+    ('topk_fkl', dict(topk_tail=True)),  # the top-k FKL with its tail outcome, on its own and in the methods using it
+    ('tropd', dict(topk_tail=True)),
+    ('eopd', dict(topk_tail=True)),
 ]
 
 
@@ -200,30 +203,49 @@ def test_generalized_jsd_value_and_gradient_are_exact(beta):
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize('k', [1, 6, 24])
-def test_topk_tail_jsd_is_the_coarse_grained_jsd(k):
-    # The fused loss's jsd: the JSD over the teacher's top-k ids plus one tail outcome. It never exceeds the exact
-    # JSD (coarse-graining cannot increase a KL) and equals it, with the same gradient, when k = V.
+@pytest.mark.parametrize('k', [1, 6, 23, 24])
+def test_topk_tail_forward_kl_is_a_divergence_over_k_plus_one_outcomes(k):
+    # Written with probabilities and the rest of the vocabulary summed id by id (not 1 - sum over K_t), then finite
+    # differences; >= 0; equal to the full-vocabulary forward KL when k = V - 1 or V (the tail is one id or empty).
     data = batch()
     zs, zt = data['student_logits'], data['teacher_logits']
     ids = ref.teacher_topk(zt, k)
 
     def f(z):
-        logp = losses.log_softmax(z)
-        top_ids, teacher_lp = losses.teacher_topk(jnp.asarray(zt), k)
-        return losses.topk_tail_jsd(jnp.take_along_axis(logp, top_ids, -1), teacher_lp, 0.3)
+        return losses.topk_forward_kl(z, jnp.asarray(zt), k, tail=True)
 
     per_token = f(jnp.asarray(zs))
     grad = jax.grad(lambda z: f(z).sum())(jnp.asarray(zs))
-    want = ref.topk_tail_jsd(zs, zt, k, 0.3, ids=ids)
+    want = ref.topk_forward_kl(zs, zt, k, ids=ids, tail=True)
     np.testing.assert_allclose(per_token, want, **VALUE_TOL)
-    np.testing.assert_allclose(grad, _fd_gradient(lambda z: ref.topk_tail_jsd(z, zt, k, 0.3, ids=ids), zs), **GRAD_TOL)
-    exact = ref.generalized_jsd(zs, zt, 0.3)
-    assert (want <= exact + 1e-12).all()
-    if k == 24:
-        np.testing.assert_allclose(per_token, exact, **VALUE_TOL)
-    else:
-        assert (want < exact - 1e-6).any()
+    np.testing.assert_allclose(
+        grad, _fd_gradient(lambda z: ref.topk_forward_kl(z, zt, k, ids=ids, tail=True), zs), **GRAD_TOL
+    )
+    assert (want >= 0).all()
+    # Merging the ids outside K_t into one outcome never increases a KL: a lower bound of the full forward KL.
+    assert (want <= ref.forward_kl(zs, zt) + 1e-12).all()
+    if k >= 23:
+        np.testing.assert_allclose(per_token, ref.forward_kl(zs, zt), **VALUE_TOL)
+
+
+@pytest.mark.parametrize('method', ['full_fkl', 'full_rkl'])
+def test_full_vocabulary_kl_value_and_gradient_are_exact(method):
+    # Closed forms in probabilities, then finite differences; zero value and gradient at p_S = p_T.
+    data = batch()
+    zs, zt = data['student_logits'], data['teacher_logits']
+
+    def exact(z):
+        p_s, p_t = np.exp(ref.log_softmax(z)), np.exp(ref.log_softmax(zt))
+        return np.sum(p_t * np.log(p_t / p_s), -1) if method == 'full_fkl' else np.sum(p_s * np.log(p_s / p_t), -1)
+
+    f = lambda z, t: losses.full_divergence(method, z, t, 0.5)
+    per_token = f(jnp.asarray(zs), jnp.asarray(zt))
+    grad = jax.grad(lambda z: f(z, jnp.asarray(zt)).sum())(jnp.asarray(zs))
+    np.testing.assert_allclose(per_token, exact(zs), **VALUE_TOL)
+    np.testing.assert_allclose(grad, _fd_gradient(exact, zs), **GRAD_TOL)
+    same = jax.value_and_grad(lambda z: f(z, jnp.asarray(zs)).sum())(jnp.asarray(zs))
+    np.testing.assert_allclose(same[0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(same[1], 0.0, atol=1e-6)
 
 
 def test_jsd_gradient_is_not_the_sampled_token_estimate():
@@ -311,6 +333,8 @@ def test_distillation_loss_matches_reference(method, extra, aggregation):
         'logprob_mismatch',
         'logprob_mismatch_max',
         'ratio_truncated_fraction',
+        'teacher_topk_mass',
+        'student_topk_mass',
     ):
         np.testing.assert_allclose(metrics[name], want[name], err_msg=name, **VALUE_TOL)
     if method in ref.TRUST_METHODS:
@@ -365,26 +389,45 @@ def test_default_hyperparameters(method):
     np.testing.assert_allclose(loss, want_loss, **VALUE_TOL)
 
 
-K1_METHODS = (
-    'opd',
-    'entropy_opd',
-    'clip_outlier',
-    'mask_outlier',
-    'fkl_outlier',
-    'tropd',
-    'tropd_mask',
-    'tropd_clip',
-    'reopold',
-)
+def truncation_bias(logits, k):
+    """The gradient of the top-k FKL w.r.t. the student logits at p_S = p_T = p, without a tail outcome:
+    -p_j (1[j in K_t] - p(K_t)), [B, T, V] float64 (it pushes mass from outside K_t onto K_t)."""
+    p = np.exp(ref.log_softmax(logits))
+    inside = np.zeros(p.shape, bool)
+    np.put_along_axis(inside, ref.teacher_topk(logits, k), True, axis=-1)
+    mass = np.sum(np.where(inside, p, 0.0), axis=-1, keepdims=True)
+    return -p * (inside - mass)
 
 
-@pytest.mark.parametrize('method', K1_METHODS)
-def test_teacher_equal_to_student_gives_zero_k1_gradient(method):
+def self_distillation_fkl_tokens(method, data, hp):
+    """[B, T] bool: the on-policy tokens a method sends to the top-k FKL when teacher = student (r_t = 0 and P_t =
+    M_t = 1 exactly), and the k it uses; (None, None) for methods without one there."""
+    on = (data['response_mask'] > 0) & ~(data['prefix_mask'] > 0)
+    if method in ('topk_fkl', 'aopd', 'tropd_aopd'):  # aopd: r_t > 0 is false, every token goes to the FKL
+        return on, hp['k']
+    if method == 'eopd':
+        return on & (ref.entropy(data['teacher_logits']) > hp['eopd_entropy_threshold']), hp['eopd_k']
+    return None, None  # K1 terms vanish at r_t = 0; trust methods keep every token (M_t = 1); divergences at 0
+
+
+@pytest.mark.parametrize('tail', [False, True])
+@pytest.mark.parametrize('method', losses.METHODS)
+def test_self_distillation_is_a_fixed_point(method, tail):
+    # Teacher = student (same logits), no prefix: the loss is 0 for every method, and so is its gradient, except the
+    # top-k FKL's truncation bias -p_j (1[j in K_t] - p(K_t)) on the tokens it sees, which the tail outcome removes.
     data = batch(prefixes=False)
     data['teacher_logits'] = data['student_logits'].copy()
-    loss, metrics, grad = run(method, data, jax.random.key(0), **HP)
-    np.testing.assert_allclose(grad, 0.0, atol=1e-7)
-    np.testing.assert_allclose([loss, metrics['reward'], metrics['trust_probability']], [0.0, 0.0, 1.0], atol=1e-7)
+    hp = dict(HP, topk_tail=tail)
+    loss, metrics, grad = run(method, data, jax.random.key(0), **hp)
+    np.testing.assert_allclose([loss, metrics['reward'], metrics['trust_probability']], [0.0, 0.0, 1.0], atol=1e-6)
+    tokens, k = self_distillation_fkl_tokens(method, data, hp)
+    want = np.zeros(grad.shape)
+    if tokens is not None and not tail:
+        assert tokens.any(), 'no token reaches the top-k FKL: the bias check would be vacuous'
+        n = (data['response_mask'] > 0).sum()
+        want = np.where(tokens[..., None], truncation_bias(data['student_logits'], k) / n, 0.0)
+        assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(grad, want, atol=2e-7)
 
 
 def test_teacher_rejecting_every_token_routes_everything_to_fkl():

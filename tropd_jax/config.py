@@ -87,8 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
         # A None default (importance_ratio_cap) is a float placeholder, so `--config.loss.NAME=2.0` can set it.
         loss[name] = ml_collections.config_dict.placeholder(float) if value is None else value
     loss.importance_ratio = True  # rho_t against the sampler's log-probs (False: rho_t = 1 in value)
-    loss.fused = True  # chunked loss from hidden states + LM head (never holds [tokens, vocab] logits); False: the
-    #   readable reference loss on full logits (same values; for debugging)
+    loss.fused = True  # chunked loss from hidden states + LM heads (never holds [tokens, vocab] logits, exact for every
+    #   method); False: the readable reference loss on full logits (same values; for debugging)
     loss.chunk_size = 1024  # tokens per chunk of the fused loss
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -258,6 +258,14 @@ def validate_config(config, *, num_devices: int, check_paths: bool = True) -> No
     except ValueError as e:
         raise ValueError(f'loss: {e}') from None
     _require(c.loss.chunk_size >= 1, f'loss.chunk_size={c.loss.chunk_size} must be >= 1')
+    _require(
+        not (
+            c.loss.fused and c.loss.method in losses.FULL_VOCABULARY_METHODS and c.model.teacher_placement == 'separate'
+        ),
+        f'loss.method={c.loss.method!r} with loss.fused=True recomputes the teacher logits from its hidden states and '
+        f"LM head on the student's devices, which model.teacher_placement='separate' keeps apart: use "
+        f"'colocated', or loss.fused=False",
+    )
 
     # Batch arithmetic and the mesh.
     t = c.train

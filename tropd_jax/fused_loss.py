@@ -6,19 +6,30 @@ while the estimators only need O(k) numbers per token. This module computes exac
 chunk, and hands them to `losses.loss_from_stats`, so every method is still written once.
 
   1. `teacher_pass`: teacher hidden states + LM head -> `TeacherTargets` (tau_t, top-k ids and log-probs, entropy),
-     no gradient; only one chunk of teacher logits exists at a time.
-  2. `student_stats`: student hidden states + LM head + targets -> `TokenStats`, with a custom VJP that recomputes each
-     chunk's logits in the backward pass, so forward + backward memory grows with chunk x V, not tokens x V.
+     no gradient; only one chunk of teacher logits exists at a time. With `full_vocabulary=True` (the exact
+     divergences of `losses.FULL_VOCABULARY_METHODS`: `jsd`, `full_fkl`, `full_rkl`) it also keeps each token's
+     log-normaliser (the log-sum-exp over the whole vocabulary), its hidden states and its head.
+  2. `student_stats`: student hidden states + LM head + targets -> `TokenStats`, with a custom VJP. Pass 1 (forward)
+     computes each chunk's log-normaliser and saves it; pass 2 (backward) recomputes each chunk's logits, normalises
+     them with the saved log-normaliser, and forms the gradient, so forward + backward memory grows with chunk x V,
+     not tokens x V. The exact divergences recompute the chunk's teacher logits from its hidden states and head in
+     both passes, and take their gradient in closed form (`_divergence_grad`).
   3. `fused_distillation_loss` = `student_stats` + `losses.loss_from_stats`.
 
-At 32k tokens, hidden 1536 and vocabulary 151,936 (bf16), loss + gradient need 3.4 GB of temporaries against 91 GB
-for the naive loss, nearly all of it independent of the length (docs/benchmarks.md).
+At 32k tokens, hidden 1536 and vocabulary 151,936 (bf16), `tropd`'s loss + gradient need 3.4 GB of temporaries
+against 91 GB for the naive loss, and the exact `jsd` 4.6 GB against 270 GB (`benchmarks/loss_memory.py`, XLA CPU),
+nearly all of it independent of the length. XLA's buffer assignment for `tropd` shows three [H, V] float32 arrays
+(0.93 GB each) and float32 chunks of logits (0.62 GB each at chunk_size 1024): the head gradient's float32
+accumulator, its per-chunk increment (sharing its space with the chunk's logit-gradient buffers), and a float32
+copy of the bf16 head that the CPU backend makes for its bf16 matmuls. Under a mesh all of them are split over the
+devices.
 
 Where the inputs come from (`tropd_jax.models.decoder`), with the shift of docs/architecture.md done by the caller:
 
   inputs, targets_ids = tokens[:, :-1], tokens[:, 1:]          # hidden[:, t] predicts targets_ids[:, t]
   teacher_hidden, _ = teacher(inputs, positions[:, :-1], input_mask[:, :-1], return_hidden=True)   # [B, T, H_T]
   targets = teacher_pass(teacher_hidden, teacher.lm_head_weight(), targets_ids, k=k, vocab_size=V, chunk_size=c)
+  # For jsd / full_fkl / full_rkl: teacher_pass(..., full_vocabulary=True).
   def loss_fn(student):
       hidden, _ = student(inputs, positions[:, :-1], input_mask[:, :-1], return_hidden=True)       # [B, T, H_S]
       return fused_distillation_loss(method, hidden, student.lm_head_weight(), targets, targets_ids,
@@ -26,7 +37,8 @@ Where the inputs come from (`tropd_jax.models.decoder`), with the shift of docs/
 
 `Decoder.lm_head_weight()` is `[H, V_padded]` (the transposed embedding when tied); the two models may pad their
 vocabularies differently (151,936 vs 152,064 rows): `vocab_size` is the shared real vocabulary, and logits beyond it
-are masked to -inf rather than sliced, so a vocabulary-sharded head is never copied.
+are masked to -inf rather than sliced, so a vocabulary-sharded head is never copied. (The exact divergences cut or
+zero-pad the teacher's head to the student's width once per call, so both chunks' logits line up column by column.)
 
 Chunks are strided along the sequence: each row's T positions are viewed as `[chunk_length, num_chunks]` (a free
 reshape after padding T to chunk_length x num_chunks), and chunk j takes positions j, j + num_chunks, ... of every
@@ -68,12 +80,20 @@ class TeacherTargets(NamedTuple):
     topk_ids: [B, T, k] int32, the teacher's top-k ids K_t, by decreasing probability.
     topk_logprobs: [B, T, k] float32, log p_T at `topk_ids` (full shared-vocabulary log-probs).
     teacher_entropy: float32 entropy of pi_T over the shared vocabulary.
+    With `teacher_pass(..., full_vocabulary=True)` (the exact divergences of `losses.FULL_VOCABULARY_METHODS`),
+    else None:
+    log_normalizer: float32 log-sum-exp of the teacher's logits over the shared vocabulary.
+    hidden: [B, T, H_T] the teacher's hidden states; lm_head: [H_T, V_T] its LM head (both without gradient), from
+      which the student pass recomputes each chunk's teacher logits.
     """
 
     teacher_logprobs: jax.Array
     topk_ids: jax.Array
     topk_logprobs: jax.Array
     teacher_entropy: jax.Array
+    log_normalizer: jax.Array | None = None
+    hidden: jax.Array | None = None
+    lm_head: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,6 +225,7 @@ def teacher_pass(
     k: int,
     vocab_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    full_vocabulary: bool = False,
 ) -> TeacherTargets:
     """The teacher's per-token targets, one chunk of logits at a time, without gradient.
 
@@ -216,6 +237,8 @@ def teacher_pass(
       k: top-k size to keep (`losses.topk_size(method, hyperparameters)`).
       vocab_size: the shared real vocabulary; logits beyond it are excluded.
       chunk_size: tokens per chunk (over the whole mesh); memory holds chunk x V_T logits.
+      full_vocabulary: also keep the log-normaliser, the hidden states and the LM head (`TeacherTargets`), for the
+        exact divergences of `losses.FULL_VOCABULARY_METHODS`.
     Returns:
       `TeacherTargets` with float32 [B, T] / [B, T, k] arrays and int32 ids.
     """
@@ -231,9 +254,11 @@ def teacher_pass(
     token_view = _to_chunks(tokens.astype(jnp.int32), num_chunks, chunk_length)
 
     def body(j, out):
-        logprobs, _ = _log_softmax(_logits(_chunk(hidden_view, j), head, vocab_size))
+        logprobs, log_sum_exp = _log_softmax(_logits(_chunk(hidden_view, j), head, vocab_size))
         topk_logprobs, topk_ids = _top_k(logprobs, k)
         values = (_gather(logprobs, _chunk(token_view, j)), topk_ids, topk_logprobs, _entropy(logprobs))
+        if full_vocabulary:
+            values += (log_sum_exp,)
         return tuple(_set_chunk(buf, j, v) for buf, v in zip(out, values))
 
     shape = (batch, chunk_length, num_chunks)
@@ -242,23 +267,67 @@ def teacher_pass(
         jnp.zeros(shape + (k,), jnp.int32),
         jnp.zeros(shape + (k,), jnp.float32),
         jnp.zeros(shape, jnp.float32),
-    )
+    ) + ((jnp.zeros(shape, jnp.float32),) if full_vocabulary else ())
     out = lax.fori_loop(0, num_chunks, body, init)
-    return TeacherTargets(*(_from_chunks(x, length) for x in out))
+    targets = TeacherTargets(*(_from_chunks(x, length) for x in out))
+    return targets._replace(hidden=hidden, lm_head=head) if full_vocabulary else targets
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Student.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _student_chunks(vocab_size, hidden_view, head, token_view, ids_view):
+def _divergence(divergence: tuple[str, float], logp: jax.Array, logq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One chunk's full-vocabulary divergence between the student's log-probs `logp` and the teacher's `logq`, both
+    [c, V] (-inf beyond the shared vocabulary): (value [c], aux [c]), aux being what its gradient reads
+    (`_divergence_grad`). divergence = (method, jsd_beta), the method one of `losses.FULL_VOCABULARY_METHODS`."""
+    method, beta = divergence
+    lp, lq = losses._finite_logprobs(logp), losses._finite_logprobs(logq)
+    p, q = jnp.exp(lp), jnp.exp(lq)
+    kl = lambda w, a, b: jnp.sum(jnp.where(w > 0, w * (a - b), 0.0), axis=-1)  # sum w (a - b), 0 log 0 = 0
+    if method == 'full_fkl':
+        value = kl(q, lq, lp)
+        return value, value
+    if method == 'full_rkl':
+        value = kl(p, lp, lq)
+        return value, value
+    lm = jnp.logaddexp(jnp.log(beta) + lq, jnp.log1p(-beta) + lp)
+    student_term = kl(p, lp, lm)
+    return beta * kl(q, lq, lm) + (1.0 - beta) * student_term, student_term
+
+
+def _divergence_grad(divergence: tuple[str, float], logp: jax.Array, logq: jax.Array, aux: jax.Array) -> jax.Array:
+    """d divergence / d student logits, [c, V]. With g_j = dD/dp_j, the softmax gives p_j (g_j - sum_i p_i g_i):
+    forward KL p - q; reverse KL p (log p - log q - KL(p || q)); generalised JSD (g = (1 - beta) log(p / m))
+    (1 - beta) p (log p - log m - KL(p || m)). `aux` [c] is the KL the forward pass saved."""
+    method, beta = divergence
+    lp, lq = losses._finite_logprobs(logp), losses._finite_logprobs(logq)
+    p = jnp.exp(lp)
+    if method == 'full_fkl':
+        return p - jnp.exp(lq)
+    if method == 'full_rkl':
+        return p * (lp - lq - aux[:, None])
+    lm = jnp.logaddexp(jnp.log(beta) + lq, jnp.log1p(-beta) + lp)
+    return (1.0 - beta) * p * (lp - lm - aux[:, None])
+
+
+def _teacher_logprobs(teacher, j, vocab_size):
+    """Chunk j of the teacher's log-probs [c, V], recomputed from its hidden states, head and log-normaliser."""
+    hidden_view, head, log_normalizer_view = teacher
+    return _logits(_chunk(hidden_view, j), head, vocab_size) - _chunk(log_normalizer_view, j)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _student_chunks(vocab_size, divergence, hidden_view, head, token_view, ids_view, teacher):
     """Chunk views [B, c, nc, H], [B, c, nc], [B, c, nc, k] -> (s [B, c, nc], top-k log-probs [B, c, nc, k],
-    entropy [B, c, nc]), all float32."""
-    return _student_chunks_fwd(vocab_size, hidden_view, head, token_view, ids_view)[0]
+    entropy [B, c, nc]), all float32, and with `divergence` = (method, jsd_beta) the per-token full-vocabulary
+    divergence [B, c, nc] against `teacher` = (hidden view [B, c, nc, H_T], head [H_T, V], log-normaliser view
+    [B, c, nc]) (None without)."""
+    return _student_chunks_fwd(vocab_size, divergence, hidden_view, head, token_view, ids_view, teacher)[0]
 
 
-def _student_chunks_fwd(vocab_size, hidden_view, head, token_view, ids_view):
+def _student_chunks_fwd(vocab_size, divergence, hidden_view, head, token_view, ids_view, teacher):
+    # Pass 1: each chunk's log-normaliser (and the values); the backward pass reuses it rather than recomputing it.
 
     def body(j, out):
         logprobs, log_sum_exp = _log_softmax(_logits(_chunk(hidden_view, j), head, vocab_size))
@@ -268,30 +337,41 @@ def _student_chunks_fwd(vocab_size, hidden_view, head, token_view, ids_view):
             _entropy(logprobs),
             log_sum_exp,
         )
+        if divergence is not None:
+            values += _divergence(divergence, logprobs, _teacher_logprobs(teacher, j, vocab_size))
         return tuple(_set_chunk(buf, j, v) for buf, v in zip(out, values))
 
     shape = token_view.shape
-    init = tuple(jnp.zeros(s, jnp.float32) for s in (shape, ids_view.shape, shape, shape))
-    logprobs, topk_logprobs, entropy, log_sum_exp = lax.fori_loop(0, shape[2], body, init)
-    return (logprobs, topk_logprobs, entropy), (hidden_view, head, token_view, ids_view, log_sum_exp)
+    shapes = (shape, ids_view.shape, shape, shape) + ((shape, shape) if divergence is not None else ())
+    out = lax.fori_loop(0, shape[2], body, tuple(jnp.zeros(s, jnp.float32) for s in shapes))
+    logprobs, topk_logprobs, entropy, log_sum_exp = out[:4]
+    primal = (logprobs, topk_logprobs, entropy) + out[4:5]
+    aux = out[5] if divergence is not None else None
+    return primal, (hidden_view, head, token_view, ids_view, teacher, log_sum_exp, aux)
 
 
-def _student_chunks_bwd(vocab_size, residuals, cotangents):
-    """Recomputes each chunk's softmax p; d logp_i / d z = onehot_i - p, so
-    dz = scatter(cotangents at their ids) - p * (sum of the chunk's cotangents). The entropy has no gradient.
-    The LM-head gradient is accumulated in float32 over chunks."""
-    hidden_view, head, token_view, ids_view, log_sum_exp = residuals
-    ct_logprobs, ct_topk, _ = cotangents
+def _student_chunks_bwd(vocab_size, divergence, residuals, cotangents):
+    """Pass 2: recomputes each chunk's logits and softmax p from the saved log-normaliser; d logp_i / d z = onehot_i -
+    p, so dz = scatter(cotangents at their ids) - p * (sum of the chunk's cotangents), plus the divergence's
+    cotangent times `_divergence_grad`. The entropy has no gradient, nor has the teacher. The LM-head gradient is
+    accumulated in float32 over chunks."""
+    hidden_view, head, token_view, ids_view, teacher, log_sum_exp, aux = residuals
+    ct_logprobs, ct_topk = cotangents[:2]
 
     def body(j, carry):
         d_hidden, d_head = carry
         hidden = _chunk(hidden_view, j)
         tokens, ids = _chunk(token_view, j), _chunk(ids_view, j)
         ct_s, ct_k = _chunk(ct_logprobs, j), _chunk(ct_topk, j)
-        p = jnp.exp(_logits(hidden, head, vocab_size) - _chunk(log_sum_exp, j)[:, None])
+        logprobs = _logits(hidden, head, vocab_size) - _chunk(log_sum_exp, j)[:, None]
+        p = jnp.exp(logprobs)
         rows = jnp.arange(tokens.shape[0])
         d_logits = -p * (ct_s + jnp.sum(ct_k, axis=-1))[:, None]
         d_logits = d_logits.at[rows, tokens].add(ct_s).at[rows[:, None], ids].add(ct_k)
+        if divergence is not None:
+            logq = _teacher_logprobs(teacher, j, vocab_size)
+            grad = _divergence_grad(divergence, logprobs, logq, _chunk(aux, j))
+            d_logits = d_logits + _chunk(cotangents[3], j)[:, None] * grad
         d_logits = sharding.constrain(d_logits.astype(head.dtype), LOGITS_AXES)
         d_chunk = jnp.dot(d_logits, head.T, preferred_element_type=jnp.float32)
         d_head = d_head + jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
@@ -299,7 +379,8 @@ def _student_chunks_bwd(vocab_size, residuals, cotangents):
 
     init = (jnp.zeros_like(hidden_view), jnp.zeros(head.shape, jnp.float32))
     d_hidden, d_head = lax.fori_loop(0, hidden_view.shape[2], body, init)
-    return d_hidden, d_head.astype(head.dtype), None, None
+    no_teacher_grad = None if teacher is None else jax.tree.map(jnp.zeros_like, teacher)
+    return d_hidden, d_head.astype(head.dtype), None, None, no_teacher_grad
 
 
 _student_chunks.defvjp(_student_chunks_fwd, _student_chunks_bwd)
@@ -313,11 +394,16 @@ def student_stats(
     *,
     vocab_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    divergence: str | None = None,
+    jsd_beta: float = losses.DEFAULT_HYPERPARAMETERS['jsd_beta'],
 ) -> losses.TokenStats:
     """`losses.TokenStats` from student hidden states and LM head plus the teacher's targets, chunked.
 
-    Equal to `losses.token_statistics(hidden @ head, teacher_logits, tokens, k)` on the shared vocabulary, without
-    ever holding more than one chunk of logits, in the forward or the backward pass (the backward recomputes them).
+    Equal to `losses.token_statistics(hidden @ head, teacher_logits, tokens, k, divergence, jsd_beta)` on the shared
+    vocabulary, without ever holding more than one chunk of logits, in the forward or the backward pass (the
+    backward recomputes them). With `divergence` (one of `losses.FULL_VOCABULARY_METHODS`) each chunk's teacher
+    logits are recomputed too, from `targets.hidden` and `targets.lm_head` (`teacher_pass(..., full_vocabulary=True)`),
+    and normalised by the teacher pass's log-normaliser: the divergence is exact over the whole vocabulary.
 
     Args:
       student_hidden: [B, T, H] final hidden states (`Decoder(..., return_hidden=True)`); gets a gradient.
@@ -327,8 +413,11 @@ def student_stats(
       targets: `TeacherTargets` of `teacher_pass` on the same tokens; k = `targets.topk_ids.shape[-1]`.
       vocab_size: the shared real vocabulary.
       chunk_size: tokens per chunk (over the whole mesh).
+      divergence: a `losses.FULL_VOCABULARY_METHODS` method whose divergence to compute, or None.
+      jsd_beta: the generalised JSD's interpolation (`jsd`).
     Returns:
-      `TokenStats`; `student_logprobs` and `student_topk_logprobs` carry gradient, `student_entropy` does not.
+      `TokenStats`; `student_logprobs`, `student_topk_logprobs` and `full_divergence` (None without `divergence`)
+      carry gradient, `student_entropy` does not.
     """
     _check_inputs(student_hidden, student_lm_head, tokens, vocab_size, 'student')
     batch, length = tokens.shape
@@ -346,8 +435,29 @@ def student_stats(
         _to_chunks(x, num_chunks, chunk_length)
         for x in (student_hidden, tokens.astype(jnp.int32), lax.stop_gradient(targets.topk_ids).astype(jnp.int32))
     ]
-    head = _split_head(student_lm_head.astype(student_hidden.dtype))
-    logprobs, topk_logprobs, entropy = _student_chunks(vocab_size, views[0], head, views[1], views[2])
+    head = student_lm_head.astype(student_hidden.dtype)
+    teacher = None
+    if divergence is not None:
+        if divergence not in losses.FULL_VOCABULARY_METHODS:
+            raise ValueError(f'divergence={divergence!r} must be one of {losses.FULL_VOCABULARY_METHODS} or None')
+        if targets.hidden is None or targets.lm_head is None or targets.log_normalizer is None:
+            raise ValueError(
+                f'divergence {divergence!r} needs the teacher hidden states, LM head and log-normaliser in targets: '
+                'use teacher_pass(..., full_vocabulary=True)'
+            )
+        _check_inputs(targets.hidden, targets.lm_head, tokens, vocab_size, 'teacher')
+        # The teacher's head cut or zero-padded to the student's width (both >= vocab_size; columns beyond it are
+        # masked), so the chunks' logits line up column by column; the student's head keeps its layout.
+        teacher_head = lax.stop_gradient(targets.lm_head).astype(targets.hidden.dtype)[:, : head.shape[1]]
+        teacher_head = _split_head(jnp.pad(teacher_head, ((0, 0), (0, head.shape[1] - teacher_head.shape[1]))))
+        teacher = (
+            _to_chunks(lax.stop_gradient(targets.hidden), num_chunks, chunk_length),
+            teacher_head,
+            _to_chunks(lax.stop_gradient(targets.log_normalizer).astype(jnp.float32), num_chunks, chunk_length),
+        )
+        divergence = (divergence, float(jsd_beta))
+    out = _student_chunks(vocab_size, divergence, views[0], _split_head(head), views[1], views[2], teacher)
+    logprobs, topk_logprobs, entropy = out[:3]
     return losses.TokenStats(
         student_logprobs=_from_chunks(logprobs, length),
         teacher_logprobs=lax.stop_gradient(targets.teacher_logprobs).astype(jnp.float32),
@@ -355,6 +465,7 @@ def student_stats(
         teacher_topk_logprobs=lax.stop_gradient(targets.topk_logprobs).astype(jnp.float32),
         student_entropy=lax.stop_gradient(_from_chunks(entropy, length)),
         teacher_entropy=lax.stop_gradient(targets.teacher_entropy).astype(jnp.float32),
+        full_divergence=_from_chunks(out[3], length) if teacher is not None else None,
     )
 
 
@@ -383,10 +494,8 @@ def fused_distillation_loss(
       vocab_size: the shared real vocabulary.
       chunk_size: tokens per chunk (over the whole mesh).
     Returns:
-      (scalar float32 loss, {name: (sum, count)} float32 scalar metrics), equal to the reference on full logits,
-      except for `jsd`: the exact generalised JSD needs both full distributions at once, so here it is
-      `losses.topk_tail_jsd`, the JSD over the teacher's top-k ids plus one tail outcome (a lower bound, exact when
-      the top-k holds all the mass). Use `loss.fused=False` for the exact `jsd`.
+      (scalar float32 loss, {name: (sum, count)} float32 scalar metrics), equal to the reference on full logits. The
+      methods of `losses.FULL_VOCABULARY_METHODS` need `teacher_pass(..., full_vocabulary=True)` targets.
     """
     needed = losses.topk_size(method, losses.hyperparameters_of(options))
     have = targets.topk_ids.shape[-1]
@@ -396,7 +505,15 @@ def fused_distillation_loss(
     targets = targets._replace(
         topk_ids=targets.topk_ids[..., :needed], topk_logprobs=targets.topk_logprobs[..., :needed]
     )
+    hp = losses.resolve_hyperparameters(method, losses.hyperparameters_of(options))
     stats = student_stats(
-        student_hidden, student_lm_head, tokens, targets, vocab_size=vocab_size, chunk_size=chunk_size
+        student_hidden,
+        student_lm_head,
+        tokens,
+        targets,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        divergence=method if method in losses.FULL_VOCABULARY_METHODS else None,
+        jsd_beta=hp['jsd_beta'],
     )
     return losses.loss_from_stats(method, stats, response_mask, prefix_mask, key, **options)

@@ -36,7 +36,13 @@ METHODS = (
     'reopold',
     'aopd',
     'tropd_aopd',
+    'full_fkl',
+    'full_rkl',
 )
+
+# Methods whose on-policy term is a divergence over the whole shared vocabulary (`full_divergence`): they need both
+# full distributions of every token (the fused loss recomputes them from hidden states and both LM heads).
+FULL_VOCABULARY_METHODS = ('jsd', 'full_fkl', 'full_rkl')
 
 # Methods whose on-policy term routes tokens through the stochastic trust region M_t ~ Bernoulli(P_t).
 TRUST_REGION_METHODS = ('fkl_outlier', 'tropd', 'tropd_mask', 'tropd_clip', 'tropd_aopd')
@@ -45,6 +51,7 @@ DEFAULT_HYPERPARAMETERS = dict(
     k=64,  # teacher top-k for the forward KL (paper: 64)
     beta=0.001,  # weight of the off-policy prefix term (paper: 0.001)
     renormalize=False,  # renormalise p_T and p_S over the top-k set (ours)
+    topk_tail=False,  # top-k FKL over K_t plus one "rest of the vocabulary" outcome on both sides (ours)
     jsd_beta=0.5,  # GKD generalised-JSD interpolation
     entropy_top_q=0.2,  # entropy_opd: fraction of on-policy tokens kept, by student entropy
     reward_floor=-2.0,  # tau_c for clip / mask variants (ours)
@@ -71,8 +78,8 @@ class TokenStats(NamedTuple):
     student_topk_logprobs: [B, T, k] log p_S at the teacher's top-k ids (carries gradient).
     teacher_topk_logprobs: [B, T, k] log p_T at its top-k ids, sorted descending.
     student_entropy, teacher_entropy: full shared-vocabulary entropies (no gradient).
-    generalized_jsd: the exact per-token generalised JSD over the full vocabulary (carries gradient), or None where
-      only top-k statistics exist (the fused loss); `jsd` then uses `topk_tail_jsd`.
+    full_divergence: the per-token divergence of a `FULL_VOCABULARY_METHODS` method over the whole shared vocabulary
+      (carries gradient), or None for the other methods.
     """
 
     student_logprobs: jax.Array
@@ -81,7 +88,7 @@ class TokenStats(NamedTuple):
     teacher_topk_logprobs: jax.Array
     student_entropy: jax.Array
     teacher_entropy: jax.Array
-    generalized_jsd: jax.Array | None = None
+    full_divergence: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,15 +141,41 @@ def _finite_logprobs(logp: jax.Array) -> jax.Array:
     return jnp.maximum(logp, jnp.finfo(jnp.float32).min / 4)
 
 
+def _log_tail(topk_logprobs: jax.Array) -> jax.Array:
+    """log(1 - sum_k exp(topk_logprobs)), the log-mass outside the top-k set: [B, T, k] -> [B, T, 1].
+
+    log1mexp of the set's log-mass, accurate at both ends. When the set holds all the mass in float32 (the rest is
+    below ~1e-7) it is clamped to log(tiny) ~ -87, and its gradient there is dropped. The inner `where`s keep the
+    branch not taken finite, so no NaN reaches the gradient."""
+    log_mass = jnp.minimum(jax.nn.logsumexp(topk_logprobs, axis=-1, keepdims=True), 0.0)
+    near_one = log_mass > -math.log(2.0)
+    return jnp.where(
+        near_one,
+        jnp.log(jnp.maximum(-jnp.expm1(jnp.where(near_one, log_mass, -1.0)), jnp.finfo(jnp.float32).tiny)),
+        jnp.log1p(-jnp.exp(jnp.where(near_one, -1.0, log_mass))),
+    )
+
+
 def topk_kl_from_logprobs(
-    student_topk_logprobs: jax.Array, teacher_topk_logprobs: jax.Array, renormalize: bool = False
+    student_topk_logprobs: jax.Array,
+    teacher_topk_logprobs: jax.Array,
+    renormalize: bool = False,
+    tail: bool = False,
 ) -> jax.Array:
-    """F_t = sum_{v in K_t} p_T(v) (log p_T(v) - log p_S(v)), from [B, T, k] log-probs -> [B, T]."""
+    """F_t = sum_{v in K_t} p_T(v) (log p_T(v) - log p_S(v)), from [B, T, k] log-probs -> [B, T].
+
+    `tail=True` adds the outcome "not in K_t" on both sides, p_T(tail) (log p_T(tail) - log p_S(tail)) with
+    p(tail) = 1 - sum_{K_t} p: a KL between two distributions over k + 1 outcomes, so it is >= 0 and its gradient
+    is zero at p_S = p_T (without it the gradient there is -p_j (1[j in K_t] - p_T(K_t)), the truncation bias).
+    """
     s = student_topk_logprobs.astype(jnp.float32)
     t = jax.lax.stop_gradient(teacher_topk_logprobs.astype(jnp.float32))
     if renormalize:
         s = s - jax.nn.logsumexp(s, axis=-1, keepdims=True)
         t = t - jax.nn.logsumexp(t, axis=-1, keepdims=True)
+    if tail:
+        s = jnp.concatenate([s, _log_tail(s)], axis=-1)
+        t = jnp.concatenate([t, _log_tail(t)], axis=-1)
     p_t = jnp.exp(t)
     return jnp.sum(jnp.where(p_t > 0, p_t * (_finite_logprobs(t) - _finite_logprobs(s)), 0.0), axis=-1)
 
@@ -155,7 +188,7 @@ def teacher_topk(teacher_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Arra
 
 
 def topk_forward_kl(
-    student_logits: jax.Array, teacher_logits: jax.Array, k: int, renormalize: bool = False
+    student_logits: jax.Array, teacher_logits: jax.Array, k: int, renormalize: bool = False, tail: bool = False
 ) -> jax.Array:
     """Top-k forward KL F_t of SPEC.md. [B, T, V] x 2 -> [B, T]; gradient flows through log p_S on K_t only."""
     if student_logits.shape != teacher_logits.shape:
@@ -163,7 +196,7 @@ def topk_forward_kl(
     _check_k(k, student_logits.shape[-1])
     ids, teacher_lp = teacher_topk(teacher_logits, k)
     student_lp = jnp.take_along_axis(log_softmax(student_logits), ids, axis=-1)
-    return topk_kl_from_logprobs(student_lp, teacher_lp, renormalize)
+    return topk_kl_from_logprobs(student_lp, teacher_lp, renormalize, tail)
 
 
 def _check_k(k: int, vocab: int) -> None:
@@ -187,34 +220,44 @@ def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, beta_j
     return beta_j * teacher_term + (1.0 - beta_j) * student_term
 
 
-def topk_tail_jsd(student_topk_logprobs: jax.Array, teacher_topk_logprobs: jax.Array, beta_j: float) -> jax.Array:
-    """The generalised JSD between p_T and p_S coarse-grained to k + 1 outcomes: the teacher's top-k ids and one
-    "tail" holding the rest of each distribution's mass. [B, T, k] x 2 -> [B, T].
+def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """KL(p_T || p_S) over the full vocabulary, [B, T, V] x 2 -> [B, T]; gradient through p_S only."""
+    log_ps = _finite_logprobs(log_softmax(student_logits))
+    log_pt = jax.lax.stop_gradient(_finite_logprobs(log_softmax(teacher_logits)))
+    p_t = jnp.exp(log_pt)
+    return jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0), axis=-1)
 
-    A lower bound of `generalized_jsd` (coarse-graining never increases a KL), equal to it when the top-k set holds
-    all of both distributions' mass. The fused loss uses it: it needs O(k) numbers per token.
-    """
-    log_ps = _finite_logprobs(student_topk_logprobs.astype(jnp.float32))
-    log_pt = jax.lax.stop_gradient(_finite_logprobs(teacher_topk_logprobs.astype(jnp.float32)))
 
-    def with_tail(logp):
-        tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(logp), axis=-1, keepdims=True), 0.0)
-        log_tail = jnp.log(jnp.maximum(tail, jnp.finfo(jnp.float32).tiny))
-        return jnp.concatenate([logp, log_tail], axis=-1)
+def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """KL(p_S || p_T) over the full vocabulary, [B, T, V] x 2 -> [B, T]; differentiated exactly through p_S (the
+    expectation over p_S included, unlike a sampled-token estimate)."""
+    log_ps = _finite_logprobs(log_softmax(student_logits))
+    log_pt = jax.lax.stop_gradient(_finite_logprobs(log_softmax(teacher_logits)))
+    p_s = jnp.exp(log_ps)
+    return jnp.sum(jnp.where(p_s > 0, p_s * (log_ps - log_pt), 0.0), axis=-1)
 
-    log_ps, log_pt = with_tail(log_ps), with_tail(log_pt)
-    log_pm = jnp.logaddexp(jnp.log(beta_j) + log_pt, jnp.log1p(-beta_j) + log_ps)
-    p_t, p_s = jnp.exp(log_pt), jnp.exp(log_ps)
-    teacher_term = jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_pm), 0.0), axis=-1)
-    student_term = jnp.sum(jnp.where(p_s > 0, p_s * (log_ps - log_pm), 0.0), axis=-1)
-    return beta_j * teacher_term + (1.0 - beta_j) * student_term
+
+def full_divergence(method: str, student_logits: jax.Array, teacher_logits: jax.Array, jsd_beta: float) -> jax.Array:
+    """The per-token divergence of a `FULL_VOCABULARY_METHODS` method on full logits, [B, T, V] x 2 -> [B, T]."""
+    if method == 'jsd':
+        return generalized_jsd(student_logits, teacher_logits, jsd_beta)
+    if method == 'full_fkl':
+        return forward_kl(student_logits, teacher_logits)
+    if method == 'full_rkl':
+        return reverse_kl(student_logits, teacher_logits)
+    raise ValueError(f'method {method!r} has no full-vocabulary divergence; those that do: {FULL_VOCABULARY_METHODS}')
 
 
 def token_statistics(
-    student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, k: int, jsd_beta: float | None = None
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    tokens: jax.Array,
+    k: int,
+    divergence: str | None = None,
+    jsd_beta: float = DEFAULT_HYPERPARAMETERS['jsd_beta'],
 ) -> TokenStats:
-    """Full logits [B, T, V] (same V) + tokens [B, T] -> TokenStats with top-k size k (and the exact generalised
-    JSD when `jsd_beta` is given)."""
+    """Full logits [B, T, V] (same V) + tokens [B, T] -> TokenStats with top-k size k, and `full_divergence` of the
+    method `divergence` (one of `FULL_VOCABULARY_METHODS`; None = not computed)."""
     _check_k(k, student_logits.shape[-1])
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     student_logp = log_softmax(student_logits)
@@ -228,7 +271,9 @@ def token_statistics(
         teacher_topk_logprobs=teacher_topk_lp,
         student_entropy=jax.lax.stop_gradient(entropy(student_logits)),
         teacher_entropy=entropy(teacher_logits),
-        generalized_jsd=None if jsd_beta is None else generalized_jsd(student_logits, teacher_logits, jsd_beta),
+        full_divergence=(
+            None if divergence is None else full_divergence(divergence, student_logits, teacher_logits, jsd_beta)
+        ),
     )
 
 
@@ -360,9 +405,8 @@ def loss_from_stats(
         ratio = ratio * capped
     trust_p = trust_probability(s_finite, tau_finite)  # P_t
     k = hp['k']
-    fkl = topk_kl_from_logprobs(
-        stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp['renormalize']
-    )
+    student_topk, teacher_topk_lp = stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k]
+    fkl = topk_kl_from_logprobs(student_topk, teacher_topk_lp, hp['renormalize'], hp['topk_tail'])
     if method in TRUST_REGION_METHODS:
         if key is None:
             raise ValueError(f'method {method!r} draws the trust mask M_t ~ Bernoulli(P_t) and needs a PRNG key')
@@ -381,13 +425,10 @@ def loss_from_stats(
         pg_term = pg
     elif method == 'topk_fkl':
         fkl_term = fkl
-    elif method == 'jsd':
-        if stats.generalized_jsd is not None:
-            fkl_term = stats.generalized_jsd
-        else:
-            fkl_term = topk_tail_jsd(
-                stats.student_topk_logprobs[..., :k], stats.teacher_topk_logprobs[..., :k], hp['jsd_beta']
-            )
+    elif method in FULL_VOCABULARY_METHODS:
+        if stats.full_divergence is None:
+            raise ValueError(f'method {method!r} needs TokenStats.full_divergence (its divergence over the vocabulary)')
+        fkl_term = stats.full_divergence
     elif method == 'entropy_opd':
         selected = _entropy_selection(stats.student_entropy, on_policy, hp['entropy_top_q'])
         pg_term = selected * pg
@@ -424,7 +465,10 @@ def loss_from_stats(
         uncertain = (stats.teacher_entropy > hp['eopd_entropy_threshold']).astype(jnp.float32)
         pg_term = pg
         fkl_term = uncertain * topk_kl_from_logprobs(
-            stats.student_topk_logprobs[..., :kk], stats.teacher_topk_logprobs[..., :kk], hp['renormalize']
+            stats.student_topk_logprobs[..., :kk],
+            stats.teacher_topk_logprobs[..., :kk],
+            hp['renormalize'],
+            hp['topk_tail'],
         )
         routed = uncertain
     elif method in ('aopd', 'tropd_aopd'):
@@ -461,6 +505,9 @@ def loss_from_stats(
         teacher_entropy=_masked_pair(stats.teacher_entropy, on_policy),
         prefix_student_entropy=_masked_pair(stats.student_entropy, prefix),
         prefix_teacher_entropy=_masked_pair(stats.teacher_entropy, prefix),
+        # How much the top-k statistics see: the teacher's mass inside its top-k K_t, and the student's mass on it.
+        teacher_topk_mass=_masked_pair(jnp.sum(jnp.exp(teacher_topk_lp), axis=-1), on_policy),
+        student_topk_mass=_masked_pair(jnp.sum(jnp.exp(student_topk), axis=-1), on_policy),
         logprob_mismatch=_masked_pair(mismatch, on_policy),
         logprob_mismatch_max=(jnp.max(mismatch * on_policy), none),
         ratio_truncated_fraction=_masked_pair(truncated, on_policy),
@@ -480,6 +527,11 @@ def resolve_hyperparameters(method: str, hyperparameters: dict) -> dict:
     hp = {**DEFAULT_HYPERPARAMETERS, **hyperparameters}
     if hp['aggregation'] not in AGGREGATIONS:
         raise ValueError(f'aggregation={hp["aggregation"]!r} must be one of {AGGREGATIONS}')
+    for name in ('renormalize', 'topk_tail'):
+        if not isinstance(hp[name], bool):
+            raise ValueError(f'{name}={hp[name]!r} must be True or False')
+    if hp['renormalize'] and hp['topk_tail']:
+        raise ValueError('renormalize=True and topk_tail=True exclude each other: renormalising leaves no tail mass')
     if not 0.0 < hp['jsd_beta'] < 1.0:
         raise ValueError(f'jsd_beta={hp["jsd_beta"]!r} must be in (0, 1)')
     for name in ('entropy_top_q', 'reopold_entropy_top_q'):
@@ -569,6 +621,6 @@ def distillation_loss(
             raise ValueError(f'vocab_size={vocab_size} must be in [1, min(student {v_s}, teacher {v_t})]')
         student_logits = student_logits[..., :vocab_size]
         teacher_logits = teacher_logits[..., :vocab_size]
-    jsd_beta = hp['jsd_beta'] if method == 'jsd' else None
-    stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), jsd_beta)
+    divergence = method if method in FULL_VOCABULARY_METHODS else None
+    stats = token_statistics(student_logits, teacher_logits, tokens, topk_size(method, hp), divergence, hp['jsd_beta'])
     return loss_from_stats(method, stats, response_mask, prefix_mask, key, **options)

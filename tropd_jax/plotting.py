@@ -37,6 +37,8 @@ PANELS = (
     ('mean reward r_t', ('reward', 'mean_reward')),
     ('outlier fraction', ('outlier_fraction', 'clipped_fraction', 'masked_fraction')),
     ('teacher entropy', ('teacher_entropy',)),
+    ("teacher's mass in its top-k", ('teacher_topk_mass',)),
+    ("student's mass on the teacher's top-k", ('student_topk_mass',)),
     ('prefix-token fraction', ('prefix_fraction',)),
     ('max prefix length L_max', ('max_prefix_length', 'prefix_max_length', 'l_max')),
     ('mean prefix length', ('prefix_length',)),

@@ -96,13 +96,20 @@ def teacher_targets(
     chunk_size: int,
     packed_positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    full_vocabulary: bool = False,
 ) -> fused_loss.TeacherTargets:
-    """The teacher's O(k)-per-token targets for the fused loss (one chunk of teacher logits at a time). Packed rows:
-    as `response_hidden`."""
+    """The teacher's O(k)-per-token targets for the fused loss (one chunk of teacher logits at a time), plus with
+    `full_vocabulary` its hidden states and LM head (`fused_loss.teacher_pass`). Packed rows: as `response_hidden`."""
     hidden = lambda: response_hidden(teacher, tokens, input_mask, prompt_length, packed_positions, segment_ids)
     response_tokens = tokens[:, prompt_length:].astype(jnp.int32)
     return fused_loss.teacher_pass(
-        hidden, teacher.lm_head_weight(), response_tokens, k=k, vocab_size=vocab_size, chunk_size=chunk_size
+        hidden,
+        teacher.lm_head_weight(),
+        response_tokens,
+        k=k,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        full_vocabulary=full_vocabulary,
     )
 
 

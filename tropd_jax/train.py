@@ -164,6 +164,7 @@ def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
             k=losses.topk_size(s.method, dict(s.hyperparameters)),
             vocab_size=s.vocab_size,
             chunk_size=s.chunk_size,
+            full_vocabulary=s.method in losses.FULL_VOCABULARY_METHODS,
             **dict(zip(('packed_positions', 'segment_ids'), _packed_inputs(micro, s))),
         )
     return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p, *_packed_inputs(micro, s)))

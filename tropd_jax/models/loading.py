@@ -10,6 +10,7 @@ from tropd_jax import losses
 from tropd_jax.models.hf import from_pretrained
 from tropd_jax.models.quantize import quantize_int8
 from tropd_jax.models.tokenizer import check_tokenizers_compatible, load_tokenizer
+from tropd_jax.models.vocabulary import check_vocabularies
 
 
 def load_models(config, mesh, teacher_mesh=None):
@@ -39,6 +40,7 @@ def load_models(config, mesh, teacher_mesh=None):
         teacher_vocab_size=teacher_config.vocab_size,
         student_vocab_size=student_config.vocab_size,
     )
+    check_vocabularies(len(teacher_tokenizer), len(tokenizer), teacher_config.vocab_size, student_config.vocab_size)
     needed = losses.topk_size(config.loss.method, config_lib.loss_hyperparameters(config.loss))
     if needed > vocab_size:
         raise ValueError(f'loss.k={needed} is larger than the shared vocabulary ({vocab_size} tokens)')
