@@ -22,7 +22,8 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from tropd_jax import config as config_lib
-from tropd_jax import data, losses, metrics, sampling, schedules, sharding, train
+from tropd_jax import data, losses, metrics, rollouts, sampling, schedules, sharding, train
+from tropd_jax import step as step_lib
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from tropd_jax.tasks import arithmetic
 
@@ -263,7 +264,7 @@ def test_run_logs_every_metric_and_exports_the_student(reference_run, pair):
 
 def crash_at(monkeypatch, step_index):
     """Makes the run die when it reaches `step_index` (0-based), after the previous step's checkpoint."""
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
 
     def make_rollouts(*args, **kwargs):
         if args[4] == step_index:
@@ -291,7 +292,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
     at_step_2 = params_of(os.path.join(workdir, 'hf'))
     assert any(not np.array_equal(a, b) for a, b in zip(at_step_2, params_of(pair['student'])))
     resumed_steps = []
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
     monkeypatch.setattr(train, 'make_rollouts', lambda *a, **k: resumed_steps.append(a[4]) or original(*a, **k))
     train.train_and_evaluate(make_config(pair), workdir)
     assert resumed_steps == [2]  # only the missing step ran again
@@ -306,7 +307,7 @@ def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_
 ):
     # Checkpoints only at the end: the checkpoint of step 2 can only come from the SIGTERM.
     workdir = str(tmp_path)
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
 
     def make_rollouts(*args, **kwargs):
         if args[4] == 1:  # during step 2, as a preemption notice arrives at any time
@@ -383,7 +384,7 @@ def _models_and_rollouts(pair, config):
     teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
     with jax.set_mesh(mesh):
-        rollout, _ = train.make_rollouts(
+        rollout, _ = rollouts.make_rollouts(
             teacher,
             student,
             prompts[:4],
@@ -409,12 +410,12 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     # micro-batch's 4 x 8 response tokens into uneven chunks.
     config = make_config(pair, loss__method='opd', prefix__enabled=True, loss__fused=fused, loss__chunk_size=5)
     mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
-    batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
+    batch = {k: np.asarray(getattr(rollout, k)) for k in step_lib.BATCH_KEYS}
     assert batch['prefix_mask'].sum() > 0 and batch['response_mask'].sum() > batch['prefix_mask'].sum()
 
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    settings = train.step_settings(config, vocab, rollout.prompt_length)
+    settings = step_lib.step_settings(config, vocab, rollout.prompt_length)
     assert len(batch['tokens']) // settings.micro_batch_size == 2
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
@@ -446,13 +447,13 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     ref_params = [np.asarray(x) for x in jax.tree.leaves(ref_params)]
 
     initial = [np.asarray(x) for x in jax.tree.leaves(params)]  # the step donates (deletes) its input params
-    opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(
+    opt_state = step_lib.make_optimizer(settings.optimizer).init(params)
+    step, *_ = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(lambda: opt_state),
         teacher_state,
-        train.BATCH_KEYS,
+        step_lib.BATCH_KEYS,
         settings,
         student_graphdef,
         teacher_graphdef,
@@ -482,17 +483,17 @@ def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, c
         pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm, train__steps=4
     )
     mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
-    batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
+    batch = {k: np.asarray(getattr(rollout, k)) for k in step_lib.BATCH_KEYS}
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    settings = train.step_settings(config, vocab, rollout.prompt_length)
-    opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(
+    settings = step_lib.step_settings(config, vocab, rollout.prompt_length)
+    opt_state = step_lib.make_optimizer(settings.optimizer).init(params)
+    step, *_ = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(lambda: opt_state),
         teacher_state,
-        train.BATCH_KEYS,
+        step_lib.BATCH_KEYS,
         settings,
         student_graphdef,
         teacher_graphdef,

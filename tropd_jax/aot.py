@@ -44,7 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from tropd_jax import config as config_lib
-from tropd_jax import sampling, sharding, train
+from tropd_jax import placement, sampling, sharding
+from tropd_jax import step as step_lib
 from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
@@ -271,7 +272,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     """
     num_devices = len(topology.devices)
     config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
-    mesh, teacher_mesh = train.make_meshes(config, topology.devices)
+    mesh, teacher_mesh = placement.make_meshes(config, topology.devices)
     separate = teacher_mesh is not mesh
     where = {
         'student': f"the student's {mesh.size} of {num_devices} chips" if separate else '',
@@ -299,12 +300,12 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     length = prompt_length + new
     batch = config.train.prompts_per_step * config.rollout.num_rollouts
     micro = config.train.micro_batch_size
-    settings = train.step_settings(config, vocab_size)
+    settings = step_lib.step_settings(config, vocab_size)
     # Packed rows: the largest packed batch (one rollout per row), scored with a prompt length of 1.
     settings = dataclasses.replace(settings, prompt_length=1 if settings.packed else prompt_length)
-    batch_keys = train.batch_keys(settings)
-    optimizer = train.make_optimizer(settings.optimizer)
-    step, batch_shardings, _, opt_shardings = train.jit_train_step(
+    batch_keys = step_lib.batch_keys(settings)
+    optimizer = step_lib.make_optimizer(settings.optimizer)
+    step, batch_shardings, _, opt_shardings = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(optimizer.init, params),
@@ -398,15 +399,15 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     full_batch = batch_of(batch)
 
     def teacher_scoring(teacher_state, micro):
-        return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
+        return step_lib.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
 
     teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
     if separate:
         # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
-        score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
+        score = placement.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
         teacher_batch = {
             k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh, PartitionSpec(('data', 'fsdp')))
-            for k in train.teacher_input_keys(settings)
+            for k in step_lib.teacher_input_keys(settings)
         }
         programs['teacher_scoring'] = (
             lambda: score.lower(teacher_state, teacher_batch, settings),
@@ -439,7 +440,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
 
     def student_grad(params, micro, teacher_out, key):
-        grads, stats = train.student_grads(
+        grads, stats = step_lib.student_grads(
             params, micro, teacher_out, key, student_graphdef=student_graphdef, s=settings
         )
         # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
