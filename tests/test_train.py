@@ -25,6 +25,7 @@ from tropd_jax import config as config_lib
 from tropd_jax import data, losses, metrics, rollouts, sampling, schedules, sharding, train
 from tropd_jax import step as step_lib
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
+from tropd_jax.placement import Placement
 from tropd_jax.tasks import arithmetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -391,7 +392,7 @@ def _models_and_rollouts(pair, config):
             jax.random.key(3),
             0,
             config,
-            mesh,
+            Placement(mesh, mesh),
             pad_id=tokenizer.pad_token_id,
             eos=sampling.eos_ids(tokenizer, student_config),
             vocab_size=len(tokenizer),

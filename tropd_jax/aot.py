@@ -44,12 +44,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from tropd_jax import config as config_lib
-from tropd_jax import placement, sampling, sharding
+from tropd_jax import sampling, sharding
 from tropd_jax import step as step_lib
 from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 from tropd_jax.models.quantize import quantize_int8
+from tropd_jax.placement import Placement
 
 GIB = 1024**3
 # HBM per chip as libtpu reports it, and how many TensorCores a slice name counts per chip (v4 / v5p names count
@@ -272,8 +273,8 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     """
     num_devices = len(topology.devices)
     config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
-    mesh, teacher_mesh = placement.make_meshes(config, topology.devices)
-    separate = teacher_mesh is not mesh
+    placed = Placement.from_config(config, topology.devices)
+    mesh, teacher_mesh, separate = placed.student_mesh, placed.teacher_mesh, placed.separate
     where = {
         'student': f"the student's {mesh.size} of {num_devices} chips" if separate else '',
         'teacher': f"the teacher's {teacher_mesh.size} of {num_devices} chips" if separate else '',
@@ -404,7 +405,9 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
     if separate:
         # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
-        score = placement.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
+        score = placed.jit_teacher_scores(
+            step_lib.teacher_scores, step_lib.teacher_input_keys, teacher_state, teacher_graphdef
+        )
         teacher_batch = {
             k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh, PartitionSpec(('data', 'fsdp')))
             for k in step_lib.teacher_input_keys(settings)

@@ -1,163 +1,68 @@
 """The step's rollouts across the meshes and the train step's batch made from them (rows or packed rows)."""
 
-import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import config as config_lib
-from tropd_jax import packing, sampling, schedules, scoring, sharding
+from tropd_jax import packing, sampling, schedules, scoring
+from tropd_jax.placement import Placement, global_array
 from tropd_jax.step import BATCH_KEYS, StepSettings
 
 
-def _global_array(x: np.ndarray, mesh, spec: PartitionSpec) -> jax.Array:
-    """A global array from a host array every process holds in full (each process places its own shards, if any)."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index], dtype=x.dtype)
-
-
-def _global_key(key, mesh) -> jax.Array:
-    """A PRNG key every process computed alike, replicated on `mesh` (whose devices may all be other processes')."""
-    data = _global_array(np.asarray(jax.random.key_data(key)), mesh, PartitionSpec())
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
-
-
-def separate_rollout(
-    teacher,
-    student,
-    prompt_tokens,
-    prompt_mask,
-    prefix_lengths,
-    key,
-    *,
-    mesh,
-    teacher_mesh,
-    num_rollouts,
-    teacher_prompt_tokens=None,
-    teacher_prompt_mask=None,
-    **settings,
-):
-    """`sampling.rollout` (same arguments, as host arrays, and the same samples) with the teacher on its own mesh:
-    the teacher writes the prefixes on its devices, only the prefix tokens and lengths move to the student's."""
-    put = lambda x, on: _global_array(np.asarray(x), on, PartitionSpec())
-    tokens = np.repeat(prompt_tokens, num_rollouts, axis=0)
-    mask = np.repeat(prompt_mask, num_rollouts, axis=0)
-    if teacher_prompt_tokens is None:
-        teacher_tokens, teacher_mask = tokens, mask
-    else:  # the teacher writes its prefixes after its own rendering of the prompts
-        teacher_tokens = np.repeat(teacher_prompt_tokens, num_rollouts, axis=0)
-        teacher_mask = np.repeat(teacher_prompt_mask, num_rollouts, axis=0)
-    with jax.set_mesh(sharding.every_device_mesh()):  # as `make_rollouts` drew `key`: every process reads it
-        teacher_key, student_key = jax.random.split(key)
-    student_key = _global_key(student_key, mesh)
-    if int(np.max(prefix_lengths)) <= 0:
-        return sampling.generate(student, put(tokens, mesh), put(mask, mesh), student_key, **settings)
-    with jax.set_mesh(teacher_mesh):
-        prefix = sampling.generate(
-            teacher,
-            put(teacher_tokens, teacher_mesh),
-            put(teacher_mask, teacher_mesh),
-            _global_key(teacher_key, teacher_mesh),
-            max_lengths=put(prefix_lengths, teacher_mesh),
-            **settings,
-        )
-        written = prefix.responses
-    # The teacher's devices may be other processes' (its own hosts): `sharding.transfer`, not `jax.device_put`.
-    forced_tokens, forced_lengths = sharding.transfer((written, prefix.lengths), NamedSharding(mesh, PartitionSpec()))
-    return sampling.generate(
-        student,
-        put(tokens, mesh),
-        put(mask, mesh),
-        student_key,
-        forced_tokens=forced_tokens,
-        forced_lengths=forced_lengths,
-        **settings,
-    )
-
-
-def make_rollouts(
-    teacher, student, prompt_batch, key, step, config, mesh, *, pad_id, eos, vocab_size, teacher_mesh=None
-):
-    """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts.
+def make_rollouts(teacher, student, prompt_batch, key, step, config, placement: Placement, *, pad_id, eos, vocab_size):
+    """Pads the step's prompts, draws prefix lengths from the schedule, and samples the rollouts
+    (`sampling.rollout`, with each model on its mesh of `placement`).
 
     Returns `(rollout, max_prefix_length)`; prompts are generated `rollout.batch_size` at a time (0 = all at once).
-    A `teacher_mesh` other than `mesh` (a separate teacher) writes the teacher's prefixes on its own devices. With
-    `data.teacher_template=teacher` the teacher writes them after its own rendering of the prompts
+    With `data.teacher_template=teacher` the teacher writes its prefixes after its own rendering of the prompts
     (`teacher_prompt_tokens`), the student continues after its own.
     """
     r = config.rollout
     tokens, mask = sampling.pad_prompts([p['prompt_tokens'] for p in prompt_batch], pad_id=pad_id)
-    teacher_tokens = teacher_mask = None
+    teacher_prompts = {}
     if config.data.teacher_template == 'teacher':
         teacher_tokens, teacher_mask = sampling.pad_prompts(
             [p['teacher_prompt_tokens'] for p in prompt_batch], pad_id=pad_id
         )
-    total = config.train.steps
+        teacher_prompts = dict(teacher_prompt_tokens=teacher_tokens, teacher_prompt_mask=teacher_mask)
     length = config.prefix.max_length if config.prefix.max_length >= 0 else r.max_new_tokens
     l_max = (
-        schedules.max_prefix_length(step, total, length, config.prefix.schedule)
+        schedules.max_prefix_length(step, config.train.steps, length, config.prefix.schedule)
         if config_lib.prefix_enabled(config)
         else 0
     )
     num_prompts = len(prompt_batch)
     chunk = r.batch_size or num_prompts
-    separate = teacher_mesh is not None and teacher_mesh is not mesh
-    # A separate teacher's processes may hold none of the student's devices: their draws go on every device.
-    with jax.set_mesh(sharding.every_device_mesh()) if separate else contextlib.nullcontext():
-        if separate:  # `key` may be on the student's mesh (or on none)
-            key = _global_key(key, sharding.every_device_mesh())
+    starts = range(0, num_prompts, chunk)
+    with placement.draws(key) as key:
         prefix_key, sample_key = jax.random.split(key)
         prefix_lengths = np.asarray(schedules.sample_prefix_lengths(prefix_key, l_max, num_prompts * r.num_rollouts))
-        chunk_keys = [jax.random.fold_in(sample_key, i) for i in range(len(range(0, num_prompts, chunk)))]
-    replicated = PartitionSpec()
+        chunk_keys = [jax.random.fold_in(sample_key, i) for i in range(len(starts))]
     parts = []
-    settings = dict(
-        max_new_tokens=r.max_new_tokens,
-        num_rollouts=r.num_rollouts,
-        temperature=r.temperature,
-        top_k=r.top_k,
-        top_p=r.top_p,
-        eos_ids=eos,
-        pad_id=pad_id,
-        vocab_size=vocab_size,
-        decode_slots=r.decode_slots,
-    )
-    for i, start in enumerate(range(0, num_prompts, chunk)):
-        rows = slice(start * r.num_rollouts, (start + chunk) * r.num_rollouts)
+    for start, chunk_key in zip(starts, chunk_keys):
         prompts = slice(start, start + chunk)
-        teacher_prompts = (
-            {}
-            if teacher_tokens is None
-            else dict(teacher_prompt_tokens=teacher_tokens[prompts], teacher_prompt_mask=teacher_mask[prompts])
-        )
-        if separate:
-            parts.append(
-                separate_rollout(
-                    teacher,
-                    student,
-                    tokens[prompts],
-                    mask[prompts],
-                    prefix_lengths[rows],
-                    chunk_keys[i],
-                    mesh=mesh,
-                    teacher_mesh=teacher_mesh,
-                    **teacher_prompts,
-                    **settings,
-                )
-            )
-            continue
         parts.append(
             sampling.rollout(
                 teacher,
                 student,
-                _global_array(tokens[prompts], mesh, replicated),
-                _global_array(mask[prompts], mesh, replicated),
-                _global_array(prefix_lengths[rows], mesh, replicated),
-                chunk_keys[i],
-                **{k: _global_array(v, mesh, replicated) for k, v in teacher_prompts.items()},
-                **settings,
+                tokens[prompts],
+                mask[prompts],
+                prefix_lengths[start * r.num_rollouts : (start + chunk) * r.num_rollouts],
+                chunk_key,
+                max_new_tokens=r.max_new_tokens,
+                num_rollouts=r.num_rollouts,
+                temperature=r.temperature,
+                top_k=r.top_k,
+                top_p=r.top_p,
+                eos_ids=eos,
+                pad_id=pad_id,
+                vocab_size=vocab_size,
+                decode_slots=r.decode_slots,
+                placement=placement,
+                **{k: v[prompts] for k, v in teacher_prompts.items()},
             )
         )
     if len(parts) == 1:
@@ -219,7 +124,7 @@ def step_batch(rollout, prompt_batch, step: int, settings: StepSettings, config,
     own rows with `data.teacher_template=teacher`; REOPOLD's phase from the step."""
     if settings.packed:
         packed = pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
-        batch = {k: _global_array(v, mesh, batch_shardings[k].spec) for k, v in packed.items()}
+        batch = {k: global_array(v, mesh, batch_shardings[k].spec) for k, v in packed.items()}
         prompt_length = 1
     else:
         batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in BATCH_KEYS}

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec
 
 from tropd_jax import sharding
 from tropd_jax.models.decoder import KVCache, forward, init_cache
+from tropd_jax.placement import Placement
 
 # Prompt lengths are padded up to one of these, so a stream of prompts compiles a handful of programs.
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -787,6 +788,7 @@ def rollout(
     decode_slots: int = 0,
     teacher_prompt_tokens=None,
     teacher_prompt_mask=None,
+    placement: Placement | None = None,
 ) -> Rollout:
     """Responses whose first `prefix_lengths[b]` tokens are sampled from the teacher and the rest from the student.
 
@@ -808,6 +810,9 @@ def rollout(
       teacher_prompt_tokens, teacher_prompt_mask: [B, P_T] the same prompts as the teacher renders them (its own chat
         template and system prompt), left-padded; the teacher writes its prefixes after these and the student
         continues after its own `prompt_tokens` + the prefix. Default: the teacher reads `prompt_tokens` too.
+      placement: where each model runs (`tropd_jax.placement.Placement`): the teacher writes its prefixes on its mesh,
+        and only the prefix tokens and lengths move to the student's. The prompts and prefix lengths are then host
+        arrays every process holds, and `key` one every process drew alike. Default: both on the current mesh.
 
     Returns:
       A `Rollout` of B * num_rollouts rows.
@@ -823,12 +828,12 @@ def rollout(
             f'teacher_prompt_tokens must have a row per prompt ({np.shape(prompt_tokens)[0]}), got shape '
             f'{np.shape(teacher_prompt_tokens)}.'
         )
-    prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), num_rollouts, axis=0)
-    prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), num_rollouts, axis=0)
-    prefix_lengths = jnp.asarray(prefix_lengths, jnp.int32)
-    rows = prompt_tokens.shape[0]
+    placement = placement or Placement()
+    repeat = lambda x: np.repeat(np.asarray(x), num_rollouts, axis=0)  # host side: every process holds the prompts
+    prefix_lengths = np.asarray(prefix_lengths, np.int32)
+    rows = np.shape(prompt_tokens)[0] * num_rollouts
     if prefix_lengths.shape == (rows // num_rollouts,) and num_rollouts > 1:
-        prefix_lengths = jnp.repeat(prefix_lengths, num_rollouts)
+        prefix_lengths = np.repeat(prefix_lengths, num_rollouts)
     if prefix_lengths.shape != (rows,):
         raise ValueError(f'prefix_lengths must be [B] or [B * num_rollouts] = [{rows}], got {prefix_lengths.shape}.')
     settings = dict(
@@ -842,25 +847,31 @@ def rollout(
         vocab_size=vocab_size,
         decode_slots=decode_slots,
     )
-    teacher_key, student_key = jax.random.split(key)
-    if int(jnp.max(prefix_lengths)) <= 0:
-        return generate(student, prompt_tokens, prompt_mask, student_key, **settings)
+    with placement.draws():
+        teacher_key, student_key = jax.random.split(key)
+    on_student, on_teacher = placement.student_mesh, placement.teacher_mesh
+    student_inputs = (
+        placement.put(repeat(prompt_tokens), on_student),
+        placement.put(repeat(prompt_mask), on_student),
+        placement.key_on(student_key, on_student),
+    )
+    if int(np.max(prefix_lengths)) <= 0:
+        with placement.on(on_student):
+            return generate(student, *student_inputs, **settings)
     # `responses` are the N columns after each model's own prompt bucket, so the teacher's prompt length P_T may
     # differ from the student's P: its prefix tokens move to the student's rows unchanged.
-    prefix = generate(
-        teacher,
-        jnp.repeat(jnp.asarray(teacher_prompt_tokens), num_rollouts, axis=0),
-        jnp.repeat(jnp.asarray(teacher_prompt_mask), num_rollouts, axis=0),
-        teacher_key,
-        max_lengths=prefix_lengths,
-        **settings,
-    )
-    return generate(
-        student,
-        prompt_tokens,
-        prompt_mask,
-        student_key,
-        forced_tokens=prefix.responses,
-        forced_lengths=prefix.lengths,
-        **settings,
-    )
+    with placement.on(on_teacher):
+        prefix = generate(
+            teacher,
+            placement.put(repeat(teacher_prompt_tokens), on_teacher),
+            placement.put(repeat(teacher_prompt_mask), on_teacher),
+            placement.key_on(teacher_key, on_teacher),
+            max_lengths=placement.put(prefix_lengths, on_teacher),
+            **settings,
+        )
+        written = prefix.responses, prefix.lengths
+    forced_tokens, forced_lengths = placement.to_student(written)
+    with placement.on(on_student):
+        return generate(
+            student, *student_inputs, forced_tokens=forced_tokens, forced_lengths=forced_lengths, **settings
+        )
