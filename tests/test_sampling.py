@@ -464,7 +464,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       mesh = sharding.make_mesh(*shape)
       sharded_model, _ = from_pretrained(path, mesh=mesh)
       with jax.set_mesh(mesh):
-        spec = sharding.activation_sharding(mesh, ('batch', 'length'), tokens.shape)
+        spec = sharding.logical_sharding(('batch', 'length'), tokens.shape, mesh)
         out = sampling.generate(sharded_model, jax.device_put(tokens, spec), mask, jax.random.key(0),
                                 max_new_tokens=6, max_lengths=max_lengths)
         # Continuous batching: 4 slots over the shards (one per shard on 2x2x2, whose shards hold two rows each).
@@ -511,8 +511,8 @@ def test_cumulative_sum_and_sampling_edges(vocab):
     logprobs = np.where(np.arange(vocab) % 3 == 1, np.log(x), -np.inf)
     logprobs = logprobs - np.logaddexp.reduce(logprobs, axis=1, keepdims=True)
     last = max(i for i in range(vocab) if i % 3 == 1)
-    top = sampling.sample_categorical(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
-    bottom = sampling.sample_categorical(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
+    top, _ = sampling.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
+    bottom, _ = sampling.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
     np.testing.assert_array_equal(top, last)
     np.testing.assert_array_equal(bottom, 1)
     ties = jnp.asarray([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0]])

@@ -74,7 +74,7 @@ _SHARDED_CHECK = textwrap.dedent("""
     graphdef, state = nnx.split(single)
     ref, _ = step(graphdef, state, *map(jnp.asarray, (tokens, positions, mask)), None, False)
     graphdef, state = nnx.split(model)
-    rows = sharding.activation_sharding(mesh, ('batch', 'length'))
+    rows = sharding.logical_sharding(('batch', 'length'), tokens.shape, mesh)
     with jax.set_mesh(mesh):
       out, _ = step(graphdef, state, *(jax.device_put(x, rows) for x in (tokens, positions, mask)), None, False)
       # Cached decode on the mesh, with the cache placed by `cache_sharding`.

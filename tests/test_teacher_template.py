@@ -103,13 +103,13 @@ def test_teacher_rows_score_the_same_responses_after_the_teacher_prompt(tiny):
         teacher_prompt_length=p_t,
     )
     graphdef, state = nnx.split(tiny['teacher'])
-    logits = step_lib.teacher_outputs(state, micro, teacher_graphdef=graphdef, s=settings)
+    logits = step_lib.teacher_outputs(state, micro, teacher_graphdef=graphdef, settings=settings)
     own = jnp.take_along_axis(
         jax.nn.log_softmax(logits[..., : tiny['vocab']].astype(jnp.float32)), t_tokens[:, p_t:, None], axis=-1
     )[..., 0]
     np.testing.assert_allclose(own, got, rtol=1e-5, atol=1e-5)
     as_student = step_lib.teacher_outputs(
-        state, micro, teacher_graphdef=graphdef, s=dataclasses.replace(settings, teacher_prompt_length=0)
+        state, micro, teacher_graphdef=graphdef, settings=dataclasses.replace(settings, teacher_prompt_length=0)
     )
     assert not np.allclose(as_student, logits, atol=1e-3)
 

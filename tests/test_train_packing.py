@@ -203,7 +203,7 @@ def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
     for packed, batch in batches.items():
         s = settings(method, aggregation, fused, packed)
         grads[packed], _ = grads_fn(
-            params, teacher[1], batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher[0], s=s
+            params, teacher[1], batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher[0], settings=s
         )
         _, _, metrics[packed] = step_fn(params, opt_state, teacher[1], batch, key, student_graphdef, teacher[0], s)
     metrics = jax.device_get(metrics)

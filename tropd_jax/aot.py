@@ -400,7 +400,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     full_batch = batch_of(batch)
 
     def teacher_scoring(teacher_state, micro):
-        return step_lib.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
+        return step_lib.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, settings=settings)
 
     teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
     if separate:
@@ -444,7 +444,7 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
 
     def student_grad(params, micro, teacher_out, key):
         grads, stats = step_lib.student_grads(
-            params, micro, teacher_out, key, student_graphdef=student_graphdef, s=settings
+            params, micro, teacher_out, key, student_graphdef=student_graphdef, settings=settings
         )
         # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
         return jax.lax.with_sharding_constraint(grads, param_shardings), stats

@@ -151,18 +151,13 @@ def cumulative_sum(x: jax.Array) -> jax.Array:
     return (within + before[:, :, None]).reshape(rows, blocks * block)[:, :vocab]
 
 
-def sample_categorical(logprobs: jax.Array, uniform: jax.Array) -> jax.Array:
-    """Inverse-CDF sampling: one token per row from log-probs [B, V] (normalised or not: log-weights at most ~0)
-    given uniforms [B] in [0, 1).
+def sample_and_total(log_weights: jax.Array, uniform: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse-CDF sampling: one token per row from log-weights [B, V] (normalised or not: at most ~0) given
+    uniforms [B] in [0, 1), and each row's total weight sum(exp(log_weights)) [B].
 
     Exact up to float32 rounding of the cumulative sum (about 1e-7 of probability mass), like Gumbel-max with float32
     noise; it needs B random numbers instead of B * V.
     """
-    return _sample_and_total(logprobs, uniform)[0]
-
-
-def _sample_and_total(log_weights: jax.Array, uniform: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`sample_categorical` that also returns each row's total weight sum(exp(log_weights)) [B]."""
     cdf = cumulative_sum(jnp.exp(log_weights.astype(jnp.float32)))
     total = cdf[:, -1:]
     index = jnp.sum(cdf <= uniform[:, None] * total, axis=-1)
@@ -234,7 +229,7 @@ def _choose_tokens(logits, uniform, forced_token, forced, temperature, *, greedy
     else:
         scaled = sampling_logits(logits, temperature, top_k, top_p)
         shift = jnp.max(scaled, axis=-1, keepdims=True)
-        sampled, total = _sample_and_total(scaled - shift, uniform)
+        sampled, total = sample_and_total(scaled - shift, uniform)
         lse = shift[:, 0] + jnp.log(total)
     token = jnp.where(forced, forced_token, sampled)
     token_logit = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
@@ -281,7 +276,6 @@ def _decode(
     """
     batch, prompt_length = prompt_tokens.shape
     config = nnx.merge(graphdef, state).config
-    row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_positions = positions(prompt_mask)
@@ -321,12 +315,12 @@ def _decode(
     logits = _head(hidden[:, -1], lm_head)
 
     records = (
-        row_batch(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
-        row_batch(jnp.zeros((batch, max_new_tokens), jnp.float32)),
-        row_batch(jnp.zeros((batch, max_new_tokens), jnp.float32)),
-        row_batch(max_lengths <= 0),  # a row with no budget is done before it starts
-        row_batch(jnp.zeros((batch,), jnp.int32)),
-        row_batch(jnp.full((batch,), FINISH_LENGTH, jnp.int32)),
+        sharding.constrain_rows(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
+        sharding.constrain_rows(jnp.zeros((batch, max_new_tokens), jnp.float32)),
+        sharding.constrain_rows(jnp.zeros((batch, max_new_tokens), jnp.float32)),
+        sharding.constrain_rows(max_lengths <= 0),  # a row with no budget is done before it starts
+        sharding.constrain_rows(jnp.zeros((batch,), jnp.int32)),
+        sharding.constrain_rows(jnp.full((batch,), FINISH_LENGTH, jnp.int32)),
     )
     token, active, records = emit(0, logits, records)
 
@@ -354,7 +348,7 @@ def _decode(
 
     out_tokens, out_logprobs, out_model_logprobs, _, lengths, finish = records
     return jax.tree.map(
-        row_batch,
+        sharding.constrain_rows,
         _assemble(
             prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs, lengths, finish, forced_lengths
         ),
@@ -427,7 +421,6 @@ def _decode_continuous(
     slots = min(decode_slots, rows)
     model = nnx.merge(graphdef, state)
     config = model.config
-    row_batch = lambda x: sharding.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
     prompt_mask = prompt_mask.astype(jnp.int32)
     prompt_positions = positions(prompt_mask)
@@ -462,11 +455,11 @@ def _decode_continuous(
         return token, slot_row, (out_tokens, out_logprobs, out_model_logprobs, lengths, finish)
 
     records = (
-        row_batch(jnp.full((rows, max_new_tokens), pad_id, jnp.int32)),
-        row_batch(jnp.zeros((rows, max_new_tokens), jnp.float32)),
-        row_batch(jnp.zeros((rows, max_new_tokens), jnp.float32)),
-        row_batch(jnp.zeros((rows,), jnp.int32)),
-        row_batch(jnp.full((rows,), FINISH_LENGTH, jnp.int32)),
+        sharding.constrain_rows(jnp.full((rows, max_new_tokens), pad_id, jnp.int32)),
+        sharding.constrain_rows(jnp.zeros((rows, max_new_tokens), jnp.float32)),
+        sharding.constrain_rows(jnp.zeros((rows, max_new_tokens), jnp.float32)),
+        sharding.constrain_rows(jnp.zeros((rows,), jnp.int32)),
+        sharding.constrain_rows(jnp.full((rows,), FINISH_LENGTH, jnp.int32)),
     )
     # The first S rollouts: one batched prefill into slots [0, P) of every slot, then their first tokens.
     first = order[:slots]
@@ -553,7 +546,7 @@ def _decode_continuous(
     records = jax.lax.while_loop(busy, step, carry)[-1]
     out_tokens, out_logprobs, out_model_logprobs, lengths, finish = records
     return jax.tree.map(
-        row_batch,
+        sharding.constrain_rows,
         _assemble(
             prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs, lengths, finish, forced_lengths
         ),

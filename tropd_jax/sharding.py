@@ -111,17 +111,13 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves every parameter of `model` onto `mesh` following the logical rules (in place); returns the model."""
+    """Moves every parameter of `model` onto `mesh` following the logical rules (in place); returns the model.
+    (The trainer loads onto its mesh directly; this places a model built without one, in benchmarks and tests.)"""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     nnx.update(model, state)
     return model
-
-
-def activation_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=None) -> NamedSharding:
-    """NamedSharding for an activation, e.g. `('batch', 'length')` for tokens [B, T]."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh if shape is not None else None))
 
 
 # Logical axes of one layer's KV-cache buffers (`tropd_jax.models.KVCache`).
@@ -164,6 +160,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
         spec = PartitionSpec(*map(automatic, spec))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`constrain` of a batch-major array (`[B, ...]`): rows along `batch`, the rest unsplit."""
+    return constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
 
 def transfer(tree, shardings):

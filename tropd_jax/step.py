@@ -48,29 +48,31 @@ class OptimizerSettings:
 
     @classmethod
     def from_config(cls, config) -> 'OptimizerSettings':
-        o = config.optim
+        optim = config.optim
         return cls(
-            o.learning_rate,
-            o.schedule,
-            o.warmup_steps,
+            optim.learning_rate,
+            optim.schedule,
+            optim.warmup_steps,
             config.train.steps,
-            o.weight_decay,
-            o.b1,
-            o.b2,
-            o.eps,
-            o.clip_norm,
+            optim.weight_decay,
+            optim.b1,
+            optim.b2,
+            optim.eps,
+            optim.clip_norm,
         )
 
 
-def make_optimizer(s: OptimizerSettings) -> optax.GradientTransformation:
+def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with the learning-rate schedule (exposed in the state for logging)."""
     schedule = schedules.learning_rate_schedule(
-        s.learning_rate, s.total_steps, schedule=s.schedule, warmup_steps=s.warmup_steps
+        settings.learning_rate, settings.total_steps, schedule=settings.schedule, warmup_steps=settings.warmup_steps
     )
     adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay
+        learning_rate=schedule, b1=settings.b1, b2=settings.b2, eps=settings.eps, weight_decay=settings.weight_decay
     )
-    return optax.chain(optax.clip_by_global_norm(s.clip_norm) if s.clip_norm > 0 else optax.identity(), adamw)
+    return optax.chain(
+        optax.clip_by_global_norm(settings.clip_norm) if settings.clip_norm > 0 else optax.identity(), adamw
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,57 +111,59 @@ def step_settings(config, vocab_size: int, prompt_length: int = 0) -> StepSettin
     )
 
 
-def _packed_inputs(micro, s: StepSettings) -> tuple:
+def _packed_inputs(micro, settings: StepSettings) -> tuple:
     """The `scoring` arguments of packed rows (positions, segment ids), or none."""
-    return (micro['positions'], micro['segment_ids']) if s.packed else ()
+    return (micro['positions'], micro['segment_ids']) if settings.packed else ()
 
 
-def teacher_outputs(teacher_state, micro, *, teacher_graphdef, s: StepSettings):
+def teacher_outputs(teacher_state, micro, *, teacher_graphdef, settings: StepSettings):
     """The teacher's targets for one micro-batch (`[m, S]` arrays): top-k statistics for the fused loss, else its
     full response logits; no gradient."""
-    if s.teacher_prompt_length:  # the same responses after the prompts as the teacher renders them
-        tokens, input_mask, p = micro['teacher_tokens'], micro['teacher_input_mask'], s.teacher_prompt_length
+    if settings.teacher_prompt_length:  # the same responses after the prompts as the teacher renders them
+        tokens, input_mask, p = micro['teacher_tokens'], micro['teacher_input_mask'], settings.teacher_prompt_length
     else:
-        tokens, input_mask, p = micro['tokens'], micro['input_mask'], s.prompt_length
+        tokens, input_mask, p = micro['tokens'], micro['input_mask'], settings.prompt_length
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    if s.fused:
+    if settings.fused:
         return scoring.teacher_targets(
             teacher,
             tokens,
             input_mask,
             p,
-            k=losses.topk_size(s.method, dict(s.hyperparameters)),
-            vocab_size=s.vocab_size,
-            chunk_size=s.chunk_size,
-            **dict(zip(('packed_positions', 'segment_ids'), _packed_inputs(micro, s))),
+            k=losses.topk_size(settings.method, dict(settings.hyperparameters)),
+            vocab_size=settings.vocab_size,
+            chunk_size=settings.chunk_size,
+            **dict(zip(('packed_positions', 'segment_ids'), _packed_inputs(micro, settings))),
         )
-    return jax.lax.stop_gradient(scoring.response_logits(teacher, tokens, input_mask, p, *_packed_inputs(micro, s)))
+    return jax.lax.stop_gradient(
+        scoring.response_logits(teacher, tokens, input_mask, p, *_packed_inputs(micro, settings))
+    )
 
 
-def student_grads(params, micro, teacher_out, key, *, student_graphdef, s: StepSettings):
+def student_grads(params, micro, teacher_out, key, *, student_graphdef, settings: StepSettings):
     """The gradient of the loss of one micro-batch (`[m, S]` arrays, with `rollout_ids`) given the teacher's targets,
     and the loss metrics' `(sum, count)` pairs."""
-    hp = dict(s.hyperparameters)
-    p = s.prompt_length
+    hyperparameters = dict(settings.hyperparameters)
+    p = settings.prompt_length  # response columns start here
     tokens, input_mask = micro['tokens'], micro['input_mask']
     t = scoring.targets(tokens, input_mask, micro['response_mask'], micro['prefix_mask'], micro['logprobs'], p)
-    positions = micro['positions'] if s.packed else scoring.positions(input_mask)
+    positions = micro['positions'] if settings.packed else scoring.positions(input_mask)
     # The sampler's log-probs always reach the loss (its mismatch metrics); rho_t uses them only if importance_ratio.
     # M_t is keyed by the token's rollout and its position in it, which packing does not change.
     extra = dict(
         rollout_logprobs=t.rollout_logprobs,
-        use_importance_ratio=s.importance_ratio,
-        progress=1.0 if s.reopold_refining else 0.0,
+        use_importance_ratio=settings.importance_ratio,
+        progress=1.0 if settings.reopold_refining else 0.0,
         draw_ids=(micro['rollout_ids'][:, p:], positions[:, p:]),
-        segment_ids=micro['segment_ids'][:, p:] if s.packed else None,
+        segment_ids=micro['segment_ids'][:, p:] if settings.packed else None,
     )
 
     def loss_fn(params):
         student = nnx.merge(student_graphdef, params)
-        if s.fused:
-            hidden = scoring.response_hidden(student, tokens, input_mask, p, *_packed_inputs(micro, s))
+        if settings.fused:
+            hidden = scoring.response_hidden(student, tokens, input_mask, p, *_packed_inputs(micro, settings))
             loss, stats = fused_loss.fused_distillation_loss(
-                s.method,
+                settings.method,
                 hidden,
                 student.lm_head_weight(),
                 teacher_out,
@@ -167,54 +171,56 @@ def student_grads(params, micro, teacher_out, key, *, student_graphdef, s: StepS
                 t.response_mask,
                 t.prefix_mask,
                 key,
-                vocab_size=s.vocab_size,
-                chunk_size=s.chunk_size,
+                vocab_size=settings.vocab_size,
+                chunk_size=settings.chunk_size,
                 **extra,
-                **hp,
+                **hyperparameters,
             )
         else:
-            logits = scoring.response_logits(student, tokens, input_mask, p, *_packed_inputs(micro, s))
+            logits = scoring.response_logits(student, tokens, input_mask, p, *_packed_inputs(micro, settings))
             loss, stats = losses.distillation_loss(
-                s.method,
+                settings.method,
                 logits,
                 teacher_out,
                 t.tokens,
                 t.response_mask,
                 t.prefix_mask,
                 key,
-                vocab_size=s.vocab_size,
+                vocab_size=settings.vocab_size,
                 **extra,
-                **hp,
+                **hyperparameters,
             )
         return loss, stats
 
     return jax.grad(loss_fn, has_aux=True)(params)
 
 
-def teacher_scores(teacher_state, batch, teacher_graphdef, s: StepSettings):
+def teacher_scores(teacher_state, batch, teacher_graphdef, settings: StepSettings):
     """A separate teacher's targets for a whole batch (`[B, P + N]` `tokens` and `input_mask`, or `teacher_tokens` and
     `teacher_input_mask`; packed rows add `positions` and `segment_ids`), one micro-batch at a time as the train step
     takes them: every leaf of `teacher_outputs` with a leading `[n]` micro-batch axis."""
-    micro = grad_accum.micro_batches(dict(batch), s.micro_batch_size)
+    micro = grad_accum.micro_batches(dict(batch), settings.micro_batch_size)
 
     def score(mb):
-        mb = {k: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-        return teacher_outputs(teacher_state, mb, teacher_graphdef=teacher_graphdef, s=s)
+        mb = {k: sharding.constrain_rows(v) for k, v in mb.items()}
+        return teacher_outputs(teacher_state, mb, teacher_graphdef=teacher_graphdef, settings=settings)
 
     return jax.lax.map(score, micro)
 
 
-def _micro_batch_grads(params, teacher, micro, key, *, student_graphdef, teacher_graphdef, s: StepSettings):
+def _micro_batch_grads(params, teacher, micro, key, *, student_graphdef, teacher_graphdef, settings: StepSettings):
     """`student_grads` after the teacher's pass over the same micro-batch (`teacher` is its state), or with the
     targets a separate teacher scored (`teacher` is this micro-batch's slice of `teacher_scores`)."""
-    if s.separate_teacher:
+    if settings.separate_teacher:
         teacher_out = teacher
     else:
-        teacher_out = teacher_outputs(teacher, micro, teacher_graphdef=teacher_graphdef, s=s)
-    return student_grads(params, micro, teacher_out, key, student_graphdef=student_graphdef, s=s)
+        teacher_out = teacher_outputs(teacher, micro, teacher_graphdef=teacher_graphdef, settings=settings)
+    return student_grads(params, micro, teacher_out, key, student_graphdef=student_graphdef, settings=settings)
 
 
-def accumulate_gradients(params, teacher_state, batch, key, *, student_graphdef, teacher_graphdef, s: StepSettings):
+def accumulate_gradients(
+    params, teacher_state, batch, key, *, student_graphdef, teacher_graphdef, settings: StepSettings
+):
     """The gradient of the batch loss and the loss metrics, one micro-batch at a time (`grad_accum.accumulate`).
 
     Arguments as `train_step`. Returns `(grads, metrics)`: float32 gradients like `params`, and the float32 scalar
@@ -222,30 +228,35 @@ def accumulate_gradients(params, teacher_state, batch, key, *, student_graphdef,
     """
     batch = {k: v for k, v in batch.items() if k != 'finish_reason'}
     batch_size, columns = batch['tokens'].shape
-    if not s.packed:  # every row is one rollout; its index keys the trust-region draws as a packed segment's does
+    if (
+        not settings.packed
+    ):  # every row is one rollout; its index keys the trust-region draws as a packed segment's does
         rows = jnp.arange(batch_size, dtype=jnp.int32)[:, None]
         batch['rollout_ids'] = jnp.broadcast_to(rows, (batch_size, columns))
     weights = grad_accum.micro_batch_weights(
-        batch['response_mask'][:, s.prompt_length :], s.micro_batch_size, dict(s.hyperparameters)['aggregation']
+        batch['response_mask'][:, settings.prompt_length :],
+        settings.micro_batch_size,
+        dict(settings.hyperparameters)['aggregation'],
     )
-    constrain = lambda v: sharding.constrain(v, ('batch',) + (None,) * (v.ndim - 1))
 
     def grad_fn(params, xs):
         micro, scored = xs
-        teacher = teacher_state if scored is None else jax.tree.map(constrain, scored)
+        teacher = teacher_state if scored is None else jax.tree.map(sharding.constrain_rows, scored)
         return _micro_batch_grads(
             params,
             teacher,
-            jax.tree.map(constrain, micro),
+            jax.tree.map(sharding.constrain_rows, micro),
             key,
             student_graphdef=student_graphdef,
             teacher_graphdef=teacher_graphdef,
-            s=s,
+            settings=settings,
         )
 
-    scored = teacher_state if s.separate_teacher else None  # [n, m, ...] targets, scanned along with the micro-batches
+    scored = (
+        teacher_state if settings.separate_teacher else None
+    )  # [n, m, ...] targets, scanned along with the micro-batches
     grads, pairs = grad_accum.accumulate(
-        grad_fn, params, weights, (grad_accum.micro_batches(batch, s.micro_batch_size), scored)
+        grad_fn, params, weights, (grad_accum.micro_batches(batch, settings.micro_batch_size), scored)
     )
     return grads, losses.metric_values(pairs)
 
@@ -267,14 +278,19 @@ def train_step(
       (params, opt_state, metrics): float32 scalar metrics; when the loss or gradient is not finite the returned
       params and opt_state are the inputs (`skipped` = 1).
     """
-    s = settings
-    if s.packed and s.teacher_prompt_length:
+    if settings.packed and settings.teacher_prompt_length:
         raise ValueError("packed rows cannot carry the teacher's own template rows (data.teacher_template=teacher)")
     grads, out = accumulate_gradients(
-        params, teacher_state, batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher_graphdef, s=s
+        params,
+        teacher_state,
+        batch,
+        key,
+        student_graphdef=student_graphdef,
+        teacher_graphdef=teacher_graphdef,
+        settings=settings,
     )
 
-    optimizer = make_optimizer(s.optimizer)
+    optimizer = make_optimizer(settings.optimizer)
     grad_norm = optax.tree.norm(grads)  # before clipping
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
@@ -283,8 +299,8 @@ def train_step(
     params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
 
     num_rollouts = batch['finish_reason'].shape[0]  # rows may hold several rollouts (packed) or none (padding rows)
-    response = batch['response_mask'][:, s.prompt_length :].astype(jnp.float32)
-    prefix = batch['prefix_mask'][:, s.prompt_length :].astype(jnp.float32) * response
+    response = batch['response_mask'][:, settings.prompt_length :].astype(jnp.float32)
+    prefix = batch['prefix_mask'][:, settings.prompt_length :].astype(jnp.float32) * response
     out.update(
         grad_norm=grad_norm,
         skipped=1.0 - finite.astype(jnp.float32),
