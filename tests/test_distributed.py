@@ -41,6 +41,8 @@ SIGNAL_AT_STEP = """
 import os, signal, sys, time
 from absl import app
 from tropd_jax import main, train
+
+pytestmark = pytest.mark.slow  # two-process runs
 rollouts = train.make_rollouts
 def make_rollouts(*args, **kwargs):
     if args[4] == {step}:

@@ -113,6 +113,7 @@ def test_pass_at_k_differs_from_avg_at_k(tokenizer, monkeypatch):
     assert result['avg_at_k'] == 0.5 and result['pass_at_k'] == 1.0
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_json_line(tokenizer, tmp_path):
     checkpoint = str(tmp_path / 'bigram')
     save_pretrained(bigram_model(tokenizer), checkpoint)

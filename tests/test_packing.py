@@ -116,6 +116,7 @@ def loss_and_grads(params, graphdef, teacher, arrays, method, prompt_length, pac
     return jax.value_and_grad(loss_fn)(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['naive', 'blockwise'])
 @pytest.mark.parametrize('method', ['opd', 'jsd'])
 def test_packed_loss_and_gradients_equal_unpacked(attention, method):

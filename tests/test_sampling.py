@@ -173,6 +173,7 @@ def test_sampled_logprobs_match_full_forward(checkpoints):
     np.testing.assert_allclose(np.asarray(rollout.logprobs)[response], sample_lp[response], atol=2e-4)
 
 
+@pytest.mark.slow
 def test_same_key_same_tokens_and_segments_do_not_change_results(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -255,6 +256,7 @@ def test_forced_prefix(checkpoints):
         np.testing.assert_array_equal(responses[row, length : length + len(expected)], expected)
 
 
+@pytest.mark.slow
 def test_first_token_distribution_matches_softmax(checkpoints):
     """20,000 one-token generations from one prompt; total-variation distance to the re-derived distribution."""
     model, torch_model, _ = checkpoints['student']
@@ -387,6 +389,7 @@ def assert_same_rollouts(got, want, rows=slice(None)):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('slots', [1, 3])
 def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, slots):
     # One slot, and three: refills one rollout at a time (slots / 8 rounds down to 1).
@@ -424,6 +427,7 @@ def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, s
         assert_same_rollouts(one, alone)
 
 
+@pytest.mark.slow
 def test_continuous_batching_refills_in_groups(checkpoints):
     # 16 slots refill in groups of 2 (slots / 8) over 24 rollouts.
     model, _, _ = checkpoints['student']
@@ -432,6 +436,7 @@ def test_continuous_batching_refills_in_groups(checkpoints):
     assert_same_rollouts(ragged_generate(model, jax.random.key(6), sampled, copies=3, decode_slots=16), static)
 
 
+@pytest.mark.slow
 def test_continuous_batching_rollout_with_teacher_prefixes(checkpoints):
     student, student_torch, _ = checkpoints['student']
     teacher, _, _ = checkpoints['teacher']
@@ -486,6 +491,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_generate_under_a_mesh_splits_the_batch(checkpoints):
     _, _, path = checkpoints['student']
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')

@@ -110,6 +110,7 @@ _SHARDED_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # eight devices in a subprocess
 def test_sharded_model_on_8_fake_devices(tiny_hf_checkpoint, tmp_path):
     path, _ = tiny_hf_checkpoint('qwen2', max_shard_size='20KB')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')

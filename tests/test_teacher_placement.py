@@ -102,7 +102,7 @@ print('OK', float(metrics_c['loss']), float(metrics_s['loss']), norm)
 
 @pytest.mark.parametrize(
     'loss, rows',
-    [('fused', 'unpacked'), ('fused', 'packed'), pytest.param('logits', 'unpacked', marks=pytest.mark.slow)],
+    [('fused', 'unpacked'), ('fused', 'packed'), ('logits', 'unpacked')],
 )
 def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(loss, rows):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
@@ -120,6 +120,8 @@ from tropd_jax import step as step_lib
 from tropd_jax.placement import Placement, global_array
 from tropd_jax.models.loading import load_models
 from tropd_jax.models import from_pretrained, load_tokenizer
+
+pytestmark = pytest.mark.slow  # multi-device runs in subprocesses
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
 tiny = importlib.util.module_from_spec(spec)
@@ -191,7 +193,7 @@ print('OK', sum(len(w) for w in written(own)))
     'cases',
     [
         'colocated:0,separate:4',  # each placement, each decode (rollout.decode_slots 0 = static, 4 = continuous)
-        pytest.param('colocated:4,separate:0', marks=pytest.mark.slow),
+        'colocated:4,separate:0',
     ],
 )
 def test_the_teacher_writes_its_prefix_after_its_own_prompt(cases):

@@ -239,6 +239,7 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
 # Whole runs.
 
 
+@pytest.mark.slow
 def test_run_logs_every_metric_and_exports_the_student(reference_run, pair):
     rows = metrics.read_metrics(os.path.join(reference_run, 'metrics.jsonl'))
     assert rows[0]['step'] == 0 and rows[0]['data_records'] == 24 and rows[0]['data_kept'] == 24
@@ -285,6 +286,7 @@ def crashed_run(pair, tmp_path, monkeypatch, *, at_step: int) -> str:
     return workdir
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path, monkeypatch):
     workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
@@ -303,6 +305,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_run(
     reference_run, pair, tmp_path, monkeypatch
 ):
@@ -331,6 +334,7 @@ def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupted_latest_checkpoint_falls_back_and_still_matches(reference_run, pair, tmp_path, monkeypatch):
     workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
@@ -347,6 +351,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_still_matches(reference_run,
     assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2.corrupt'))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted(pair, compile_cache, tmp_path):
     if jax.device_count() != 1:
         pytest.skip('needs a single-device process')
@@ -400,6 +405,7 @@ def _models_and_rollouts(pair, config):
     return mesh, student, teacher, rollout, len(tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fused', [False, True])
 def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache, fused):
     """One train step with 2 micro-batches (reference or fused loss) against a from-scratch reference: the
@@ -474,6 +480,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
         assert not np.array_equal(np.asarray(got), before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('clip_norm', [1.0, 0.0])
 def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, clip_norm):
     """The `learning_rate` metric of steps 0, 1, 2 is the schedule's value at that step (a warm-up over 2 steps,
@@ -535,6 +542,7 @@ def assert_same_curve(got, want, rtol=1e-4, atol=1e-5):
             np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=f'step {a["step"]} {name}')
 
 
+@pytest.mark.slow
 def test_sharded_2x2x2_mesh_matches_one_device(reference_run, pair, compile_cache, tmp_path):
     """8 fake CPU devices as data=2, fsdp=2, tensor=2: the same loss curve as the single-device run, within
     rtol=1e-4 / atol=1e-5 per metric, and the same sampled response and prefix lengths."""

@@ -256,6 +256,7 @@ def test_trust_draws_do_not_depend_on_where_a_token_sits():
     assert losses.keyed_uniforms(key, jnp.array([[1]]), jnp.array([[5]]))[0, 0] == u[1, 0]
 
 
+@pytest.mark.slow
 def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
     """configs/tiny.py (the shipped pair, whose responses stop at their EOS) for 3 steps of 16 prompts in
     micro-batches of 4 rows: unpacked, 4 micro-batches; packed, about 2 rollouts per row. Same metrics.jsonl."""
