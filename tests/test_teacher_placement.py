@@ -16,7 +16,7 @@ from flax import nnx
 from tropd_jax import data, rollouts, sampling, train
 from tropd_jax import step as step_lib
 from tropd_jax.placement import Placement, global_array
-from tropd_jax.models.loading import load_models
+from tropd_jax.loading import load_models
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
 tiny = importlib.util.module_from_spec(spec)
@@ -118,7 +118,7 @@ import jax, numpy as np
 from tropd_jax import data, rollouts, sampling, train
 from tropd_jax import step as step_lib
 from tropd_jax.placement import Placement, global_array
-from tropd_jax.models.loading import load_models
+from tropd_jax.loading import load_models
 from tropd_jax.models import from_pretrained, load_tokenizer
 
 pytestmark = pytest.mark.slow  # multi-device runs in subprocesses

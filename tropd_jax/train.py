@@ -30,9 +30,9 @@ from tropd_jax import checkpoint, data, evaluate, metrics, paths, preemption, sa
 from tropd_jax import config as config_lib
 from tropd_jax import step as step_lib
 from tropd_jax.hooks import Hooks
+from tropd_jax.loading import load_models
 from tropd_jax.models import load_tokenizer
 from tropd_jax.models.hf import save_pretrained_state
-from tropd_jax.models.loading import load_models
 from tropd_jax.placement import Placement
 from tropd_jax.rollouts import make_rollouts, step_batch
 
