@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tropd_jax import sharding
 from tropd_jax.models.decoder import KVCache, forward, init_cache
@@ -598,15 +598,7 @@ def _generate(
     uniforms = sharding.constrain(jax.random.uniform(key, (batch, settings['max_new_tokens'])), ('batch', None))
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else dict(mesh.shape)
-    # Manual axes: data, plus fsdp when the batch divides over both (XLA's partitioner also needs the automatic
-    # remainder to be a single axis: a partial-manual region over `data` with `fsdp` and `tensor` left automatic
-    # fails to compile).
-    axes = tuple(a for a in ('data', 'fsdp') if sizes.get(a, 1) > 1)
-    while axes and batch % math.prod(sizes[a] for a in axes):
-        axes = axes[:-1]
-    automatic = [a for a, n in sizes.items() if n > 1 and a not in axes]
-    if len(automatic) > 1:
-        axes = ()  # all automatic
+    axes, automatic = _decode_axes(batch, sizes)
     shards = math.prod(sizes[a] for a in axes)
     if 0 < decode_slots < batch:
         decode = functools.partial(_decode_continuous, graphdef, decode_slots=-(-decode_slots // shards), **settings)
@@ -628,6 +620,79 @@ def _generate(
     return decode(
         state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths, temperature, eos_ids
     )
+
+
+def _decode_axes(batch: int, sizes: dict) -> tuple[tuple[str, ...], list[str]]:
+    """(manual, automatic) mesh axes of the decode of `batch` rows on a mesh of these axis sizes. Manual: data, plus
+    fsdp when the batch divides over both (XLA's partitioner also needs the automatic remainder to be a single axis:
+    a partial-manual region over `data` with `fsdp` and `tensor` left automatic fails to compile)."""
+    axes = tuple(a for a in ('data', 'fsdp') if sizes.get(a, 1) > 1)
+    while axes and batch % math.prod(sizes[a] for a in axes):
+        axes = axes[:-1]
+    automatic = [a for a, n in sizes.items() if n > 1 and a not in axes]
+    if len(automatic) > 1:
+        axes = ()  # all automatic
+    return axes, automatic
+
+
+def decode_cache_bytes(config, mesh, *, rows: int, prompt_length: int, max_new_tokens: int, decode_slots: int = 0):
+    """Bytes of KV cache (`k` and `v`) one device holds at the end of `generate`'s decode of `rows` rows on `mesh`,
+    from the cache the decode allocates (`init_cache`, P + N slots): its batch shard's rows (its share of the
+    `decode_slots` with continuous batching), the KV heads split along `tensor` when they divide."""
+    sizes = dict(mesh.shape)
+    axes, _ = _decode_axes(rows, sizes)
+    shards = math.prod(sizes[a] for a in axes)
+    continuous = 0 < decode_slots < rows
+    per_shard = -(-decode_slots // shards) if continuous else rows // shards
+    cache = jax.eval_shape(lambda: init_cache(config, per_shard, prompt_length + max_new_tokens, per_layer=True))
+    tensor = sizes.get('tensor', 1)
+    split = tensor if config.num_kv_heads % tensor == 0 else 1
+    return sum(x.size * x.dtype.itemsize for x in (*cache.k, *cache.v)) // split
+
+
+def lower_generate(
+    graphdef,
+    state,
+    mesh,
+    *,
+    rows: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    pad_id: int = 0,
+    segment_length: int | None = None,
+    vocab_size: int | None = None,
+    decode_slots: int = 0,
+):
+    """`generate`'s program for `rows` prompts of `prompt_length` tokens on `mesh` (sampled, not greedy), lowered
+    from abstract inputs replicated there as `rollout` places them; `state` may be abstract
+    (`jax.ShapeDtypeStruct`s with shardings). Returns the `jax.stages.Lowered` (`tropd_jax.aot` compiles it)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+    segment_length = min(segment_length or default_segment_length(max_new_tokens), max_new_tokens)
+    with jax.set_mesh(mesh):
+        return _generate.lower(
+            graphdef,
+            state,
+            spec((rows, prompt_length), jnp.int32),  # prompt tokens
+            spec((rows, prompt_length), jnp.int32),  # prompt mask
+            key,
+            spec((rows, max_new_tokens), jnp.int32),  # forced tokens
+            spec((rows,), jnp.int32),  # forced lengths
+            spec((rows,), jnp.int32),  # max lengths
+            spec((), jnp.float32),  # temperature
+            spec((1,), jnp.int32),  # EOS ids
+            max_new_tokens=max_new_tokens,
+            greedy=False,
+            top_k=int(top_k),
+            top_p=float(top_p),
+            pad_id=int(pad_id),
+            segment_length=int(segment_length),
+            vocab_size=None if vocab_size is None else int(vocab_size),
+            decode_slots=int(decode_slots) if decode_slots < rows else 0,
+        )
 
 
 def default_segment_length(max_new_tokens: int) -> int:
