@@ -306,7 +306,7 @@ def _decode(
     # Per-layer cache buffers: attention reads a layer's buffer directly, where a stacked [L, ...] buffer would copy
     # the layer out at every step. The first segment's window holds the prompt and its own tokens.
     ends = _segment_ends(max_new_tokens, segment_length)
-    cache = _constrain_cache(init_cache(config, batch, prompt_length + ends[0], per_layer=True))
+    cache = _constrain_cache(init_cache(config, batch, prompt_length + ends[0]))
     # Prefill: the prompt fills slots [0, P). Only the last column's logits are needed (left padding puts every
     # row's last prompt token there), so the LM head runs on one position instead of P. The LM head is formed once,
     # outside the loop: a tied head is the transposed embedding, which the loop would otherwise re-layout per step.
@@ -463,7 +463,7 @@ def _decode_continuous(
     )
     # The first S rollouts: one batched prefill into slots [0, P) of every slot, then their first tokens.
     first = order[:slots]
-    cache = _constrain_cache(init_cache(config, slots, prompt_length + max_new_tokens, per_layer=True))
+    cache = _constrain_cache(init_cache(config, slots, prompt_length + max_new_tokens))
     hidden, cache = forward(
         graphdef, state, prompt_tokens[first], prompt_positions[first], prompt_mask[first], cache, True
     )
@@ -485,7 +485,7 @@ def _decode_continuous(
         taken = jnp.arange(group) < count
         target = jnp.where(taken, jnp.argsort(~free, stable=True)[:group], slots)  # free slots first; `slots` = none
         row = order[jnp.minimum(pending + jnp.arange(group), rows - 1)]
-        fresh = init_cache(config, group, prompt_length, per_layer=True)
+        fresh = init_cache(config, group, prompt_length)
         hidden, fresh = forward(
             graphdef, state, prompt_tokens[row], prompt_positions[row], prompt_mask[row], fresh, True
         )
@@ -644,7 +644,7 @@ def decode_cache_bytes(config, mesh, *, rows: int, prompt_length: int, max_new_t
     shards = math.prod(sizes[a] for a in axes)
     continuous = 0 < decode_slots < rows
     per_shard = -(-decode_slots // shards) if continuous else rows // shards
-    cache = jax.eval_shape(lambda: init_cache(config, per_shard, prompt_length + max_new_tokens, per_layer=True))
+    cache = jax.eval_shape(lambda: init_cache(config, per_shard, prompt_length + max_new_tokens))
     tensor = sizes.get('tensor', 1)
     split = tensor if config.num_kv_heads % tensor == 0 else 1
     return sum(x.size * x.dtype.itemsize for x in (*cache.k, *cache.v)) // split

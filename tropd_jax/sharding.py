@@ -124,21 +124,6 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
 KV_CACHE_AXES = {'k': ('batch', 'kv_heads', 'head_dim', 'length'), 'v': ('batch', 'kv_heads', 'length', 'head_dim')}
 
 
-def cache_sharding(mesh: Mesh, cache):
-    """NamedShardings for a `KVCache` (k [L, B, KV, D, S], v [L, B, KV, S, D], or tuples of per-layer buffers;
-    valid [B, S]; index [])."""
-
-    def shardings(buffers, axes):
-        return jax.tree.map(lambda x: logical_sharding((None,) * (x.ndim - 4) + axes, x.shape, mesh), buffers)
-
-    return type(cache)(
-        k=shardings(cache.k, KV_CACHE_AXES['k']),
-        v=shardings(cache.v, KV_CACHE_AXES['v']),
-        valid=logical_sharding(('batch', 'length'), cache.valid.shape, mesh),
-        index=NamedSharding(mesh, PartitionSpec()),
-    )
-
-
 def tensor_parallel() -> bool:
     """Whether the current mesh (`jax.set_mesh`) splits weights along `tensor` (size > 1)."""
     mesh = jax.sharding.get_abstract_mesh()
