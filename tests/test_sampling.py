@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tropd_jax import sampling
+from tropd_jax import decoding, sampling
 from tropd_jax.models import from_pretrained
 
 EOS = 2  # the fixture's eos_token_id
@@ -510,16 +510,16 @@ def test_generate_under_a_mesh_splits_the_batch(checkpoints):
 def test_cumulative_sum_and_sampling_edges(vocab):
     x = np.random.default_rng(vocab).uniform(size=(3, vocab)).astype(np.float32)
     np.testing.assert_allclose(
-        sampling.cumulative_sum(jnp.asarray(x)), np.cumsum(x.astype(np.float64), axis=1), rtol=1e-5
+        decoding.cumulative_sum(jnp.asarray(x)), np.cumsum(x.astype(np.float64), axis=1), rtol=1e-5
     )
     # Tokens after the last one of non-zero probability are never drawn, even for a uniform next to 1; a uniform of
     # 0 draws the first token of non-zero probability.
     logprobs = np.where(np.arange(vocab) % 3 == 1, np.log(x), -np.inf)
     logprobs = logprobs - np.logaddexp.reduce(logprobs, axis=1, keepdims=True)
     last = max(i for i in range(vocab) if i % 3 == 1)
-    top, _ = sampling.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
-    bottom, _ = sampling.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
+    top, _ = decoding.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
+    bottom, _ = decoding.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
     np.testing.assert_array_equal(top, last)
     np.testing.assert_array_equal(bottom, 1)
     ties = jnp.asarray([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
-    np.testing.assert_array_equal(sampling.greedy_token(ties), [1, 0])
+    np.testing.assert_array_equal(decoding.greedy_token(ties), [1, 0])
