@@ -15,6 +15,8 @@ softmax at temperature 1. With temperature 1 and no cut (the training setting) t
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -197,17 +199,85 @@ def _head(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
     return jnp.dot(hidden, lm_head, preferred_element_type=jnp.float32)
 
 
-def _decode(
+class DecodeInputs(NamedTuple):
+    """A decode's array inputs (`generate`'s, after its checks): split along the rows over the batch shards, but
+    `temperature` and `eos_ids`."""
+
+    prompt_tokens: jax.Array  # [R, P] left-padded
+    prompt_mask: jax.Array  # [R, P]
+    uniforms: jax.Array  # [R, N] the sampling randomness, drawn before the loop
+    forced_tokens: jax.Array  # [R, N] written instead of samples at response positions t < forced_lengths
+    forced_lengths: jax.Array  # [R]
+    max_lengths: jax.Array  # [R] response token budgets
+    temperature: jax.Array  # [] float32
+    eos_ids: jax.Array  # [E] int32
+
+
+class Records(NamedTuple):
+    """What a decode records per rollout: its response tokens and their log-probs under the distribution sampled
+    from and under the model ([R, N]), its response length and finish reason ([R])."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    model_logprobs: jax.Array
+    lengths: jax.Array
+    finish: jax.Array
+
+
+class Prepared(NamedTuple):
+    """The setup both decode paths share: the prompts' mask, RoPE positions and real-token counts (the position of
+    each row's first response token), the budgets capped at N, the token choice with the sampling settings bound
+    (`choose(logits [K, V], uniform [K], forced_token [K], forced [K]) -> (token, logprob, model_logprob)`), and
+    empty records."""
+
+    prompt_mask: jax.Array  # [R, P] int32
+    prompt_positions: jax.Array  # [R, P]
+    prompt_count: jax.Array  # [R]
+    max_lengths: jax.Array  # [R]
+    choose: Callable
+    records: Records
+
+
+def prepare(inputs: DecodeInputs, *, max_new_tokens, greedy, top_k, top_p, pad_id, vocab_size) -> Prepared:
+    """`Prepared` of a decode's inputs."""
+    prompt_mask = inputs.prompt_mask.astype(jnp.int32)
+    rows = prompt_mask.shape[0]
+    choose = functools.partial(
+        _choose_tokens, temperature=inputs.temperature, greedy=greedy, top_k=top_k, top_p=top_p, vocab_size=vocab_size
+    )
+    records = Records(
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+        model_logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        finish=jnp.full((rows,), FINISH_LENGTH, jnp.int32),
+    )
+    return Prepared(
+        prompt_mask,
+        positions(prompt_mask),
+        jnp.sum(prompt_mask, axis=1),
+        jnp.minimum(inputs.max_lengths, max_new_tokens),
+        choose,
+        Records(*map(sharding.constrain_rows, records)),
+    )
+
+
+class StaticCarry(NamedTuple):
+    """The static decode's loop state: the next response step t, each row's last token and whether it was still
+    running, the cache, which rows are done, and the records."""
+
+    t: jax.Array
+    token: jax.Array  # [B]
+    active: jax.Array  # [B]
+    cache: KVCache
+    done: jax.Array  # [B]
+    records: Records
+
+
+def decode(
     graphdef,
     state,
-    prompt_tokens,
-    prompt_mask,
-    uniforms,
-    forced_tokens,
-    forced_lengths,
-    max_lengths,
-    temperature,
-    eos_ids,
+    inputs: DecodeInputs,
     *,
     max_new_tokens,
     greedy,
@@ -223,34 +293,35 @@ def _decode(
     `sync_axes`: manual mesh axes whose shards must run the same number of steps (their loop condition is reduced
     over them), needed when the automatic axes put collectives inside the loop.
     """
-    batch, prompt_length = prompt_tokens.shape
+    batch, prompt_length = inputs.prompt_tokens.shape
     config = nnx.merge(graphdef, state).config
-
-    prompt_mask = prompt_mask.astype(jnp.int32)
-    prompt_positions = positions(prompt_mask)
-    prompt_count = jnp.sum(prompt_mask, axis=1)  # position of the first response token
-    max_lengths = jnp.minimum(max_lengths, max_new_tokens)
-
-    choose = functools.partial(
-        _choose_tokens, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p, vocab_size=vocab_size
+    prepared = prepare(
+        inputs,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        top_k=top_k,
+        top_p=top_p,
+        pad_id=pad_id,
+        vocab_size=vocab_size,
     )
+    max_lengths = prepared.max_lengths
 
-    def emit(t, logits, state):
+    def emit(t, logits, done, records: Records):
         """Chooses response token t of every row from `logits` [B, V] (its distribution) and records it."""
-        out_tokens, out_logprobs, out_model_logprobs, done, lengths, finish = state
-        token, token_logprob, token_model_logprob = choose(
-            logits, uniforms[:, t], forced_tokens[:, t], t < forced_lengths
+        token, token_logprob, token_model_logprob = prepared.choose(
+            logits, inputs.uniforms[:, t], inputs.forced_tokens[:, t], t < inputs.forced_lengths
         )
         active = ~done
-        out_tokens = out_tokens.at[:, t].set(jnp.where(active, token, pad_id))
-        out_logprobs = out_logprobs.at[:, t].set(jnp.where(active, token_logprob, 0.0))
-        out_model_logprobs = out_model_logprobs.at[:, t].set(jnp.where(active, token_model_logprob, 0.0))
-        lengths = lengths + active
-        hit_eos = active & jnp.isin(token, eos_ids)
+        hit_eos = active & jnp.isin(token, inputs.eos_ids)
         hit_length = active & ~hit_eos & (t + 1 >= max_lengths)
-        finish = jnp.where(hit_eos, FINISH_EOS, jnp.where(hit_length, FINISH_LENGTH, finish))
-        done = done | hit_eos | hit_length
-        return token, active, (out_tokens, out_logprobs, out_model_logprobs, done, lengths, finish)
+        records = Records(
+            tokens=records.tokens.at[:, t].set(jnp.where(active, token, pad_id)),
+            logprobs=records.logprobs.at[:, t].set(jnp.where(active, token_logprob, 0.0)),
+            model_logprobs=records.model_logprobs.at[:, t].set(jnp.where(active, token_model_logprob, 0.0)),
+            lengths=records.lengths + active,
+            finish=jnp.where(hit_eos, FINISH_EOS, jnp.where(hit_length, FINISH_LENGTH, records.finish)),
+        )
+        return token, active, done | hit_eos | hit_length, records
 
     # Per-layer cache buffers: attention reads a layer's buffer directly, where a stacked [L, ...] buffer would copy
     # the layer out at every step. The first segment's window holds the prompt and its own tokens.
@@ -259,62 +330,52 @@ def _decode(
     # Prefill: the prompt fills slots [0, P). Only the last column's logits are needed (left padding puts every
     # row's last prompt token there), so the LM head runs on one position instead of P. The LM head is formed once,
     # outside the loop: a tied head is the transposed embedding, which the loop would otherwise re-layout per step.
-    hidden, cache = forward(graphdef, state, prompt_tokens, prompt_positions, prompt_mask, cache, True)
-    lm_head = nnx.merge(graphdef, state).lm_head_weight().astype(hidden.dtype)
-    logits = _head(hidden[:, -1], lm_head)
-
-    records = (
-        sharding.constrain_rows(jnp.full((batch, max_new_tokens), pad_id, jnp.int32)),
-        sharding.constrain_rows(jnp.zeros((batch, max_new_tokens), jnp.float32)),
-        sharding.constrain_rows(jnp.zeros((batch, max_new_tokens), jnp.float32)),
-        sharding.constrain_rows(max_lengths <= 0),  # a row with no budget is done before it starts
-        sharding.constrain_rows(jnp.zeros((batch,), jnp.int32)),
-        sharding.constrain_rows(jnp.full((batch,), FINISH_LENGTH, jnp.int32)),
+    hidden, cache = forward(
+        graphdef, state, inputs.prompt_tokens, prepared.prompt_positions, prepared.prompt_mask, cache, True
     )
-    token, active, records = emit(0, logits, records)
+    lm_head = nnx.merge(graphdef, state).lm_head_weight().astype(hidden.dtype)
+    done = sharding.constrain_rows(max_lengths <= 0)  # a row with no budget is done before it starts
+    token, active, done, records = emit(0, _head(hidden[:, -1], lm_head), done, prepared.records)
 
-    def step(carry):
+    def step(carry: StaticCarry) -> StaticCarry:
         """Feeds response token t - 1 (at slot P + t - 1) and emits token t."""
-        t, token, active, cache, records = carry
+        t = carry.t
         hidden, cache = forward(
-            graphdef, state, token[:, None], (prompt_count + t - 1)[:, None], active[:, None], cache, True
+            graphdef,
+            state,
+            carry.token[:, None],
+            (prepared.prompt_count + t - 1)[:, None],
+            carry.active[:, None],
+            carry.cache,
+            True,
         )
-        token, active, records = emit(t, _head(hidden[:, 0], lm_head), records)
-        return t + 1, token, active, cache, records
+        token, active, done, records = emit(t, _head(hidden[:, 0], lm_head), carry.done, carry.records)
+        return StaticCarry(t + 1, token, active, cache, done, records)
 
     def all_done(done):
         done = jnp.all(done)
         return jax.lax.pmin(done.astype(jnp.int32), sync_axes).astype(bool) if sync_axes else done
 
-    t = jnp.int32(1)
+    carry = StaticCarry(jnp.int32(1), token, active, cache, done, records)
     for j, end in enumerate(ends):
         if j > 0:
-            cache = _grow_cache(cache, prompt_length + end)
+            carry = carry._replace(cache=_grow_cache(carry.cache, prompt_length + end))
         # Segment j runs steps t < end; its last feed writes slot P + end - 2, inside its P + end slots.
-        t, token, active, cache, records = jax.lax.while_loop(
-            lambda c, end=end: (c[0] < end) & ~all_done(c[4][3]), step, (t, token, active, cache, records)
-        )
-
-    out_tokens, out_logprobs, out_model_logprobs, _, lengths, finish = records
-    return jax.tree.map(
-        sharding.constrain_rows,
-        _assemble(
-            prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs, lengths, finish, forced_lengths
-        ),
-    )
+        carry = jax.lax.while_loop(lambda c, end=end: (c.t < end) & ~all_done(c.done), step, carry)
+    return assemble(inputs, carry.records)
 
 
-def _assemble(
-    prompt_tokens, prompt_mask, out_tokens, out_logprobs, out_model_logprobs, lengths, finish, forced_lengths
-) -> Rollout:
-    """The `Rollout` of prompts [B, P] and per-row response records [B, N] (lengths, finish, forced_lengths: [B])."""
+def assemble(inputs: DecodeInputs, records: Records) -> Rollout:
+    """The `Rollout` of the prompts [B, P] and the per-row response records [B, N], split along its rows."""
+    prompt_tokens, prompt_mask, forced_lengths = inputs.prompt_tokens, inputs.prompt_mask, inputs.forced_lengths
+    out_tokens, out_logprobs, out_model_logprobs, lengths, finish = records
     batch, prompt_length = prompt_tokens.shape
     columns = jnp.arange(out_tokens.shape[1])
     response_mask = (columns[None] < lengths[:, None]).astype(jnp.int32)
     prefix_mask = (columns[None] < jnp.minimum(forced_lengths, lengths)[:, None]).astype(jnp.int32)
     prompt_zeros = jnp.zeros((batch, prompt_length), jnp.int32)
     join = lambda prompt_part, response_part: jnp.concatenate([prompt_part, response_part], axis=1)
-    return Rollout(
+    rollout = Rollout(
         tokens=join(prompt_tokens.astype(jnp.int32), out_tokens),
         input_mask=join(prompt_mask.astype(jnp.int32), response_mask),
         response_mask=join(prompt_zeros, response_mask),
@@ -325,3 +386,4 @@ def _assemble(
         finish_reason=finish,
         prompt_length=prompt_length,
     )
+    return jax.tree.map(sharding.constrain_rows, rollout)

@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tropd_jax import sharding
-from tropd_jax.continuous import _decode_continuous
+from tropd_jax import decoding, sharding
+from tropd_jax.continuous import decode_continuous
 from tropd_jax.decoding import FINISH_EOS as FINISH_EOS  # a rollout's public names, read as sampling.*
 from tropd_jax.decoding import FINISH_LENGTH as FINISH_LENGTH
-from tropd_jax.decoding import Rollout, _decode
+from tropd_jax.decoding import DecodeInputs, Rollout
 from tropd_jax.models.decoder import init_cache
 from tropd_jax.placement import Placement
 
@@ -108,8 +108,8 @@ def _generate(
     do); the `tensor` axis stays automatic. The sampling randomness is drawn for the whole batch first, so the tokens
     do not depend on the mesh.
 
-    `decode_slots` > 0 and below the batch: continuous batching (`_decode_continuous`), each shard with its share of
-    the slots (rounded up) over its own rows.
+    `decode_slots` > 0 and below the batch: continuous batching (`continuous.decode_continuous`), each shard with
+    its share of the slots (rounded up) over its own rows.
     """
     batch = prompt_tokens.shape[0]
     uniforms = sharding.constrain(jax.random.uniform(key, (batch, settings['max_new_tokens'])), ('batch', None))
@@ -118,9 +118,9 @@ def _generate(
     axes, automatic = _decode_axes(batch, sizes)
     shards = math.prod(sizes[a] for a in axes)
     if 0 < decode_slots < batch:
-        decode = functools.partial(_decode_continuous, graphdef, decode_slots=-(-decode_slots // shards), **settings)
+        decode = functools.partial(decode_continuous, graphdef, decode_slots=-(-decode_slots // shards), **settings)
     else:
-        decode = functools.partial(_decode, graphdef, **settings)
+        decode = functools.partial(decoding.decode, graphdef, **settings)
     if axes:
         if automatic:
             # XLA CPU joins a collective-permute of the automatic (tensor) axis across every device, so shards that
@@ -129,14 +129,15 @@ def _generate(
         rows, same = PartitionSpec(axes), PartitionSpec()
         decode = jax.shard_map(
             decode,
-            in_specs=(same, rows, rows, rows, rows, rows, rows, same, same),
+            in_specs=(same, DecodeInputs(rows, rows, rows, rows, rows, rows, same, same)),
             out_specs=rows,
             axis_names=set(axes),
             check_vma=False,
         )
-    return decode(
-        state, prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths, temperature, eos_ids
+    inputs = DecodeInputs(
+        prompt_tokens, prompt_mask, uniforms, forced_tokens, forced_lengths, max_lengths, temperature, eos_ids
     )
+    return decode(state, inputs)
 
 
 def _decode_axes(batch: int, sizes: dict) -> tuple[tuple[str, ...], list[str]]:
