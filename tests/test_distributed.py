@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from test_train import ROOT, curve, make_tiny_pair, params_of, run_args, run_main
 
+pytestmark = pytest.mark.slow  # two-process runs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,8 +43,6 @@ SIGNAL_AT_STEP = """
 import os, signal, sys, time
 from absl import app
 from tropd_jax import main, train
-
-pytestmark = pytest.mark.slow  # two-process runs
 rollouts = train.make_rollouts
 def make_rollouts(*args, **kwargs):
     if args[4] == {step}:

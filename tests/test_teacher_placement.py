@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-device runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECK = r"""
@@ -120,8 +122,6 @@ from tropd_jax import step as step_lib
 from tropd_jax.placement import Placement, global_array
 from tropd_jax.loading import load_models
 from tropd_jax.models import from_pretrained, load_tokenizer
-
-pytestmark = pytest.mark.slow  # multi-device runs in subprocesses
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
 tiny = importlib.util.module_from_spec(spec)
