@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tropd_jax import config as config_lib
 from tropd_jax import sharding
 
 
@@ -28,6 +27,10 @@ def make_meshes(config, devices=None) -> tuple[Mesh, Mesh]:
     """(student mesh, teacher mesh) for `model.teacher_placement`: the same mesh twice when colocated; when
     separate, the student's mesh (`config.mesh`) over the first devices and an FSDP mesh over the teacher's last
     `model.teacher_devices` (in process order, so a teacher of whole hosts gets its own hosts)."""
+    # The config schema (which reads the losses' fields) sits above the data path: imported here, so that
+    # `sampling`, which takes a Placement, does not depend on it.
+    from tropd_jax import config as config_lib
+
     devices = list(jax.devices() if devices is None else devices)
     n_student, n_teacher = config_lib.placement_devices(config.model, len(devices))
     student_mesh = sharding.make_mesh(*config_lib.mesh_shape(config.mesh, n_student), devices=devices[:n_student])
