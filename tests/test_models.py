@@ -262,7 +262,10 @@ def _with_runtime(model, **fields):
     return model
 
 
-@pytest.mark.parametrize('remat', ['none', 'full', 'save_dots', 'full+scan', 'none+mlp_chunks'])
+@pytest.mark.parametrize(
+    'remat',
+    ['none', *(pytest.param(r, marks=pytest.mark.slow) for r in ('full', 'save_dots', 'full+scan', 'none+mlp_chunks'))],
+)
 def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
     """Several key / query blocks (block 8 over 20 columns, rows of different lengths, a padding hole), then the
     prefill of a cache through the same kernel: both equal transformers; remat, scanning the layers and running the
@@ -292,6 +295,7 @@ def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
         np.testing.assert_array_equal(np.asarray(cache.valid[:, :20]), real)
 
 
+@pytest.mark.slow
 def test_remat_leaves_gradients_unchanged(tiny_hf_checkpoint):
     """d(sum of weighted logits at real positions)/d(params) is the same with every rematerialisation policy, with
     the blockwise kernel (whose backward is its own custom VJP) and with the layers scanned (each layer's gradient

@@ -147,6 +147,7 @@ def test_greedy_matches_transformers(checkpoints):
     assert_logprobs_match(torch_model, rollout)
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_match_full_forward(checkpoints):
     model, torch_model, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -189,6 +190,7 @@ def test_same_key_same_tokens_and_segments_do_not_change_results(checkpoints):
     np.testing.assert_allclose(whole.logprobs, segmented.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_temperature_near_zero_is_greedy(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -197,6 +199,7 @@ def test_temperature_near_zero_is_greedy(checkpoints):
     np.testing.assert_array_equal(greedy.tokens, cold.tokens)
 
 
+@pytest.mark.slow
 def test_early_eos_rows_are_padded_and_masked(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -324,6 +327,7 @@ def test_rollout_teacher_prefix_then_student(checkpoints):
     assert_logprobs_match(student_torch, rollout)
 
 
+@pytest.mark.slow
 def test_rollout_without_prefix_never_runs_the_teacher(checkpoints):
     student, _, _ = checkpoints['student']
     tokens, mask = prompts()

@@ -114,6 +114,7 @@ def test_teacher_rows_score_the_same_responses_after_the_teacher_prompt(tiny):
     assert not np.allclose(as_student, logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_differing_templates_warn_once_with_the_measured_difference(tiny, caplog):
     mesh, _ = placement.make_meshes(_Config())
     for model in (tiny['teacher'], tiny['student']):

@@ -183,9 +183,9 @@ def test_bucket_rows_bounds_the_compiled_shapes():
     'method, aggregation, fused',
     [
         ('opd', 'token_mean', True),
-        ('tropd', 'token_mean', False),
-        ('tropd', 'seq_mean_token_mean', True),
-        ('opd', 'seq_mean_token_mean', False),
+        pytest.param('tropd', 'token_mean', False, marks=pytest.mark.slow),
+        pytest.param('tropd', 'seq_mean_token_mean', True, marks=pytest.mark.slow),
+        pytest.param('opd', 'seq_mean_token_mean', False, marks=pytest.mark.slow),
     ],
 )
 def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
