@@ -196,7 +196,9 @@ def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
         False: {k: jnp.asarray(v) for k, v in arrays.items()},
         True: {k: jnp.asarray(v) for k, v in packed_batch(arrays).items()},
     }
-    grads_fn = jax.jit(step_lib.accumulate_gradients, static_argnames=('student_graphdef', 'teacher_graphdef', 's'))
+    grads_fn = jax.jit(
+        step_lib.accumulate_gradients, static_argnames=('student_graphdef', 'teacher_graphdef', 'settings')
+    )
     step_fn = jax.jit(step_lib.train_step, static_argnums=(5, 6, 7))
     opt_state = step_lib.make_optimizer(settings(method, aggregation, fused, False).optimizer).init(params)
     grads, metrics = {}, {}
