@@ -158,8 +158,9 @@ def full_rows(rng, rows: int, length: int, prompt: int, vocab: int) -> dict:
 def packed_rows(rng, rows: int, length: int, prompt: int, vocab: int) -> tuple[dict, np.ndarray]:
     """As many rollouts (prompt `prompt / 4`..`prompt` tokens, response `length / 8`..`length - prompt`, left-padded
     prompts in `prompt` columns) as first-fit packing puts in `rows` rows of `length` columns, packed as the trainer
-    packs them (`train.pack_rollouts`). Returns (packed arrays, each rollout's length)."""
-    from tropd_jax import packing, train
+    packs them (`rollouts.pack_rollouts`). Returns (packed arrays, each rollout's length)."""
+    from tropd_jax import packing
+    from tropd_jax import rollouts as rollouts_lib
 
     def rollouts(n):
         p = rng.integers(max(1, prompt // 4), prompt + 1, n)
@@ -181,7 +182,7 @@ def packed_rows(rng, rows: int, length: int, prompt: int, vocab: int) -> tuple[d
     while n < len(pool['tokens']) and packing.plan(pool['input_mask'][: n + 1], length).num_rows <= rows:
         n += 1
     chosen = {k: v[:n] for k, v in pool.items()}
-    packed = train.pack_rollouts(types.SimpleNamespace(**chosen), rows, 4)
+    packed = rollouts_lib.pack_rollouts(types.SimpleNamespace(**chosen), rows, 4)
     return packed, chosen['input_mask'].sum(axis=1)
 
 
@@ -206,7 +207,8 @@ def random_targets(key, shape: tuple, k: int, vocab: int, mesh):
 
 def train_variant(args, variant: str, mesh) -> dict:
     from tropd_jax import config as config_lib
-    from tropd_jax import losses, train
+    from tropd_jax import losses
+    from tropd_jax import step as step_lib
 
     if variant == 'cudnn' and jax.default_backend() not in ('gpu', 'cuda'):
         return {'skipped': f'needs an NVIDIA GPU; the backend is {jax.default_backend()!r}'}
@@ -231,7 +233,7 @@ def train_variant(args, variant: str, mesh) -> dict:
     else:
         arrays = full_rows(rng, rows, length, args.train_prompt, c.vocab_size)
         lengths, prompt_length = np.full(rows, length), args.train_prompt
-    settings = train.step_settings(config, c.vocab_size, prompt_length)
+    settings = step_lib.step_settings(config, c.vocab_size, prompt_length)
     k = losses.topk_size(settings.method, dict(settings.hyperparameters))
     result = {
         'attention': attention,
@@ -245,22 +247,22 @@ def train_variant(args, variant: str, mesh) -> dict:
 
     graphdef, params = nnx.split(init_decoder(c, seed=0, mesh=mesh))
     with jax.set_mesh(mesh):
-        optimizer = train.make_optimizer(settings.optimizer)
+        optimizer = step_lib.make_optimizer(settings.optimizer)
         targets = random_targets(
             jax.random.key(1), (1, arrays['tokens'].shape[0], length - prompt_length), k, c.vocab_size, mesh
         )
-        step, batch_shardings, _, opt_shardings = train.jit_train_step(
+        step, batch_shardings, _, opt_shardings = step_lib.jit_train_step(
             mesh,
             params,
             jax.eval_shape(optimizer.init, params),
             targets,
-            train.batch_keys(settings),
+            step_lib.batch_keys(settings),
             settings,
             graphdef,
             None,
         )
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-        batch = {name: jax.device_put(arrays[name], batch_shardings[name]) for name in train.batch_keys(settings)}
+        batch = {name: jax.device_put(arrays[name], batch_shardings[name]) for name in step_lib.batch_keys(settings)}
         state = {'params': params, 'opt_state': opt_state, 'metrics': None}
         key = jax.random.key(2)
 

@@ -26,6 +26,11 @@ from continuous_batching import long_tailed_lengths  # noqa: E402
 from tropd_jax import packing  # noqa: E402
 
 
+def padding_fraction(input_mask: np.ndarray) -> float:
+    """The fraction of computed tokens (every column of every row) that are padding."""
+    return float(1.0 - input_mask.sum() / max(input_mask.size, 1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rollouts', type=int, default=256)
@@ -54,8 +59,8 @@ def main():
     print(
         json.dumps(
             {
-                'padding_fraction_before': round(packing.padding_fraction(input_mask), 4),
-                'padding_fraction_after': round(packing.padding_fraction(packed_real), 4),
+                'padding_fraction_before': round(padding_fraction(input_mask), 4),
+                'padding_fraction_after': round(padding_fraction(packed_real), 4),
                 'rows_before': args.rollouts,
                 'rows_needed': rows_needed,
                 'rows_after': plan.num_rows,

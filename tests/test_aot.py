@@ -136,6 +136,7 @@ def test_offloaded_layer_inputs_are_in_host_memory(tmp_path):
     assert host['offload'] >= student['num_hidden_layers'] * layer_input, host
 
 
+@pytest.mark.slow
 def test_what_the_trainer_holds_meanwhile_counts_against_the_limit(tmp_path):
     # The student's rollouts share the chips with its optimizer state and the colocated teacher's parameters: a limit
     # the program fits under alone but not with those must fail.
@@ -155,6 +156,7 @@ def test_what_the_trainer_holds_meanwhile_counts_against_the_limit(tmp_path):
     assert 'rollout_student:  DOES NOT FIT' in result.stdout
 
 
+@pytest.mark.slow
 def test_a_program_over_the_limit_fails_and_is_named():
     result = run_aot('--topology=cpu:4', '--hbm_gib=0.0001', '--programs=teacher_scoring')
     assert result.returncode == 1, result.stdout + result.stderr

@@ -125,7 +125,7 @@ def test_mismatched_state_raises_instead_of_starting_over(tmp_path):
     assert sorted(os.listdir(directory)) == ['1', '2']  # good checkpoints are never moved aside
 
 
-def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(monkeypatch, capsys, caplog):
+def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)  # the default hook: prints to stderr
     closed = asyncio.new_event_loop()
     closed.close()
@@ -171,15 +171,22 @@ def test_abandoned_read_reports_are_absorbed_and_other_errors_are_not(monkeypatc
     assert 'an unrelated failure' in err
     assert [r.getMessage() for r in caplog.records if r.name == 'asyncio'] == ['an unrelated asyncio error']
     assert not logging.getLogger('asyncio').filters
-    # Reads still in flight finish after the restore returned: their closed-loop reports stay dropped, nothing else.
+    assert sys.unraisablehook is sys.__unraisablehook__  # the context leaves no hook behind
+    # Reads still in flight finish after the restore returned: while the checkpointer that restored lives, their
+    # closed-loop reports stay dropped, nothing else; its `close` puts the previous hook back.
+    ckpt = Checkpointer(str(tmp_path / 'ckpt'), every_steps=1, keep=1)
+    assert ckpt.restore_latest(abstract(make_state(0))) is None
+    after_one_restore = sys.unraisablehook
+    assert ckpt.restore_latest(abstract(make_state(0))) is None  # a second restore does not wrap the hook twice
+    assert sys.unraisablehook is after_one_restore is not sys.__unraisablehook__
     LateRead()
     Unrelated()
     err = capsys.readouterr().err
     assert 'Event loop is closed' not in err and 'an unrelated failure' in err
-    after_one_restore = sys.unraisablehook
-    with checkpoint.absorb_abandoned_read_reports():  # a second restore does not wrap the hook twice
-        pass
-    assert sys.unraisablehook is after_one_restore
+    ckpt.close()
+    assert sys.unraisablehook is sys.__unraisablehook__
+    LateRead()
+    assert 'Event loop is closed' in capsys.readouterr().err
 
 
 def test_train_state_restores_the_trainers_checkpoint_layout(tmp_path):

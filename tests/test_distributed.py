@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from test_train import ROOT, curve, make_tiny_pair, params_of, run_args, run_main
 
+pytestmark = pytest.mark.slow  # two-process runs
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -135,6 +135,7 @@ def test_greedy_and_sampled_on_a_model_unsure_of_its_answer(tokenizer):
     assert result['pass_at_k'] == pytest.approx(EXPECTED.mean())
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_json_line(tokenizer, tmp_path):
     checkpoint = str(tmp_path / 'bigram')
     save_pretrained(bigram_model(tokenizer), checkpoint)

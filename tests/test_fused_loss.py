@@ -306,6 +306,7 @@ def test_bfloat16_inputs(data):
         assert np.linalg.norm(g - g_ref) <= 2e-2 * np.linalg.norm(g_ref)
 
 
+@pytest.mark.slow
 def test_memory_grows_with_chunk_not_tokens():
     """Compile-only XLA memory analysis: the fused step's temporaries grow by O(k) bytes per token, the naive step's
     by several float32 rows of the vocabulary."""

@@ -126,30 +126,19 @@ def test_cached_decode_matches_full_forward(checkpoint):
 
     real = mask.astype(bool)
     layer_shape = (3, config.num_kv_heads, config.head_dim, TOTAL + 3)  # k is stored slots-last
-    # The per-layer layout is checked on one architecture: the layers differ only before the cache write.
-    stacked_k = None
-    for per_layer in (False, True) if arch == 'qwen3' else (False,):
-        cache = init_cache(config, batch_size=3, max_length=TOTAL + 3, per_layer=per_layer)
-        if per_layer:
-            assert len(cache.k) == config.num_layers and all(k.shape == layer_shape for k in cache.k)
-        else:
-            assert cache.k.shape == (config.num_layers,) + layer_shape
-        outs = []
-        out, cache = run(model, tokens[:, :prompt], mask[:, :prompt], positions[:, :prompt], cache)
+    cache = init_cache(config, batch_size=3, max_length=TOTAL + 3)
+    assert len(cache.k) == config.num_layers and all(k.shape == layer_shape for k in cache.k)
+    outs = []
+    out, cache = run(model, tokens[:, :prompt], mask[:, :prompt], positions[:, :prompt], cache)
+    outs.append(out)
+    for t in range(prompt, TOTAL):
+        out, cache = run(model, tokens[:, t : t + 1], mask[:, t : t + 1], positions[:, t : t + 1], cache)
         outs.append(out)
-        for t in range(prompt, TOTAL):
-            out, cache = run(model, tokens[:, t : t + 1], mask[:, t : t + 1], positions[:, t : t + 1], cache)
-            outs.append(out)
-        assert isinstance(cache, KVCache) and int(cache.index) == TOTAL
-        assert isinstance(cache.k, tuple) == per_layer
-        np.testing.assert_array_equal(np.asarray(cache.valid[:, :TOTAL]), real)
-        assert not np.asarray(cache.valid[:, TOTAL:]).any()
-        decoded = np.concatenate([np.asarray(o) for o in outs], axis=1)
-        np.testing.assert_allclose(decoded[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
-        if per_layer:  # the stacked layout ran first
-            np.testing.assert_allclose(np.stack([np.asarray(k) for k in cache.k]), stacked_k, atol=1e-6)
-        else:
-            stacked_k = np.asarray(cache.k)
+    assert isinstance(cache, KVCache) and int(cache.index) == TOTAL
+    np.testing.assert_array_equal(np.asarray(cache.valid[:, :TOTAL]), real)
+    assert not np.asarray(cache.valid[:, TOTAL:]).any()
+    decoded = np.concatenate([np.asarray(o) for o in outs], axis=1)
+    np.testing.assert_allclose(decoded[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
 
 
 def test_cached_decode_inside_while_loop(tiny_hf_checkpoint):
@@ -162,7 +151,7 @@ def test_cached_decode_inside_while_loop(tiny_hf_checkpoint):
 
     @jax.jit
     def decode(state, tokens, mask, positions):
-        cache = init_cache(config, 2, 8, per_layer=True)
+        cache = init_cache(config, 2, 8)
         _, cache = forward(graphdef, state, tokens[:, :3], positions[:, :3], mask[:, :3], cache)
 
         def body(carry):
@@ -192,7 +181,7 @@ def test_decode_step_concatenates_weights_on_cpu_only(tiny_hf_checkpoint):
     weight_sizes.add(2 * config.intermediate_size)
 
     def concatenated_weights():
-        cache = init_cache(config, 2, 8, per_layer=True)
+        cache = init_cache(config, 2, 8)
         jaxpr = jax.make_jaxpr(lambda state: forward(graphdef, state, one, one, one, cache))(state)
         found = []
         for eqn in jaxpr.jaxpr.eqns:
@@ -275,7 +264,10 @@ def _with_runtime(model, **fields):
     return model
 
 
-@pytest.mark.parametrize('remat', ['none', 'full', 'save_dots', 'full+scan', 'none+mlp_chunks'])
+@pytest.mark.parametrize(
+    'remat',
+    ['none', *(pytest.param(r, marks=pytest.mark.slow) for r in ('full', 'save_dots', 'full+scan', 'none+mlp_chunks'))],
+)
 def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
     """Several key / query blocks (block 8 over 20 columns, rows of different lengths, a padding hole), then the
     prefill of a cache through the same kernel: both equal transformers; remat, scanning the layers and running the
@@ -299,12 +291,13 @@ def test_blockwise_attention_and_remat_match_transformers(checkpoint, remat):
     logits, _ = run(model, tokens, mask, positions)
     np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=1e-4, rtol=1e-4)
     if remat == 'none':
-        cache = init_cache(config, batch_size=3, max_length=24, per_layer=arch == 'qwen3')
+        cache = init_cache(config, batch_size=3, max_length=24)
         prefill, cache = run(model, tokens, mask, positions, cache)
         np.testing.assert_allclose(np.asarray(prefill)[real], expected[real], atol=1e-4, rtol=1e-4)
         np.testing.assert_array_equal(np.asarray(cache.valid[:, :20]), real)
 
 
+@pytest.mark.slow
 def test_remat_leaves_gradients_unchanged(tiny_hf_checkpoint):
     """d(sum of weighted logits at real positions)/d(params) is the same with every rematerialisation policy, with
     the blockwise kernel (whose backward is its own custom VJP) and with the layers scanned (each layer's gradient

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tropd_jax import sampling
+from tropd_jax import decoding, sampling
 from tropd_jax.models import from_pretrained
 
 # The parity tests' reference: the CPU build of PyTorch (README, Tests); skipped without it.
@@ -149,6 +149,7 @@ def test_greedy_matches_transformers(checkpoints):
     assert_logprobs_match(torch_model, rollout)
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_match_full_forward(checkpoints):
     model, torch_model, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -175,6 +176,7 @@ def test_sampled_logprobs_match_full_forward(checkpoints):
     np.testing.assert_allclose(np.asarray(rollout.logprobs)[response], sample_lp[response], atol=2e-4)
 
 
+@pytest.mark.slow
 def test_same_key_same_tokens_and_segments_do_not_change_results(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -190,6 +192,7 @@ def test_same_key_same_tokens_and_segments_do_not_change_results(checkpoints):
     np.testing.assert_allclose(whole.logprobs, segmented.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_temperature_near_zero_is_greedy(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -198,6 +201,7 @@ def test_temperature_near_zero_is_greedy(checkpoints):
     np.testing.assert_array_equal(greedy.tokens, cold.tokens)
 
 
+@pytest.mark.slow
 def test_early_eos_rows_are_padded_and_masked(checkpoints):
     model, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -257,6 +261,7 @@ def test_forced_prefix(checkpoints):
         np.testing.assert_array_equal(responses[row, length : length + len(expected)], expected)
 
 
+@pytest.mark.slow
 def test_first_token_distribution_matches_softmax(checkpoints):
     """20,000 one-token generations from one prompt; total-variation distance to the re-derived distribution."""
     model, torch_model, _ = checkpoints['student']
@@ -324,6 +329,7 @@ def test_rollout_teacher_prefix_then_student(checkpoints):
     assert_logprobs_match(student_torch, rollout)
 
 
+@pytest.mark.slow
 def test_rollout_without_prefix_never_runs_the_teacher(checkpoints):
     student, _, _ = checkpoints['student']
     tokens, mask = prompts()
@@ -389,6 +395,7 @@ def assert_same_rollouts(got, want, rows=slice(None)):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('slots', [1, 3])
 def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, slots):
     # One slot, and three: refills one rollout at a time (slots / 8 rounds down to 1).
@@ -426,6 +433,7 @@ def test_continuous_batching_gives_each_rollout_its_static_result(checkpoints, s
         assert_same_rollouts(one, alone)
 
 
+@pytest.mark.slow
 def test_continuous_batching_refills_in_groups(checkpoints):
     # 16 slots refill in groups of 2 (slots / 8) over 24 rollouts.
     model, _, _ = checkpoints['student']
@@ -434,6 +442,7 @@ def test_continuous_batching_refills_in_groups(checkpoints):
     assert_same_rollouts(ragged_generate(model, jax.random.key(6), sampled, copies=3, decode_slots=16), static)
 
 
+@pytest.mark.slow
 def test_continuous_batching_rollout_with_teacher_prefixes(checkpoints):
     student, student_torch, _ = checkpoints['student']
     teacher, _, _ = checkpoints['teacher']
@@ -466,7 +475,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       mesh = sharding.make_mesh(*shape)
       sharded_model, _ = from_pretrained(path, mesh=mesh)
       with jax.set_mesh(mesh):
-        spec = sharding.activation_sharding(mesh, ('batch', 'length'), tokens.shape)
+        spec = sharding.logical_sharding(('batch', 'length'), tokens.shape, mesh)
         out = sampling.generate(sharded_model, jax.device_put(tokens, spec), mask, jax.random.key(0),
                                 max_new_tokens=6, max_lengths=max_lengths)
         # Continuous batching: 4 slots over the shards (one per shard on 2x2x2, whose shards hold two rows each).
@@ -488,6 +497,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_generate_under_a_mesh_splits_the_batch(checkpoints):
     _, _, path = checkpoints['student']
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
@@ -506,16 +516,16 @@ def test_generate_under_a_mesh_splits_the_batch(checkpoints):
 def test_cumulative_sum_and_sampling_edges(vocab):
     x = np.random.default_rng(vocab).uniform(size=(3, vocab)).astype(np.float32)
     np.testing.assert_allclose(
-        sampling.cumulative_sum(jnp.asarray(x)), np.cumsum(x.astype(np.float64), axis=1), rtol=1e-5
+        decoding.cumulative_sum(jnp.asarray(x)), np.cumsum(x.astype(np.float64), axis=1), rtol=1e-5
     )
     # Tokens after the last one of non-zero probability are never drawn, even for a uniform next to 1; a uniform of
     # 0 draws the first token of non-zero probability.
     logprobs = np.where(np.arange(vocab) % 3 == 1, np.log(x), -np.inf)
     logprobs = logprobs - np.logaddexp.reduce(logprobs, axis=1, keepdims=True)
     last = max(i for i in range(vocab) if i % 3 == 1)
-    top = sampling.sample_categorical(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
-    bottom = sampling.sample_categorical(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
+    top, _ = decoding.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.full((3,), 1 - 2**-24, jnp.float32))
+    bottom, _ = decoding.sample_and_total(jnp.asarray(logprobs, jnp.float32), jnp.zeros((3,), jnp.float32))
     np.testing.assert_array_equal(top, last)
     np.testing.assert_array_equal(bottom, 1)
     ties = jnp.asarray([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
-    np.testing.assert_array_equal(sampling.greedy_token(ties), [1, 0])
+    np.testing.assert_array_equal(decoding.greedy_token(ties), [1, 0])

@@ -74,12 +74,15 @@ _SHARDED_CHECK = textwrap.dedent("""
     graphdef, state = nnx.split(single)
     ref, _ = step(graphdef, state, *map(jnp.asarray, (tokens, positions, mask)), None, False)
     graphdef, state = nnx.split(model)
-    rows = sharding.activation_sharding(mesh, ('batch', 'length'))
+    rows = sharding.logical_sharding(('batch', 'length'), tokens.shape, mesh)
     with jax.set_mesh(mesh):
       out, _ = step(graphdef, state, *(jax.device_put(x, rows) for x in (tokens, positions, mask)), None, False)
-      # Cached decode on the mesh, with the cache placed by `cache_sharding`.
+      # Cached decode on the mesh, with the cache placed by the logical rules (`sharding.KV_CACHE_AXES`).
       cache = init_cache(config, 4, 12)
-      cache = jax.device_put(cache, sharding.cache_sharding(mesh, cache))
+      place = lambda x, axes: jax.device_put(x, sharding.logical_sharding(axes, x.shape, mesh))
+      cache = cache.replace(k=tuple(place(x, sharding.KV_CACHE_AXES['k']) for x in cache.k),
+                            v=tuple(place(x, sharding.KV_CACHE_AXES['v']) for x in cache.v),
+                            valid=place(cache.valid, ('batch', 'length')))
       pieces = []
       for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 8), (8, 9)):
         piece, cache = step(graphdef, state, *(jax.device_put(x[:, lo:hi], rows) for x in (tokens, positions, mask)),
@@ -88,10 +91,7 @@ _SHARDED_CHECK = textwrap.dedent("""
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.concatenate(pieces, 1)[real], np.asarray(ref)[real], atol=1e-5, rtol=1e-5)
-    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, ('data', 'fsdp'), 'tensor')), 5)
-    layered = init_cache(config, 4, 12, per_layer=True)
-    layered = jax.device_put(layered, sharding.cache_sharding(mesh, layered))
-    assert layered.k[1].sharding.is_equivalent_to(NamedSharding(mesh, P(('data', 'fsdp'), 'tensor')), 4)
+    assert cache.k[1].sharding.is_equivalent_to(NamedSharding(mesh, P(('data', 'fsdp'), 'tensor')), 4)
 
     # Export from the sharded model, reload on one device: bit-identical parameters.
     save_pretrained(model, export)
@@ -110,6 +110,7 @@ _SHARDED_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # eight devices in a subprocess
 def test_sharded_model_on_8_fake_devices(tiny_hf_checkpoint, tmp_path):
     path, _ = tiny_hf_checkpoint('qwen2', max_shard_size='20KB')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')

@@ -7,14 +7,18 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-device runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECK = r"""
 import dataclasses, importlib.util, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from tropd_jax import data, sampling, train
-from tropd_jax.models.loading import load_models
+from tropd_jax import data, rollouts, sampling, train
+from tropd_jax import step as step_lib
+from tropd_jax.placement import Placement, global_array
+from tropd_jax.loading import load_models
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
 tiny = importlib.util.module_from_spec(spec)
@@ -38,33 +42,35 @@ def run(placement, packed=False):
   config.optim.eps, config.optim.learning_rate, config.optim.clip_norm = 1e3, 1e3, 0.0
   config.optim.warmup_steps, config.optim.schedule = 0, 'constant'
   config.train.packing = packed
-  mesh, teacher_mesh = train.make_meshes(config)
+  placed = Placement.from_config(config)
+  mesh, teacher_mesh = placed.student_mesh, placed.teacher_mesh
   tokenizer, student, student_config, teacher, vocab = load_models(config, mesh, teacher_mesh)
   prompts, _ = data.load_prompts(config.data.train_path, tokenizer, chat_template=False, max_prompt_length=64)
   graphdef, params = nnx.split(student)
   teacher_graphdef, teacher_state = nnx.split(teacher)
-  settings = train.step_settings(config, vocab)
-  optimizer = train.make_optimizer(settings.optimizer)
-  step, batch_shardings, _, opt_shardings = train.jit_train_step(
-      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, train.batch_keys(settings), settings,
+  settings = step_lib.step_settings(config, vocab)
+  optimizer = step_lib.make_optimizer(settings.optimizer)
+  step, batch_shardings, _, opt_shardings = step_lib.jit_train_step(
+      mesh, params, jax.eval_shape(optimizer.init, params), teacher_state, step_lib.batch_keys(settings), settings,
       graphdef, teacher_graphdef)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
   before = jax.tree.map(np.asarray, params)
   with jax.set_mesh(mesh):
-    rollout, l_max = train.make_rollouts(teacher, student, prompts[:16], jax.random.key(3), 0, config, mesh,
+    rollout, l_max = rollouts.make_rollouts(teacher, student, prompts[:16], jax.random.key(3), 0, config, placed,
                                          pad_id=0, eos=sampling.eos_ids(tokenizer, student_config),
-                                         vocab_size=vocab, teacher_mesh=teacher_mesh)
+                                         vocab_size=vocab)
     if packed:
-      rows = train.pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
+      rows = rollouts.pack_rollouts(rollout, config.train.micro_batch_size, config.train.packing_buckets)
       assert len(rows['tokens']) < len(rollout.tokens)
-      batch = {k: train._global_array(v, mesh, batch_shardings[k].spec) for k, v in rows.items()}
+      batch = {k: global_array(v, mesh, batch_shardings[k].spec) for k, v in rows.items()}
       settings = dataclasses.replace(settings, prompt_length=1)
     else:
-      batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in train.BATCH_KEYS}
+      batch = {k: jax.device_put(getattr(rollout, k), batch_shardings[k]) for k in step_lib.BATCH_KEYS}
       settings = dataclasses.replace(settings, prompt_length=rollout.prompt_length)
     teacher_in = teacher_state
     if placement == 'separate':
-      teacher_in = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)(
+      teacher_in = placed.jit_teacher_scores(
+          step_lib.teacher_scores, step_lib.teacher_input_keys, teacher_state, teacher_graphdef)(
           teacher_state, batch, settings)
       devices = {d for x in jax.tree.leaves(teacher_state) for d in x.sharding.device_set}
       assert devices == set(teacher_mesh.devices.flat) and not devices & set(mesh.devices.flat)
@@ -99,7 +105,7 @@ print('OK', float(metrics_c['loss']), float(metrics_s['loss']), norm)
 
 @pytest.mark.parametrize(
     'loss, rows',
-    [('fused', 'unpacked'), ('fused', 'packed'), pytest.param('logits', 'unpacked', marks=pytest.mark.slow)],
+    [('fused', 'unpacked'), ('fused', 'packed'), ('logits', 'unpacked')],
 )
 def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(loss, rows):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
@@ -112,8 +118,10 @@ def test_separate_teacher_gives_the_colocated_loss_and_gradients_on_8_devices(lo
 _PREFIX_CHECK = r"""
 import importlib.util, sys
 import jax, numpy as np
-from tropd_jax import data, sampling, train
-from tropd_jax.models.loading import load_models
+from tropd_jax import data, rollouts, sampling, train
+from tropd_jax import step as step_lib
+from tropd_jax.placement import Placement, global_array
+from tropd_jax.loading import load_models
 from tropd_jax.models import from_pretrained, load_tokenizer
 
 spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
@@ -163,11 +171,12 @@ for case in sys.argv[1].split(','):  # placement:decode_slots
   config.rollout.max_new_tokens, config.rollout.num_rollouts, config.rollout.decode_slots = NEW, 2, slots
   config.prefix.max_length = 12
   config.train.prompts_per_step = config.train.micro_batch_size = 8
-  mesh, teacher_mesh = train.make_meshes(config)
+  placed = Placement.from_config(config)
+  mesh, teacher_mesh = placed.student_mesh, placed.teacher_mesh
   _, student_on, _, teacher_on, vocab = load_models(config, mesh, teacher_mesh)
   with jax.set_mesh(mesh):
-    rollout, _ = train.make_rollouts(teacher_on, student_on, prompts, key, 0, config, mesh, pad_id=0, eos=eos,
-                                     vocab_size=vocab, teacher_mesh=teacher_mesh)
+    rollout, _ = rollouts.make_rollouts(teacher_on, student_on, prompts, key, 0, config, placed, pad_id=0, eos=eos,
+                                     vocab_size=vocab)
   label = f'{placement}, decode_slots={slots}'
   prefix = np.asarray(rollout.prefix_mask).sum(1)
   got = np.asarray(rollout.responses)
@@ -186,7 +195,7 @@ print('OK', sum(len(w) for w in written(own)))
     'cases',
     [
         'colocated:0,separate:4',  # each placement, each decode (rollout.decode_slots 0 = static, 4 = continuous)
-        pytest.param('colocated:4,separate:0', marks=pytest.mark.slow),
+        'colocated:4,separate:0',
     ],
 )
 def test_the_teacher_writes_its_prefix_after_its_own_prompt(cases):

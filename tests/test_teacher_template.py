@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tropd_jax import data, sampling, scoring, sharding, train
+from tropd_jax import data, placement, sampling, scoring, sharding, train
+from tropd_jax import step as step_lib
 from tropd_jax.models import from_pretrained, load_tokenizer
 from tropd_jax.tasks.arithmetic import tiny_assets
 
@@ -89,7 +90,7 @@ def test_teacher_rows_score_the_same_responses_after_the_teacher_prompt(tiny):
         'teacher_tokens': t_tokens,
         'teacher_input_mask': t_mask,
     }
-    settings = train.StepSettings(
+    settings = step_lib.StepSettings(
         method='tropd',
         hyperparameters=(),
         vocab_size=tiny['vocab'],
@@ -102,19 +103,20 @@ def test_teacher_rows_score_the_same_responses_after_the_teacher_prompt(tiny):
         teacher_prompt_length=p_t,
     )
     graphdef, state = nnx.split(tiny['teacher'])
-    logits = train.teacher_outputs(state, micro, teacher_graphdef=graphdef, s=settings)
+    logits = step_lib.teacher_outputs(state, micro, teacher_graphdef=graphdef, settings=settings)
     own = jnp.take_along_axis(
         jax.nn.log_softmax(logits[..., : tiny['vocab']].astype(jnp.float32)), t_tokens[:, p_t:, None], axis=-1
     )[..., 0]
     np.testing.assert_allclose(own, got, rtol=1e-5, atol=1e-5)
-    as_student = train.teacher_outputs(
-        state, micro, teacher_graphdef=graphdef, s=dataclasses.replace(settings, teacher_prompt_length=0)
+    as_student = step_lib.teacher_outputs(
+        state, micro, teacher_graphdef=graphdef, settings=dataclasses.replace(settings, teacher_prompt_length=0)
     )
     assert not np.allclose(as_student, logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_differing_templates_warn_once_with_the_measured_difference(tiny, caplog):
-    mesh, _ = train.make_meshes(_Config())
+    mesh, _ = placement.make_meshes(_Config())
     for model in (tiny['teacher'], tiny['student']):
         sharding.shard_model(model, mesh)  # as the trainer places them
     kwargs = dict(pad_id=0, eos=tiny['eos'], vocab_size=tiny['vocab'], key=jax.random.key(0))
@@ -135,7 +137,7 @@ def test_differing_templates_warn_once_with_the_measured_difference(tiny, caplog
 
 
 class _Config:
-    """The fields `train.make_meshes` reads: one colocated device mesh."""
+    """The fields `placement.make_meshes` reads: one colocated device mesh."""
 
     class model:
         teacher_placement, teacher_devices = 'colocated', 0

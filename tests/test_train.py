@@ -22,8 +22,10 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from tropd_jax import config as config_lib
-from tropd_jax import data, losses, metrics, sampling, schedules, sharding, train
+from tropd_jax import data, losses, metrics, rollouts, sampling, schedules, sharding, train
+from tropd_jax import step as step_lib
 from tropd_jax.models import Decoder, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
+from tropd_jax.placement import Placement
 from tropd_jax.tasks import arithmetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +242,7 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
 # Whole runs.
 
 
+@pytest.mark.slow
 def test_run_logs_every_metric_and_exports_the_student(reference_run, pair):
     rows = metrics.read_metrics(os.path.join(reference_run, 'metrics.jsonl'))
     assert rows[0]['step'] == 0 and rows[0]['data_records'] == 24 and rows[0]['data_kept'] == 24
@@ -266,7 +269,7 @@ def test_run_logs_every_metric_and_exports_the_student(reference_run, pair):
 
 def crash_at(monkeypatch, step_index):
     """Makes the run die when it reaches `step_index` (0-based), after the previous step's checkpoint."""
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
 
     def make_rollouts(*args, **kwargs):
         if args[4] == step_index:
@@ -286,6 +289,7 @@ def crashed_run(pair, tmp_path, monkeypatch, *, at_step: int) -> str:
     return workdir
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, tmp_path, monkeypatch):
     workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
@@ -294,7 +298,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
     at_step_2 = params_of(os.path.join(workdir, 'hf'))
     assert any(not np.array_equal(a, b) for a, b in zip(at_step_2, params_of(pair['student'])))
     resumed_steps = []
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
     monkeypatch.setattr(train, 'make_rollouts', lambda *a, **k: resumed_steps.append(a[4]) or original(*a, **k))
     train.train_and_evaluate(make_config(pair), workdir)
     assert resumed_steps == [2]  # only the missing step ran again
@@ -304,12 +308,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, pair, t
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_run(
     reference_run, pair, tmp_path, monkeypatch
 ):
     # Checkpoints only at the end: the checkpoint of step 2 can only come from the SIGTERM.
     workdir = str(tmp_path)
-    original = train.make_rollouts
+    original = rollouts.make_rollouts
 
     def make_rollouts(*args, **kwargs):
         if args[4] == 1:  # during step 2, as a preemption notice arrives at any time
@@ -332,6 +337,7 @@ def test_sigterm_saves_the_current_step_and_resume_reproduces_the_uninterrupted_
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupted_latest_checkpoint_falls_back_and_still_matches(reference_run, pair, tmp_path, monkeypatch):
     workdir = crashed_run(pair, tmp_path, monkeypatch, at_step=2)
@@ -348,6 +354,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_still_matches(reference_run,
     assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2.corrupt'))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted(pair, compile_cache, tmp_path):
     if jax.device_count() != 1:
         pytest.skip('needs a single-device process')
@@ -386,14 +393,14 @@ def _models_and_rollouts(pair, config):
     teacher, _ = from_pretrained(pair['teacher'], mesh=mesh)
     prompts, _ = data.load_prompts(pair['train'], tokenizer, max_prompt_length=16)
     with jax.set_mesh(mesh):
-        rollout, _ = train.make_rollouts(
+        rollout, _ = rollouts.make_rollouts(
             teacher,
             student,
             prompts[:4],
             jax.random.key(3),
             0,
             config,
-            mesh,
+            Placement(mesh, mesh),
             pad_id=tokenizer.pad_token_id,
             eos=sampling.eos_ids(tokenizer, student_config),
             vocab_size=len(tokenizer),
@@ -401,6 +408,7 @@ def _models_and_rollouts(pair, config):
     return mesh, student, teacher, rollout, len(tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fused,method', [(False, 'opd'), (True, 'opd'), (True, 'jsd')])
 def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache, fused, method):
     """One train step with 2 micro-batches (reference or fused loss) against a from-scratch reference: the
@@ -412,12 +420,12 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     # covers both micro-batches. chunk_size 5 splits every micro-batch's 4 x 8 response tokens into uneven chunks.
     config = make_config(pair, loss__method=method, prefix__enabled=True, loss__fused=fused, loss__chunk_size=5)
     mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
-    batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
+    batch = {k: np.asarray(getattr(rollout, k)) for k in step_lib.BATCH_KEYS}
     assert batch['prefix_mask'].sum() > 0 and batch['response_mask'].sum() > batch['prefix_mask'].sum()
 
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    settings = train.step_settings(config, vocab, rollout.prompt_length)
+    settings = step_lib.step_settings(config, vocab, rollout.prompt_length)
     assert len(batch['tokens']) // settings.micro_batch_size == 2
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
@@ -449,13 +457,13 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
     ref_params = [np.asarray(x) for x in jax.tree.leaves(ref_params)]
 
     initial = [np.asarray(x) for x in jax.tree.leaves(params)]  # the step donates (deletes) its input params
-    opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(
+    opt_state = step_lib.make_optimizer(settings.optimizer).init(params)
+    step, *_ = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(lambda: opt_state),
         teacher_state,
-        train.BATCH_KEYS,
+        step_lib.BATCH_KEYS,
         settings,
         student_graphdef,
         teacher_graphdef,
@@ -476,6 +484,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(pair, compile_cache
         assert not np.array_equal(np.asarray(got), before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('clip_norm', [1.0, 0.0])
 def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, clip_norm):
     """The `learning_rate` metric of steps 0, 1, 2 is the schedule's value at that step (a warm-up over 2 steps,
@@ -486,17 +495,17 @@ def test_logged_learning_rate_is_the_schedule_at_the_step(pair, compile_cache, c
         pair, optim__schedule='cosine', optim__warmup_steps=2, optim__clip_norm=clip_norm, train__steps=4
     )
     mesh, student, teacher, rollout, vocab = _models_and_rollouts(pair, config)
-    batch = {k: np.asarray(getattr(rollout, k)) for k in train.BATCH_KEYS}
+    batch = {k: np.asarray(getattr(rollout, k)) for k in step_lib.BATCH_KEYS}
     student_graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    settings = train.step_settings(config, vocab, rollout.prompt_length)
-    opt_state = train.make_optimizer(settings.optimizer).init(params)
-    step, *_ = train.jit_train_step(
+    settings = step_lib.step_settings(config, vocab, rollout.prompt_length)
+    opt_state = step_lib.make_optimizer(settings.optimizer).init(params)
+    step, *_ = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(lambda: opt_state),
         teacher_state,
-        train.BATCH_KEYS,
+        step_lib.BATCH_KEYS,
         settings,
         student_graphdef,
         teacher_graphdef,
@@ -537,6 +546,7 @@ def assert_same_curve(got, want, rtol=1e-4, atol=1e-5):
             np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=f'step {a["step"]} {name}')
 
 
+@pytest.mark.slow
 def test_sharded_2x2x2_mesh_matches_one_device(reference_run, pair, compile_cache, tmp_path):
     """8 fake CPU devices as data=2, fsdp=2, tensor=2: the same loss curve as the single-device run, within
     rtol=1e-4 / atol=1e-5 per metric, and the same sampled response and prefix lengths."""

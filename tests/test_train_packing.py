@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from tropd_jax import losses, metrics, packing, sampling, train
+from tropd_jax import rollouts as rollouts_lib
+from tropd_jax import step as step_lib
 from tropd_jax.models import ModelConfig, init_decoder
 
 P, N = 6, 10  # prompt bucket and response budget of the unpacked rollouts
@@ -84,7 +86,7 @@ def models():
 
 def settings(method, aggregation, fused, packed):
     hp = dict(losses.DEFAULT_HYPERPARAMETERS, k=8, aggregation=aggregation, beta=0.5)
-    optimizer = train.OptimizerSettings(
+    optimizer = step_lib.OptimizerSettings(
         learning_rate=1e-3,
         schedule='constant',
         warmup_steps=0,
@@ -95,7 +97,7 @@ def settings(method, aggregation, fused, packed):
         eps=1e-8,
         clip_norm=0.0,
     )
-    return train.StepSettings(
+    return step_lib.StepSettings(
         method=method,
         hyperparameters=tuple(sorted(hp.items())),
         vocab_size=VOCAB - 3,
@@ -110,7 +112,7 @@ def settings(method, aggregation, fused, packed):
 
 
 def packed_batch(arrays, buckets=0):
-    return train.pack_rollouts(types.SimpleNamespace(**arrays), MICRO, buckets)
+    return rollouts_lib.pack_rollouts(types.SimpleNamespace(**arrays), MICRO, buckets)
 
 
 def reference_loss(params, student_graphdef, teacher_graphdef, teacher_state, arrays, method, aggregation, key):
@@ -141,7 +143,7 @@ def test_pack_rollouts_layout():
     packed = packed_batch(arrays)
     rows = packed['tokens'].shape[0]
     assert rows % MICRO == 0 and rows < len(PROMPT_LENGTHS)
-    assert set(packed) == set(train.BATCH_KEYS + train.PACKED_KEYS)
+    assert set(packed) == set(step_lib.BATCH_KEYS + step_lib.PACKED_KEYS)
     np.testing.assert_array_equal(packed['finish_reason'], arrays['finish_reason'])
     # Every rollout's tokens, in order, under its own rollout id, its positions counting from 0.
     for r, (prompt, response) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS)):
@@ -181,9 +183,9 @@ def test_bucket_rows_bounds_the_compiled_shapes():
     'method, aggregation, fused',
     [
         ('opd', 'token_mean', True),
-        ('tropd', 'token_mean', False),
-        ('tropd', 'seq_mean_token_mean', True),
-        ('opd', 'seq_mean_token_mean', False),
+        pytest.param('tropd', 'token_mean', False, marks=pytest.mark.slow),
+        pytest.param('tropd', 'seq_mean_token_mean', True, marks=pytest.mark.slow),
+        pytest.param('opd', 'seq_mean_token_mean', False, marks=pytest.mark.slow),
     ],
 )
 def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
@@ -194,14 +196,16 @@ def test_packed_step_equals_unpacked_step(models, method, aggregation, fused):
         False: {k: jnp.asarray(v) for k, v in arrays.items()},
         True: {k: jnp.asarray(v) for k, v in packed_batch(arrays).items()},
     }
-    grads_fn = jax.jit(train.accumulate_gradients, static_argnames=('student_graphdef', 'teacher_graphdef', 's'))
-    step_fn = jax.jit(train.train_step, static_argnums=(5, 6, 7))
-    opt_state = train.make_optimizer(settings(method, aggregation, fused, False).optimizer).init(params)
+    grads_fn = jax.jit(
+        step_lib.accumulate_gradients, static_argnames=('student_graphdef', 'teacher_graphdef', 'settings')
+    )
+    step_fn = jax.jit(step_lib.train_step, static_argnums=(5, 6, 7))
+    opt_state = step_lib.make_optimizer(settings(method, aggregation, fused, False).optimizer).init(params)
     grads, metrics = {}, {}
     for packed, batch in batches.items():
         s = settings(method, aggregation, fused, packed)
         grads[packed], _ = grads_fn(
-            params, teacher[1], batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher[0], s=s
+            params, teacher[1], batch, key, student_graphdef=student_graphdef, teacher_graphdef=teacher[0], settings=s
         )
         _, _, metrics[packed] = step_fn(params, opt_state, teacher[1], batch, key, student_graphdef, teacher[0], s)
     metrics = jax.device_get(metrics)
@@ -254,6 +258,7 @@ def test_trust_draws_do_not_depend_on_where_a_token_sits():
     assert losses.keyed_uniforms(key, jnp.array([[1]]), jnp.array([[5]]))[0, 0] == u[1, 0]
 
 
+@pytest.mark.slow
 def test_tiny_config_packed_and_unpacked_runs_log_the_same_curve(tmp_path):
     """configs/tiny.py (the shipped pair, whose responses stop at their EOS) for 3 steps of 16 prompts in
     micro-batches of 4 rows: unpacked, 4 micro-batches; packed, about 2 rollouts per row. Same metrics.jsonl."""

@@ -162,6 +162,7 @@ def _pixels_near(png, hex_colour, tol=0.06):
     return int(np.all(np.abs(picture - rgb) < tol, axis=-1).sum())
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_screenshot_in_headless_chromium_shows_every_region(tmp_path):
     _, views = _views()
@@ -178,6 +179,7 @@ def test_screenshot_in_headless_chromium_shows_every_region(tmp_path):
         assert _pixels_near(png, unfilled) > 20, name
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_browser_parses_the_tooltips(tmp_path):
     _, views = _views()
@@ -206,6 +208,7 @@ def tiny_pair(tmp_path, tiny_hf_checkpoint):
     return student, teacher, str(data), tokenizer
 
 
+@pytest.mark.slow
 def test_cli_scores_rollouts_like_transformers(tiny_pair, tmp_path):
     torch = pytest.importorskip('torch')
     import transformers

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from tropd_jax import config as config_lib
-from tropd_jax import sampling, sharding, train
+from tropd_jax import sampling, sharding
+from tropd_jax import step as step_lib
 from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 from tropd_jax.models.decoder import Decoder
 from tropd_jax.models.quantize import quantize_int8
+from tropd_jax.placement import Placement
 
 GIB = 1024**3
 # HBM per chip as libtpu reports it, and how many TensorCores a slice name counts per chip (v4 / v5p names count
@@ -215,26 +218,29 @@ class Result:
     host: float = 0.0  # bytes per chip of host memory the program uses (`model.remat=offload`), not in the total
 
 
-def compile_and_measure(
-    name,
-    lower,
-    groups: dict,
-    hbm: float | None,
-    flops: float,
-    extra_rows=None,
-    where: str = '',
-    resident: dict | None = None,
-) -> Result:
-    """Lowers and compiles one program; `groups` names the per-chip bytes of its inputs (label -> pytree), and
-    `resident` what else the trainer keeps on the same chips while it runs (label -> pytree): the program fits when
-    its own total plus that does."""
-    rows = {label: float(bytes_per_chip(tree)) for label, tree in groups.items()}
-    rows.update(extra_rows or {})
-    held_rows = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in (resident or {}).items()}
+@dataclasses.dataclass
+class Program:
+    """One of the trainer's programs, as `compile_and_measure` takes it."""
+
+    lower: Callable[[], jax.stages.Lowered]  # lowers it for the topology (inputs abstract)
+    inputs: dict  # label -> pytree of its abstract inputs, counted per chip
+    flops: float  # model FLOPs
+    extra_rows: dict = dataclasses.field(default_factory=dict)  # label -> bytes per chip beside the inputs (KV cache)
+    where: str = ''  # the chips it runs on, when not all of them (a separate teacher)
+    resident: dict = dataclasses.field(default_factory=dict)  # label -> pytree the trainer holds there meanwhile
+
+
+def compile_and_measure(name: str, program: Program, hbm: float | None) -> Result:
+    """Lowers and compiles one program; its `inputs` name the per-chip bytes of its inputs, and its `resident` what
+    else the trainer keeps on the same chips while it runs: the program fits when its own total plus that does."""
+    rows = {label: float(bytes_per_chip(tree)) for label, tree in program.inputs.items()}
+    rows.update(program.extra_rows)
+    held_rows = {f'{RESIDENT}{label}': float(bytes_per_chip(tree)) for label, tree in program.resident.items()}
     rows.update(held_rows)
     held = sum(held_rows.values())
+    flops, where = program.flops, program.where
     try:
-        compiled = lower().compile()
+        compiled = program.lower().compile()
     except Exception as e:  # pylint: disable=broad-except
         text = str(e)
         if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
@@ -261,22 +267,87 @@ def compile_and_measure(
     return Result(name, fits, rows, total, flops, error=error, where=where, resident=held, host=host)
 
 
-def build_programs(config, topology: Topology, config_file: str) -> dict:
-    """Name -> (lower function, input groups, model FLOPs, extra rows, where, resident groups) for every program of
-    `config`. Resident groups: what the trainer keeps on the program's chips meanwhile (the rollout programs run
-    between train steps; `teacher_scoring` and `student_grad` are parts of `train_step`, whose inputs hold it all).
+@dataclasses.dataclass
+class Trainer:
+    """The trainer of a config, shape-only on a topology: the models, the step and the batch shapes every program
+    builder reads (`trainer`)."""
 
-    With `model.teacher_placement=separate` the teacher's programs (its rollouts, its scoring of the whole batch)
-    run on the teacher's devices, the student's on the others, and the train step takes the teacher's targets.
-    """
-    num_devices = len(topology.devices)
-    config_lib.validate_config(config, num_devices=num_devices, check_paths=False)
-    mesh, teacher_mesh = train.make_meshes(config, topology.devices)
-    separate = teacher_mesh is not mesh
-    where = {
-        'student': f"the student's {mesh.size} of {num_devices} chips" if separate else '',
-        'teacher': f"the teacher's {teacher_mesh.size} of {num_devices} chips" if separate else '',
-    }
+    config: object
+    placement: Placement
+    student_config: ModelConfig
+    teacher_config: ModelConfig
+    vocab_size: int
+    student_graphdef: object
+    params: object  # the student's parameters (abstract, placed)
+    teacher_graphdef: object
+    teacher_state: object
+    settings: step_lib.StepSettings
+    opt_state: object
+    train_step: Callable  # `step.jit_train_step`'s
+    batch_shardings: dict
+    prompt_length: int  # P
+    length: int  # P + N
+
+    @property
+    def batch(self) -> int:
+        return self.config.train.prompts_per_step * self.config.rollout.num_rollouts
+
+    @property
+    def micro(self) -> int:
+        return self.config.train.micro_batch_size
+
+    def key(self, mesh):
+        key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+        return jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    def where(self, model: str) -> str:
+        """'' colocated; else which of the topology's chips `model` ('student' or 'teacher') runs on."""
+        if not self.placement.separate:
+            return ''
+        mesh = self.placement.teacher_mesh if model == 'teacher' else self.placement.student_mesh
+        total = self.placement.student_mesh.size + self.placement.teacher_mesh.size
+        return f"the {model}'s {mesh.size} of {total} chips"
+
+    def batch_of(self, rows: int) -> dict:
+        """The train step's batch of `rows` rows (abstract, placed as the step takes it)."""
+        mesh = self.placement.student_mesh
+        return {
+            k: _abstract(
+                (rows,) if k == 'finish_reason' else (rows, self.length),
+                jnp.float32 if k == 'logprobs' else jnp.int32,
+                mesh,
+                self.batch_shardings[k].spec,
+            )
+            for k in step_lib.batch_keys(self.settings)
+        }
+
+    def micro_batch(self) -> dict:
+        """One micro-batch as the step's scan hands it to the teacher and the student (`rollout_ids` added)."""
+        micro_batch = self.batch_of(self.micro)
+        micro_batch.pop('finish_reason')
+        micro_batch.setdefault('rollout_ids', micro_batch['tokens'])  # [m, S] int32; the step adds it to plain rows
+        return micro_batch
+
+    def teacher_outputs(self, teacher_state, micro):
+        return step_lib.teacher_outputs(
+            teacher_state, micro, teacher_graphdef=self.teacher_graphdef, settings=self.settings
+        )
+
+    def teacher_targets(self, leading=()) -> object:
+        """The teacher's targets for one micro-batch (abstract, split along its rows on the student's mesh), with
+        `leading` axes (`(n,)`: a whole batch's, micro-batch by micro-batch)."""
+        rows = PartitionSpec(*(None,) * len(leading), ('data', 'fsdp'))
+        return jax.tree.map(
+            lambda x: _abstract((*leading, *x.shape), x.dtype, self.placement.student_mesh, rows),
+            jax.eval_shape(self.teacher_outputs, self.teacher_state, self.micro_batch()),
+        )
+
+
+def abstract_trainer(config, topology: Topology, config_file: str) -> Trainer:
+    """The trainer of `config` on `topology`, built from the models' `config.json` alone (nothing allocated)."""
+    config_lib.validate_config(config, num_devices=len(topology.devices), check_paths=False)
+    placement = Placement.from_config(config, topology.devices)
+    mesh = placement.student_mesh
     m = config.model
     student_config = model_config(
         model_config_path(m.student_path, config_file),
@@ -292,24 +363,18 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
     )
     vocab_size = min(student_config.vocab_size, teacher_config.vocab_size)
     student_graphdef, params = abstract_model(student_config, mesh)
-    teacher_graphdef, teacher_state = abstract_model(teacher_config, teacher_mesh, m.teacher_quantization)
-
+    teacher_graphdef, teacher_state = abstract_model(teacher_config, placement.teacher_mesh, m.teacher_quantization)
     prompt_length = sampling.bucket_length(config.data.max_prompt_length)
-    new = config.rollout.max_new_tokens
-    length = prompt_length + new
-    batch = config.train.prompts_per_step * config.rollout.num_rollouts
-    micro = config.train.micro_batch_size
-    settings = train.step_settings(config, vocab_size)
+    settings = step_lib.step_settings(config, vocab_size)
     # Packed rows: the largest packed batch (one rollout per row), scored with a prompt length of 1.
     settings = dataclasses.replace(settings, prompt_length=1 if settings.packed else prompt_length)
-    batch_keys = train.batch_keys(settings)
-    optimizer = train.make_optimizer(settings.optimizer)
-    step, batch_shardings, _, opt_shardings = train.jit_train_step(
+    optimizer = step_lib.make_optimizer(settings.optimizer)
+    train_step, batch_shardings, _, opt_shardings = step_lib.jit_train_step(
         mesh,
         params,
         jax.eval_shape(optimizer.init, params),
         teacher_state,
-        batch_keys,
+        step_lib.batch_keys(settings),
         settings,
         student_graphdef,
         teacher_graphdef,
@@ -319,171 +384,175 @@ def build_programs(config, topology: Topology, config_file: str) -> dict:
         jax.eval_shape(optimizer.init, params),
         opt_shardings,
     )
-    dtypes = {'logprobs': jnp.float32}
-
-    def batch_of(rows):
-        return {
-            k: _abstract(
-                (rows,) if k == 'finish_reason' else (rows, length),
-                dtypes.get(k, jnp.int32),
-                mesh,
-                batch_shardings[k].spec,
-            )
-            for k in batch_keys
-        }
-
-    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
-    key_on = lambda on: jax.ShapeDtypeStruct((), key_dtype, sharding=NamedSharding(on, PartitionSpec()))
-    key = key_on(mesh)
-    programs = {}
-
-    # Rollouts: `make_rollouts` generates `rollout.batch_size` prompts (x rollouts) per call.
-    rows = (config.rollout.batch_size or config.train.prompts_per_step) * config.rollout.num_rollouts
-    slots = config.rollout.decode_slots if 0 < config.rollout.decode_slots < rows else rows  # rows decoded at once
-    for name, graphdef, state, c, on in (
-        ('rollout_teacher', teacher_graphdef, teacher_state, teacher_config, teacher_mesh),
-        ('rollout_student', student_graphdef, params, student_config, mesh),
-    ):
-        args = (
-            graphdef,
-            state,
-            _abstract((rows, prompt_length), jnp.int32, on),
-            _abstract((rows, prompt_length), jnp.int32, on),
-            key_on(on),
-            _abstract((rows, new), jnp.int32, on),
-            _abstract((rows,), jnp.int32, on),
-            _abstract((rows,), jnp.int32, on),
-            _abstract((), jnp.float32, on),
-            _abstract((1,), jnp.int32, on),
-        )
-        static = dict(
-            max_new_tokens=new,
-            greedy=False,
-            top_k=config.rollout.top_k,
-            top_p=config.rollout.top_p,
-            pad_id=0,
-            segment_length=sampling.default_segment_length(new),
-            vocab_size=vocab_size,
-            decode_slots=slots if slots < rows else 0,
-        )
-        rows_per_chip = math.ceil(slots / (on.shape['data'] * on.shape['fsdp']))
-        tensor = on.shape['tensor']
-        kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
-        cache = 2 * rows_per_chip * c.num_layers * kv_heads * c.head_dim * length * np.dtype(c.dtype).itemsize
-
-        def lower(args=args, static=static, on=on):
-            with jax.set_mesh(on):
-                return sampling._generate.lower(*args, **static)  # pylint: disable=protected-access
-
-        label = 'teacher parameters' if name == 'rollout_teacher' else 'student parameters'
-        flops = forward_flops(c, rows, prompt_length, new)
-        # Between train steps the student's parameters and optimizer state and the teacher's parameters stay where they
-        # are; a rollout program shares its chips with those it does not take.
-        if name == 'rollout_teacher':
-            resident = {} if separate else {'student parameters': params, 'optimizer state': opt_state}
-        else:
-            resident = {'optimizer state': opt_state, **({} if separate else {'teacher parameters': teacher_state})}
-        programs[name] = (
-            lower,
-            {label: state, 'other inputs': args[2:]},
-            flops,
-            {'KV cache (estimate)': cache},
-            where['teacher' if name == 'rollout_teacher' else 'student'],
-            resident,
-        )
-
-    micro_batch = batch_of(micro)
-    micro_batch.pop('finish_reason')
-    micro_batch.setdefault('rollout_ids', micro_batch['tokens'])  # [m, S] int32; the step adds it to unpacked rows
-    full_batch = batch_of(batch)
-
-    def teacher_scoring(teacher_state, micro):
-        return train.teacher_outputs(teacher_state, micro, teacher_graphdef=teacher_graphdef, s=settings)
-
-    teacher_flops = forward_flops(teacher_config, micro, 0, length - 1)
-    if separate:
-        # The separate teacher scores the whole batch (micro-batch by micro-batch) on its own devices.
-        score = train.jit_teacher_scores(teacher_mesh, mesh, teacher_state, teacher_graphdef)
-        teacher_batch = {
-            k: _abstract(full_batch[k].shape, full_batch[k].dtype, teacher_mesh, PartitionSpec(('data', 'fsdp')))
-            for k in train.teacher_input_keys(settings)
-        }
-        programs['teacher_scoring'] = (
-            lambda: score.lower(teacher_state, teacher_batch, settings),
-            {'teacher parameters': teacher_state, 'other inputs': teacher_batch},
-            (batch // micro) * teacher_flops,
-            {},
-            where['teacher'],
-            {},
-        )
-    else:
-
-        def lower_scoring():
-            with jax.set_mesh(mesh):
-                return jax.jit(teacher_scoring).lower(teacher_state, micro_batch)
-
-        programs['teacher_scoring'] = (
-            lower_scoring,
-            {'teacher parameters': teacher_state, 'other inputs': micro_batch},
-            teacher_flops,
-            {},
-            '',
-            {},
-        )
-
-    teacher_out = jax.eval_shape(teacher_scoring, teacher_state, micro_batch)
-    teacher_out = jax.tree.map(
-        lambda x: _abstract(x.shape, x.dtype, mesh, PartitionSpec(('data', 'fsdp'))), teacher_out
+    return Trainer(
+        config,
+        placement,
+        student_config,
+        teacher_config,
+        vocab_size,
+        student_graphdef,
+        params,
+        teacher_graphdef,
+        teacher_state,
+        settings,
+        opt_state,
+        train_step,
+        batch_shardings,
+        prompt_length,
+        prompt_length + config.rollout.max_new_tokens,
     )
 
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+
+def rollout_program(trainer: Trainer, model: str) -> Program:
+    """`model` ('teacher' or 'student') generating for `make_rollouts`: `rollout.batch_size` prompts (x rollouts)
+    per call. Between train steps the student's parameters and optimizer state and the teacher's parameters stay
+    where they are; a rollout program shares its chips with those it does not take."""
+    t, r = trainer, trainer.config.rollout
+    teacher = model == 'teacher'
+    graphdef, state = (t.teacher_graphdef, t.teacher_state) if teacher else (t.student_graphdef, t.params)
+    model_config = t.teacher_config if teacher else t.student_config
+    mesh = t.placement.teacher_mesh if teacher else t.placement.student_mesh
+    rows = (r.batch_size or t.config.train.prompts_per_step) * r.num_rollouts
+    shapes = dict(rows=rows, prompt_length=t.prompt_length, max_new_tokens=r.max_new_tokens)
+    cache = sampling.decode_cache_bytes(model_config, mesh, decode_slots=r.decode_slots, **shapes)
+    lower = lambda: sampling.lower_generate(
+        graphdef,
+        state,
+        mesh,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        vocab_size=t.vocab_size,
+        decode_slots=r.decode_slots,
+        **shapes,
+    )
+    # The inputs besides the weights: prompt tokens and mask, key, forced tokens, forced and max lengths,
+    # temperature, EOS ids.
+    others = (
+        _abstract((rows, t.prompt_length), jnp.int32, mesh),
+        _abstract((rows, t.prompt_length), jnp.int32, mesh),
+        t.key(mesh),
+        _abstract((rows, r.max_new_tokens), jnp.int32, mesh),
+        _abstract((rows,), jnp.int32, mesh),
+        _abstract((rows,), jnp.int32, mesh),
+        _abstract((), jnp.float32, mesh),
+        _abstract((1,), jnp.int32, mesh),
+    )
+    if teacher:
+        resident = {} if t.placement.separate else {'student parameters': t.params, 'optimizer state': t.opt_state}
+    else:
+        resident = {'optimizer state': t.opt_state}
+        if not t.placement.separate:
+            resident['teacher parameters'] = t.teacher_state
+    return Program(
+        lower,
+        {f'{model} parameters': state, 'other inputs': others},
+        forward_flops(model_config, rows, t.prompt_length, r.max_new_tokens),
+        {'KV cache (estimate)': float(cache)},
+        t.where(model),
+        resident,
+    )
+
+
+def teacher_scoring_program(trainer: Trainer) -> Program:
+    """The teacher's targets for one micro-batch; a separate teacher's for the whole batch (micro-batch by
+    micro-batch), on its own devices."""
+    t = trainer
+    flops = forward_flops(t.teacher_config, t.micro, 0, t.length - 1)
+    if t.placement.separate:
+        score = t.placement.jit_teacher_scores(
+            step_lib.teacher_scores, step_lib.teacher_input_keys, t.teacher_state, t.teacher_graphdef
+        )
+        full_batch = t.batch_of(t.batch)
+        teacher_batch = {
+            k: _abstract(
+                full_batch[k].shape, full_batch[k].dtype, t.placement.teacher_mesh, PartitionSpec(('data', 'fsdp'))
+            )
+            for k in step_lib.teacher_input_keys(t.settings)
+        }
+        return Program(
+            lambda: score.lower(t.teacher_state, teacher_batch, t.settings),
+            {'teacher parameters': t.teacher_state, 'other inputs': teacher_batch},
+            (t.batch // t.micro) * flops,
+            where=t.where('teacher'),
+        )
+    micro_batch = t.micro_batch()
+
+    def lower():
+        with jax.set_mesh(t.placement.student_mesh):
+            return jax.jit(t.teacher_outputs).lower(t.teacher_state, micro_batch)
+
+    return Program(lower, {'teacher parameters': t.teacher_state, 'other inputs': micro_batch}, flops)
+
+
+def student_grad_program(trainer: Trainer) -> Program:
+    """The student's forward, backward and loss on one micro-batch, the teacher's targets given."""
+    t = trainer
+    micro_batch, teacher_out = t.micro_batch(), t.teacher_targets()
+    param_shardings = jax.tree.map(lambda x: x.sharding, t.params)
 
     def student_grad(params, micro, teacher_out, key):
-        grads, stats = train.student_grads(
-            params, micro, teacher_out, key, student_graphdef=student_graphdef, s=settings
+        grads, stats = step_lib.student_grads(
+            params, micro, teacher_out, key, student_graphdef=t.student_graphdef, settings=t.settings
         )
         # Gradients are placed as the parameters are (the train step accumulates them so), not left to XLA's choice.
         return jax.lax.with_sharding_constraint(grads, param_shardings), stats
 
-    def lower_student():
-        with jax.set_mesh(mesh):
-            return jax.jit(student_grad).lower(params, micro_batch, teacher_out, key)
+    def lower():
+        with jax.set_mesh(t.placement.student_mesh):
+            return jax.jit(student_grad).lower(t.params, micro_batch, teacher_out, t.key(t.placement.student_mesh))
 
-    student_flops = 3 * forward_flops(student_config, micro, 0, length - 1)
-    programs['student_grad'] = (
-        lower_student,
-        {'student parameters': params, 'other inputs': (micro_batch, teacher_out)},
-        student_flops,
-        {},
-        where['student'],
-        {},
+    return Program(
+        lower,
+        {'student parameters': t.params, 'other inputs': (micro_batch, teacher_out)},
+        3 * forward_flops(t.student_config, t.micro, 0, t.length - 1),
+        where=t.where('student'),
     )
 
-    if separate:  # the step takes the teacher's targets for the batch, [n, m, ...], split along m
-        teacher_in = jax.tree.map(
-            lambda x: _abstract((batch // micro, *x.shape), x.dtype, mesh, PartitionSpec(None, ('data', 'fsdp'))),
-            jax.eval_shape(teacher_scoring, teacher_state, micro_batch),
-        )
-        teacher_group = {'teacher targets': teacher_in}
-        step_flops = (batch // micro) * student_flops
+
+def train_step_program(trainer: Trainer) -> Program:
+    """The whole step: every micro-batch's scoring and gradient, clipping, AdamW; with a separate teacher its
+    targets for the batch (`[n, m, ...]`, split along m) are an input and its parameters are not."""
+    t = trainer
+    student_flops = 3 * forward_flops(t.student_config, t.micro, 0, t.length - 1)
+    teacher_flops = forward_flops(t.teacher_config, t.micro, 0, t.length - 1)
+    if t.placement.separate:
+        teacher_in = t.teacher_targets(leading=(t.batch // t.micro,))
+        teacher_group, flops = {'teacher targets': teacher_in}, (t.batch // t.micro) * student_flops
     else:
-        teacher_in = teacher_state
-        teacher_group = {'teacher parameters': teacher_state}
-        step_flops = (batch // micro) * (student_flops + teacher_flops)
+        teacher_in = t.teacher_state
+        teacher_group = {'teacher parameters': teacher_in}
+        flops = (t.batch // t.micro) * (student_flops + teacher_flops)
+    full_batch = t.batch_of(t.batch)
+    mesh = t.placement.student_mesh
 
-    def lower_step():
+    def lower():
         with jax.set_mesh(mesh):
-            return step.lower(params, opt_state, teacher_in, full_batch, key, settings)
+            return t.train_step.lower(t.params, t.opt_state, teacher_in, full_batch, t.key(mesh), t.settings)
 
-    programs['train_step'] = (
-        lower_step,
-        {'student parameters': params, 'optimizer state': opt_state, **teacher_group, 'other inputs': full_batch},
-        step_flops,
-        {},
-        where['student'],
-        {},
-    )
-    return programs
+    inputs = {
+        'student parameters': t.params,
+        'optimizer state': t.opt_state,
+        **teacher_group,
+        'other inputs': full_batch,
+    }
+    return Program(lower, inputs, flops, where=t.where('student'))
+
+
+BUILDERS = {
+    'rollout_teacher': lambda trainer: rollout_program(trainer, 'teacher'),
+    'rollout_student': lambda trainer: rollout_program(trainer, 'student'),
+    'teacher_scoring': teacher_scoring_program,
+    'student_grad': student_grad_program,
+    'train_step': train_step_program,
+}
+
+
+def build_programs(config, topology: Topology, config_file: str, programs=PROGRAMS) -> dict[str, Program]:
+    """Name -> `Program` for each of `programs` of `config` on `topology`. With `model.teacher_placement=separate`
+    the teacher's programs (its rollouts, its scoring of the whole batch) run on the teacher's devices, the
+    student's on the others, and the train step takes the teacher's targets."""
+    trainer = abstract_trainer(config, topology, config_file)
+    return {name: BUILDERS[name](trainer) for name in programs}
 
 
 def _gib(x):
@@ -522,13 +591,12 @@ def run(config, topology: Topology, config_file: str, programs=PROGRAMS) -> list
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise ValueError(f'unknown programs {unknown}; known: {", ".join(PROGRAMS)}')
-    built = build_programs(config, topology, config_file)
+    built = build_programs(config, topology, config_file, programs)
     results = []
-    for name in programs:
-        lower, groups, flops, extra, where, resident = built[name]
+    for name, program in built.items():
         # Traced for the topology's devices, not this host's: `attention='auto'` picks the TPU's splash kernel.
         with attention_lib.target_backend(topology.devices[0].platform):
-            result = compile_and_measure(name, lower, groups, topology.hbm_bytes, flops, extra, where, resident)
+            result = compile_and_measure(name, program, topology.hbm_bytes)
         print(format_result(result, topology.hbm_bytes), flush=True)
         results.append(result)
     return results

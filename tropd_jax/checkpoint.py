@@ -63,7 +63,8 @@ def absorb_abandoned_read_reports():
     that failed as well are logged as 'Task exception was never retrieved' when collected: tens of tracebacks that
     read as a crash beside the one warning that names the unreadable step. Inside this context those reports are
     dropped (the abandoned reads are collected before it ends); any other unraisable exception reaches the
-    previous hook and any other asyncio record is logged.
+    previous hook and any other asyncio record is logged. On exit the previous hook is back (reads that finish
+    later are the `Checkpointer`'s to drop, while it lives).
     """
     previous = sys.unraisablehook
 
@@ -79,7 +80,7 @@ def absorb_abandoned_read_reports():
     finally:
         gc.collect()  # the abandoned reads' futures are reference cycles: report (and drop) them now, not later
         asyncio_logger.removeFilter(log_filter)
-        sys.unraisablehook = _drop_closed_loop_reports(previous)
+        sys.unraisablehook = previous
 
 
 def _drop_closed_loop_reports(previous):
@@ -87,9 +88,7 @@ def _drop_closed_loop_reports(previous):
 
     Reads that Orbax abandoned keep running on tensorstore's threads after the restore has returned; each one that
     finishes later posts to the closed loop and reports `Event loop is closed`, at any later time. Those reports,
-    and only those, stay dropped; the hook is wrapped once however many restores run."""
-    if getattr(previous, '_drops_closed_loop_reports', False):
-        return previous
+    and only those, are dropped."""
 
     def hook(unraisable):
         error = unraisable.exc_value
@@ -100,7 +99,6 @@ def _drop_closed_loop_reports(previous):
         ):
             previous(unraisable)
 
-    hook._drops_closed_loop_reports = True
     return hook
 
 
@@ -145,6 +143,8 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+        # (previous, own) unraisable hooks while this checkpointer drops late reads' reports (`restore_latest`).
+        self._hooks = None
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -166,6 +166,9 @@ class Checkpointer:
         warning. When no step can be read at all, the likelier cause is a train state that does not match the run
         that wrote them (another model or optimizer), so that raises instead of silently starting over.
         """
+        if self._hooks is None:  # reads a restore abandons may finish at any later time: until `close`
+            self._hooks = (sys.unraisablehook, _drop_closed_loop_reports(sys.unraisablehook))
+            sys.unraisablehook = self._hooks[1]
         failures = []
         wanted = abstract_state  # leaves on only some processes' devices are read spread over every device
         abstract_state = jax.tree.map(
@@ -217,10 +220,11 @@ class Checkpointer:
         self.manager.reload()
         return epath.Path(target).name
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        if self._hooks is not None:
+            previous, own = self._hooks
+            if sys.unraisablehook is own:  # not when another hook has been set on top of it since
+                sys.unraisablehook = previous
+            self._hooks = None

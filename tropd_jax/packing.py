@@ -99,19 +99,3 @@ def pack(arrays: dict[str, np.ndarray], p: Plan, fill: dict[str, float] | None =
     out['segment_ids'] = segment_ids
     out['positions'] = positions
     return out
-
-
-def unpack(packed: np.ndarray, p: Plan, columns: int, fill=0) -> np.ndarray:
-    """The inverse of `pack` for one array: `[num_rows, row_length, ...]` -> `[R, columns, ...]`, each rollout's real
-    tokens back at their columns, `fill` elsewhere."""
-    packed = np.asarray(packed)
-    out = np.full((len(p.row), columns) + packed.shape[2:], fill, packed.dtype)
-    for r in range(len(p.row)):
-        out[r, p.first[r] : p.first[r] + p.length[r]] = packed[p.row[r], p.start[r] : p.start[r] + p.length[r]]
-    return out
-
-
-def padding_fraction(input_mask: np.ndarray) -> float:
-    """The fraction of computed tokens (every column of every row) that are padding."""
-    input_mask = np.asarray(input_mask)
-    return float(1.0 - input_mask.sum() / max(input_mask.size, 1))

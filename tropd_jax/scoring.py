@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tropd_jax import fused_loss, sampling
+from tropd_jax import decoding, fused_loss, sampling
 
 
 class Targets(NamedTuple):
@@ -31,8 +31,8 @@ class Targets(NamedTuple):
 
 
 def positions(input_mask: jax.Array) -> jax.Array:
-    """RoPE positions of left-padded rows, [B, S] int32: the sampler's (`sampling.positions`)."""
-    return sampling.positions(input_mask)
+    """RoPE positions of left-padded rows, [B, S] int32: the sampler's (`decoding.positions`)."""
+    return decoding.positions(input_mask)
 
 
 def targets(tokens, input_mask, response_mask, prefix_mask, logprobs, prompt_length: int) -> Targets:

@@ -111,7 +111,8 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Moves every parameter of `model` onto `mesh` following the logical rules (in place); returns the model."""
+    """Moves every parameter of `model` onto `mesh` following the logical rules (in place); returns the model.
+    (The trainer loads onto its mesh directly; this places a model built without one, in benchmarks and tests.)"""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
@@ -119,28 +120,8 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-def activation_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=None) -> NamedSharding:
-    """NamedSharding for an activation, e.g. `('batch', 'length')` for tokens [B, T]."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh if shape is not None else None))
-
-
 # Logical axes of one layer's KV-cache buffers (`tropd_jax.models.KVCache`).
 KV_CACHE_AXES = {'k': ('batch', 'kv_heads', 'head_dim', 'length'), 'v': ('batch', 'kv_heads', 'length', 'head_dim')}
-
-
-def cache_sharding(mesh: Mesh, cache):
-    """NamedShardings for a `KVCache` (k [L, B, KV, D, S], v [L, B, KV, S, D], or tuples of per-layer buffers;
-    valid [B, S]; index [])."""
-
-    def shardings(buffers, axes):
-        return jax.tree.map(lambda x: logical_sharding((None,) * (x.ndim - 4) + axes, x.shape, mesh), buffers)
-
-    return type(cache)(
-        k=shardings(cache.k, KV_CACHE_AXES['k']),
-        v=shardings(cache.v, KV_CACHE_AXES['v']),
-        valid=logical_sharding(('batch', 'length'), cache.valid.shape, mesh),
-        index=NamedSharding(mesh, PartitionSpec()),
-    )
 
 
 def tensor_parallel() -> bool:
@@ -164,6 +145,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
         spec = PartitionSpec(*map(automatic, spec))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`constrain` of a batch-major array (`[B, ...]`): rows along `batch`, the rest unsplit."""
+    return constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
 
 def transfer(tree, shardings):

@@ -19,6 +19,7 @@ Under `jax.jit`, either wrap the call in `nnx.jit`, or split once and use the pu
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -33,14 +34,23 @@ from tropd_jax.models import attention as attention_lib
 from tropd_jax.models.config import ModelConfig
 
 
+class Kernel(NamedTuple):
+    """How a layer computes (static): the attention implementation and block size (`attention.attention`) and the
+    MLP's chunk size (`chunked_swiglu`; 0 = none)."""
+
+    attention: str = 'auto'
+    block_size: int = 512
+    mlp_chunk_size: int = 0
+
+
 @flax.struct.dataclass
 class KVCache:
     """Preallocated keys / values of every layer.
 
-    k: [L, B, KV, D, S] and v: [L, B, KV, S, D], or tuples of L per-layer buffers [B, KV, D, S] / [B, KV, S, D]
-      (`init_cache(..., per_layer=True)`, faster decoding on XLA CPU). KV heads come before slots and k is stored
-      transposed, so both attention matmuls (`q k` and `p v`) take their cache operand as it is laid out: on XLA CPU
-      a transposed operand made the scores cost twice the values.
+    k and v: tuples of L per-layer buffers, k [B, KV, D, S] and v [B, KV, S, D] (one buffer per layer: attention
+      reads its layer's buffer directly, where a slice of a stacked [L, ...] buffer would be copied first). KV heads
+      come before slots and k is stored transposed, so both attention matmuls (`q k` and `p v`) take their cache
+      operand as it is laid out: on XLA CPU a transposed operand made the scores cost twice the values.
     valid: [B, S] bool, the slots that hold a real (non-padding) token. A one-token decode step attends to every valid
       slot, wherever it lies: continuous batching writes each step of every row at one shared slot, going round the
       response region as a ring (rows at different steps of their responses), and invalidates a row's old slots when
@@ -48,30 +58,20 @@ class KVCache:
     index: [] int32, the next slot to write (shared by every row).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
 
-def init_cache(
-    config: ModelConfig, batch_size: int, max_length: int, dtype=None, *, per_layer: bool = False
-) -> KVCache:
-    """An empty cache of `max_length` slots per row, in the compute dtype unless `dtype` is given.
-
-    `per_layer=True` holds k and v as tuples of L buffers instead of one stacked array per kind (see `KVCache`);
-    the decoder accepts both. On XLA CPU a decode step is markedly faster with per-layer buffers, because attention
-    over a slice `k[layer]` of the stacked buffer first copies that slice.
-    """
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache of `max_length` slots per row (one buffer per layer), in the compute dtype unless `dtype` is
+    given."""
     dtype = jnp.dtype(dtype or config.dtype)
     k_shape = (batch_size, config.num_kv_heads, config.head_dim, max_length)
     v_shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-    if per_layer:
-        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
-    else:
-        k = jnp.zeros((config.num_layers,) + k_shape, dtype)
-        v = jnp.zeros((config.num_layers,) + v_shape, dtype)
+    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
     return KVCache(
         k=k,
         v=v,
@@ -188,20 +188,20 @@ class Attention(nnx.Module):
         self.num_kv_heads = kv
         self.dtype = jnp.dtype(config.dtype)
 
-    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512), segment_ids=None):
+    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, kernel=None, segment_ids=None):
         """x: [B, T, H]; mask: [B, T] bool, the new tokens that are real; cache: None or (k, v, index); segment_ids:
         None or [B, T] int (packed rows: tokens attend within their segment only; cache-free calls).
 
         Without `allowed` the T new tokens attend causally to each other (a plain forward, or a prefill into an empty
-        cache) through `attention.attention` with `kernel` = (implementation, block size), which never builds [T, T]
-        scores (but for 'naive').
+        cache) through `attention.attention` with `kernel`'s implementation and block size (a `Kernel`), which never
+        builds [T, T] scores (but for 'naive').
         With `allowed` ([B, T, S] bool: which cache slots each query sees; the one-token decode step) they attend to
-        the cache. The cache's k, v are either the stacked buffers (this layer's T new entries are written at slot
-        `index` of [layer]) or this layer's own buffers, laid out as `KVCache` states (k transposed: slots last).
-        Returns the output [B, T, H] and the updated (k, v) (None without a cache); buffers are updated in place,
-        never re-stacked.
+        the cache: `cache` is this layer's (k, v, index), laid out as `KVCache` states (k transposed: slots last), and
+        the T new entries are written at slot `index`. Returns the output [B, T, H] and the updated (k, v) (None
+        without a cache); the buffers are updated in place.
         """
         dt = self.dtype
+        kernel = kernel or Kernel()
         if _fuse_projections(x):
             # One matmul for q, k and v (the weights are loop-invariant, so XLA concatenates them once per decode loop).
             h, n, d = self.q_proj[...].shape
@@ -233,23 +233,18 @@ class Attention(nnx.Module):
         new_cache = None
         if cache is not None:
             cache_k, cache_v, index = cache
-            stacked = cache_k.ndim == 5
-            new_k, new_v = k.swapaxes(-1, -2), v  # k is stored [.., D, S]
             # One slot for every row: an in-place update. (A per-row slot is a scatter, which XLA TPU lays out anew,
-            # copying the whole buffer in and out at every step.)
-            if stacked:
-                new_k, new_v = new_k[None], new_v[None]
-            lead = (layer,) if stacked else ()
-            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), lead + (0, 0, 0, index))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), lead + (0, 0, index, 0))
+            # copying the whole buffer in and out at every step.) k is stored [B, KV, D, S].
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(-1, -2).astype(cache_k.dtype), (0, 0, 0, index))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
             new_cache = (cache_k, cache_v)
 
         if allowed is None:
             out = attention_lib.attention(
-                q, k, v, mask, segment_ids=segment_ids, implementation=kernel[0], block_size=kernel[1]
+                q, k, v, mask, segment_ids=segment_ids, implementation=kernel.attention, block_size=kernel.block_size
             )
         else:
-            k_t, v = (cache_k[layer], cache_v[layer]) if stacked else (cache_k, cache_v)
+            k_t, v = cache_k, cache_v
             q = q.reshape(b, self.num_kv_heads, n // self.num_kv_heads, t, d)
             scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t.astype(dt), preferred_element_type=jnp.float32)
             scores = scores / math.sqrt(d)
@@ -358,12 +353,13 @@ class Block(nnx.Module):
         self.mlp = MLP(config, init)
         self.eps = config.rms_norm_eps
 
-    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, layer=0, kernel=('auto', 512, 0), segment_ids=None):
-        """`kernel` = (attention implementation, attention block size, MLP chunk size); the rest as `Attention`."""
+    def __call__(self, x, cos, sin, mask, allowed=None, cache=None, kernel=None, segment_ids=None):
+        """As `Attention`; `kernel` (a `Kernel`) also sets the MLP's chunk size."""
+        kernel = kernel or Kernel()
         x_norm = rms_norm(x, self.input_norm[...], self.eps)
-        out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, layer, kernel[:2], segment_ids)
+        out, cache = self.attn(x_norm, cos, sin, mask, allowed, cache, kernel, segment_ids)
         x = x + out
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), *kernel[2:])
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), kernel.mlp_chunk_size)
         return x, cache
 
 
@@ -437,13 +433,10 @@ class Decoder(nnx.Module):
             # A decode step attends to every valid slot (all written before it); a prefill (T > 1, empty cache) to its
             # own T tokens.
             allowed = valid[:, None, :] if t == 1 else None  # [B, 1, S]
-        kernel = (config.attention, config.attention_block_size, config.mlp_chunk_size)
+        kernel = Kernel(config.attention, config.attention_block_size, config.mlp_chunk_size)
         remat = cache is None and config.remat != 'none'
 
-        # Stacked buffers are threaded through every layer (each writes its own [layer] slice in place); per-layer
-        # buffers are handed to their layer and collected.
-        per_layer = cache is not None and isinstance(cache.k, (tuple, list))
-        kv = None if cache is None else (cache.k, cache.v)
+        # Each layer takes its own cache buffers; the updated ones are collected.
         new_k, new_v = [], []
         if cache is None and config.scan_layers:
             x = _scan_blocks(self.layers, x, cos, sin, mask, kernel, config.remat, segment_ids)
@@ -451,20 +444,15 @@ class Decoder(nnx.Module):
             if remat:
                 x = _remat_block(block, x, cos, sin, mask, kernel, config.remat, segment_ids)
             else:
-                if per_layer:
-                    layer_cache = (cache.k[layer], cache.v[layer], index)
-                else:
-                    layer_cache = None if cache is None else (*kv, index)
-                x, kv = block(x, cos, sin, mask, allowed, layer_cache, layer, kernel, segment_ids)
-                if per_layer:
+                layer_cache = None if cache is None else (cache.k[layer], cache.v[layer], index)
+                x, kv = block(x, cos, sin, mask, allowed, layer_cache, kernel, segment_ids)
+                if cache is not None:
                     new_k.append(kv[0])
                     new_v.append(kv[1])
             x = sharding.constrain(x, ('batch', 'length', None))
 
-        if per_layer:
-            kv = (tuple(new_k), tuple(new_v))
         if cache is not None:
-            cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=index + t)
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
         x = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
         if return_hidden:
             return x, cache

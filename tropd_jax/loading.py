@@ -1,8 +1,8 @@
 """The trainer's two models from its config: the tokenizer, the student and the (possibly int8) teacher on their
 meshes, run the way the config says (attention kernel, rematerialisation), and the vocabulary they share.
 
-Import it as `tropd_jax.models.loading`: it reads the trainer's config (`tropd_jax.config`), so the package's
-`__init__` (which `tropd_jax.config` imports) does not.
+It reads the trainer's config (`tropd_jax.config`) and the losses' needs (`tropd_jax.losses`), so it sits above
+`tropd_jax.models`, which imports only its own modules, `sharding` and `paths`.
 """
 
 from tropd_jax import config as config_lib
