@@ -9,7 +9,10 @@
 Each run is `train.train_and_evaluate` on the config with one method and one seed, in `WORKDIR/METHOD/seed_S` (its
 `metrics.jsonl`, checkpoints, the exported student `hf/`, `eval.json` and `summary.json`), as a subprocess of its
 own whose output goes to `WORKDIR/logs/METHOD_seed_S.log`; `--jobs N` runs N of them at once (each in its own
-directory; on one GPU the processes share it, so none preallocates its memory). The study is resumable: a run with a
+directory; on one GPU the processes share it, so none preallocates its memory). Keep N well under the host's
+cores: on a 16-core host with one H200, 44 runs at once (two studies of 22) drove the load average to ~590 and no run
+got past its first training step in five minutes (2026-12-04); each process compiles and drives its own programs
+from the CPU, and the tiny models leave the GPU nearly idle (1% utilisation). The study is resumable: a run with a
 `summary.json` is skipped, and an interrupted run resumes from its last checkpoint. Seeds set both the data order and
 the rollout / trust-region keys, so for a given seed every method sees the same prompts in the same order.
 
